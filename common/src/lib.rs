@@ -1,0 +1,364 @@
+//! Types shared by the eBPF probes (`probe-ebpf`) and the userspace tracer.
+//!
+//! Everything here crosses the kernel/user boundary as raw bytes, so every
+//! struct is `#[repr(C)]` with explicit padding and a size asserted at
+//! compile time. Booleans are `u32`/`u8`, never `bool`. The `user` feature
+//! adds `aya::Pod` so userspace can pass these as globals and map values.
+#![no_std]
+
+/// `INVALID_PAGE` in the kernel: `(hpa_t)~0ull`.
+pub const INVALID_PAGE: u64 = u64::MAX;
+
+/// `KVM_X86_TDX_VM`, the value of `kvm->arch.vm_type` for a TDX guest.
+pub const KVM_X86_TDX_VM: u8 = 5;
+
+/// An offset the kernel does not have (the field is absent from its BTF).
+pub const OFFSET_ABSENT: u32 = u32::MAX;
+
+/// Bytes of `task_struct::comm`.
+pub const COMM_LEN: usize = 16;
+
+/// Field offsets, resolved from BTF by the tracer and handed to the programs
+/// as the global `OFFSETS`. A field set to [`OFFSET_ABSENT`] is not read.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// `struct kvm_vcpu::kvm` (pointer).
+    pub vcpu_kvm: u32,
+    /// `struct kvm_vcpu::vcpu_id` (int).
+    pub vcpu_vcpu_id: u32,
+    /// `struct kvm_vcpu::arch.mmu` (pointer to `struct kvm_mmu`).
+    pub vcpu_arch_mmu: u32,
+    /// `struct kvm_mmu::root.hpa` (u64).
+    pub mmu_root_hpa: u32,
+    /// `struct kvm_mmu::root.pgd` (u64).
+    pub mmu_root_pgd: u32,
+    /// `struct kvm_mmu::mirror_root_hpa` (u64, since 6.14).
+    pub mmu_mirror_root_hpa: u32,
+    /// `struct kvm_mmu::root_role` (u32 union word).
+    pub mmu_root_role: u32,
+    /// `struct kvm::arch.vm_type` (u8).
+    pub kvm_vm_type: u32,
+    /// `struct kvm::arch.mmu_valid_gen` (u8).
+    pub kvm_mmu_valid_gen: u32,
+    /// `struct kvm::userspace_pid` (pid_t).
+    pub kvm_userspace_pid: u32,
+    /// `struct kvm::memslots[0]` (pointer to `struct kvm_memslots`).
+    pub kvm_memslots0: u32,
+    /// `struct kvm_memslots::generation` (u64).
+    pub memslots_generation: u32,
+}
+
+impl KernelOffsets {
+    /// Every field absent: the programs read nothing but their arguments.
+    pub const ABSENT: Self = Self {
+        vcpu_kvm: OFFSET_ABSENT,
+        vcpu_vcpu_id: OFFSET_ABSENT,
+        vcpu_arch_mmu: OFFSET_ABSENT,
+        mmu_root_hpa: OFFSET_ABSENT,
+        mmu_root_pgd: OFFSET_ABSENT,
+        mmu_mirror_root_hpa: OFFSET_ABSENT,
+        mmu_root_role: OFFSET_ABSENT,
+        kvm_vm_type: OFFSET_ABSENT,
+        kvm_mmu_valid_gen: OFFSET_ABSENT,
+        kvm_userspace_pid: OFFSET_ABSENT,
+        kvm_memslots0: OFFSET_ABSENT,
+        memslots_generation: OFFSET_ABSENT,
+    };
+}
+
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 48);
+
+/// Run-time switches for the programs, the global `PROBE_CONFIG`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProbeConfig {
+    /// Non-zero: the `kvm_entry` gate also reports the first entry of a vCPU
+    /// with a root pair it has not entered with before (one event per root
+    /// change, not per entry).
+    pub entry_transitions: u32,
+    pub _pad: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<ProbeConfig>() == 8);
+
+/// Which probe produced an event, and the index of its counters.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ProbeId {
+    MmuLoad = 0,
+    MmuLoadRet = 1,
+    MmuAllocDirectRoots = 2,
+    TdpMmuAllocRoot = 3,
+    TdpMmuAllocRootRet = 4,
+    ZapAllFastKprobe = 5,
+    ZapAllFastTracepoint = 6,
+    InvalidateRoots = 7,
+    KvmEntry = 8,
+}
+
+impl ProbeId {
+    /// Number of probe ids, the size of the counter arrays.
+    pub const COUNT: u32 = 9;
+
+    pub const ALL: [Self; Self::COUNT as usize] = [
+        Self::MmuLoad,
+        Self::MmuLoadRet,
+        Self::MmuAllocDirectRoots,
+        Self::TdpMmuAllocRoot,
+        Self::TdpMmuAllocRootRet,
+        Self::ZapAllFastKprobe,
+        Self::ZapAllFastTracepoint,
+        Self::InvalidateRoots,
+        Self::KvmEntry,
+    ];
+
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        if v < Self::COUNT {
+            Some(Self::ALL[v as usize])
+        } else {
+            None
+        }
+    }
+
+    /// The name of the eBPF program in the object file.
+    pub const fn program_name(self) -> &'static str {
+        match self {
+            Self::MmuLoad => "kvm_mmu_load",
+            Self::MmuLoadRet => "kvm_mmu_load_ret",
+            Self::MmuAllocDirectRoots => "mmu_alloc_direct_roots",
+            Self::TdpMmuAllocRoot => "kvm_tdp_mmu_alloc_root",
+            Self::TdpMmuAllocRootRet => "kvm_tdp_mmu_alloc_root_ret",
+            Self::ZapAllFastKprobe => "kvm_mmu_zap_all_fast",
+            Self::ZapAllFastTracepoint => "kvm_mmu_zap_all_fast_tp",
+            Self::InvalidateRoots => "kvm_tdp_mmu_invalidate_roots",
+            Self::KvmEntry => "kvm_entry_gate",
+        }
+    }
+}
+
+/// What an event reports.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum EventKind {
+    /// `kvm_mmu_load()` entered.
+    LoadEnter = 1,
+    /// `kvm_mmu_load()` returned; `ret` is its return code, `before_hpa` the
+    /// `root.hpa` on entry.
+    LoadReturn = 2,
+    /// `mmu_alloc_direct_roots()` entered.
+    AllocDirectRoots = 3,
+    /// `kvm_tdp_mmu_alloc_root(vcpu, mirror)` returned; `arg` is `mirror`,
+    /// `before_hpa` the value of that root on entry.
+    AllocRoot = 4,
+    /// `kvm_mmu_zap_all_fast(kvm)`.
+    ZapAllFast = 5,
+    /// `kvm_tdp_mmu_invalidate_roots(kvm, root_types)`; `arg` is `root_types`.
+    InvalidateRoots = 6,
+    /// A vCPU entered the guest with a root pair it had not entered with
+    /// before.
+    EntryTransition = 7,
+    /// A TDX vCPU entered the guest with a valid `root.hpa` and an invalid
+    /// `mirror_root_hpa`: the forbidden state.
+    EntryForbidden = 8,
+}
+
+impl EventKind {
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        Some(match v {
+            1 => Self::LoadEnter,
+            2 => Self::LoadReturn,
+            3 => Self::AllocDirectRoots,
+            4 => Self::AllocRoot,
+            5 => Self::ZapAllFast,
+            6 => Self::InvalidateRoots,
+            7 => Self::EntryTransition,
+            8 => Self::EntryForbidden,
+            _ => return None,
+        })
+    }
+}
+
+/// Bits of [`RootEvent::valid`]: which fields the probe could read.
+pub mod field {
+    pub const KVM: u32 = 1 << 0;
+    pub const VCPU: u32 = 1 << 1;
+    pub const VCPU_ID: u32 = 1 << 2;
+    pub const USERSPACE_PID: u32 = 1 << 3;
+    pub const VM_TYPE: u32 = 1 << 4;
+    pub const ROOT_HPA: u32 = 1 << 5;
+    pub const ROOT_PGD: u32 = 1 << 6;
+    pub const MIRROR_ROOT_HPA: u32 = 1 << 7;
+    pub const ROOT_ROLE: u32 = 1 << 8;
+    pub const MMU_VALID_GEN: u32 = 1 << 9;
+    pub const MEMSLOTS_GEN: u32 = 1 << 10;
+    pub const RET: u32 = 1 << 11;
+    pub const ARG: u32 = 1 << 12;
+    pub const BEFORE_HPA: u32 = 1 << 13;
+    pub const DURATION: u32 = 1 << 14;
+}
+
+/// One root-lifecycle event, as written to the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RootEvent {
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    /// `struct kvm *`.
+    pub kvm: u64,
+    /// `struct kvm_vcpu *`.
+    pub vcpu: u64,
+    pub root_hpa: u64,
+    pub root_pgd: u64,
+    pub mirror_root_hpa: u64,
+    /// `kvm->memslots[0]->generation`.
+    pub memslots_gen: u64,
+    /// Return value of the probed function (sign-extended).
+    pub ret: i64,
+    /// The interesting argument: `mirror` or `root_types`.
+    pub arg: u64,
+    /// The root value on entry, for return events.
+    pub before_hpa: u64,
+    /// Time since the paired entry probe, for return events.
+    pub duration_ns: u64,
+    /// [`EventKind`] as u32.
+    pub kind: u32,
+    /// [`ProbeId`] as u32.
+    pub probe: u32,
+    pub cpu: u32,
+    /// Thread group id of the current task.
+    pub pid: u32,
+    /// Thread id of the current task.
+    pub tid: u32,
+    pub vcpu_id: i32,
+    /// `kvm->userspace_pid`: the VMM process that created the VM.
+    pub userspace_pid: i32,
+    /// `kvm_mmu_page_role` word.
+    pub root_role: u32,
+    /// [`field`] bits: which of the fields above hold a value.
+    pub valid: u32,
+    pub vm_type: u8,
+    pub mmu_valid_gen: u8,
+    pub _pad: [u8; 2],
+    pub comm: [u8; COMM_LEN],
+}
+
+impl RootEvent {
+    pub const ZERO: Self = Self {
+        ts_ns: 0,
+        kvm: 0,
+        vcpu: 0,
+        root_hpa: 0,
+        root_pgd: 0,
+        mirror_root_hpa: 0,
+        memslots_gen: 0,
+        ret: 0,
+        arg: 0,
+        before_hpa: 0,
+        duration_ns: 0,
+        kind: 0,
+        probe: 0,
+        cpu: 0,
+        pid: 0,
+        tid: 0,
+        vcpu_id: 0,
+        userspace_pid: 0,
+        root_role: 0,
+        valid: 0,
+        vm_type: 0,
+        mmu_valid_gen: 0,
+        _pad: [0; 2],
+        comm: [0; COMM_LEN],
+    };
+}
+
+const _: () = assert!(core::mem::size_of::<RootEvent>() == 144);
+const _: () = assert!(core::mem::align_of::<RootEvent>() == 8);
+
+/// Per-CPU, per-probe counters (the map `PROBE_COUNTERS`, indexed by
+/// [`ProbeId`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbeCounters {
+    /// Times the program ran.
+    pub hits: u64,
+    /// Events submitted to the ring buffer.
+    pub emitted: u64,
+    /// Events lost because the ring buffer was full.
+    pub reserve_failed: u64,
+    /// Events with at least one field that could not be read.
+    pub read_failed: u64,
+    /// Return probes with no matching entry (lost pairing).
+    pub unpaired: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<ProbeCounters>() == 40);
+
+/// Per-CPU counters of the `kvm_entry` gate (the map `ENTRY_COUNTERS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EntryCounters {
+    /// Guest entries seen.
+    pub entries: u64,
+    /// Entries of TDX vCPUs.
+    pub tdx_entries: u64,
+    /// Entries in the forbidden state (valid root, invalid mirror, TDX).
+    pub forbidden_entries: u64,
+    /// Entries that left the per-CPU fast path (new vCPU or new roots).
+    pub slow_path: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<EntryCounters>() == 32);
+
+/// Last root pair a vCPU entered with (the map `VCPU_ROOTS`, and the per-CPU
+/// fast-path cache).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SeenRoots {
+    pub vcpu: u64,
+    pub root_hpa: u64,
+    pub mirror_root_hpa: u64,
+    pub vm_type: u8,
+    pub _pad: [u8; 7],
+}
+
+const _: () = assert!(core::mem::size_of::<SeenRoots>() == 32);
+
+/// State kept between an entry probe and its return probe (the map
+/// `PENDING_CALLS`, keyed by probe id and thread id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingCall {
+    pub vcpu: u64,
+    pub ts_ns: u64,
+    pub arg: u64,
+    pub before_hpa: u64,
+    pub valid: u32,
+    pub _pad: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<PendingCall>() == 40);
+
+#[cfg(feature = "user")]
+mod user {
+    use super::{
+        EntryCounters, KernelOffsets, PendingCall, ProbeConfig, ProbeCounters, RootEvent,
+        SeenRoots,
+    };
+
+    // SAFETY: all of these are #[repr(C)] plain integers and byte arrays with
+    // explicit padding fields, so every bit pattern is a valid value.
+    unsafe impl aya::Pod for KernelOffsets {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ProbeConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for RootEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ProbeCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for EntryCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SeenRoots {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PendingCall {}
+}

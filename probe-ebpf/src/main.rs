@@ -1,0 +1,512 @@
+//! The eBPF programs: thin probes on KVM's MMU root lifecycle.
+//!
+//! Each program reads its arguments, reads kernel fields at the offsets the
+//! tracer resolved from BTF (the global `OFFSETS`), fills one
+//! `common::RootEvent` and submits it to the ring buffer `EVENTS`. Failures
+//! are counted per CPU and per probe in `PROBE_COUNTERS`; nothing is dropped
+//! silently. All reasoning about what the events mean happens in userspace.
+//!
+//! The `kvm_entry` gate is the exception that proves the rule: it runs on
+//! every guest entry, so it keeps a per-CPU cache of the last vCPU and roots
+//! it saw and leaves at once when nothing changed.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id,
+        bpf_ktime_get_ns, bpf_probe_read_kernel,
+    },
+    macros::{kprobe, kretprobe, map, raw_tracepoint},
+    maps::{LruHashMap, PerCpuArray, RingBuf},
+    programs::{ProbeContext, RawTracePointContext, RetProbeContext},
+};
+use aya_log_ebpf::warn;
+use common::{
+    EntryCounters, EventKind, INVALID_PAGE, KVM_X86_TDX_VM, KernelOffsets, OFFSET_ABSENT,
+    PendingCall, ProbeConfig, ProbeCounters, ProbeId, RootEvent, SeenRoots, field,
+};
+
+/// Field offsets, set by the tracer from BTF before the object is loaded.
+#[unsafe(no_mangle)]
+static OFFSETS: KernelOffsets = KernelOffsets::ABSENT;
+
+/// Run-time switches, set by the tracer before the object is loaded.
+#[unsafe(no_mangle)]
+static PROBE_CONFIG: ProbeConfig = ProbeConfig {
+    entry_transitions: 1,
+    _pad: 0,
+};
+
+/// The one event stream. The tracer sizes it at load time.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+#[map]
+static PROBE_COUNTERS: PerCpuArray<ProbeCounters> =
+    PerCpuArray::with_max_entries(ProbeId::COUNT, 0);
+
+#[map]
+static ENTRY_COUNTERS: PerCpuArray<EntryCounters> = PerCpuArray::with_max_entries(1, 0);
+
+/// The last vCPU and roots that entered the guest on this CPU.
+#[map]
+static ENTRY_CACHE: PerCpuArray<SeenRoots> = PerCpuArray::with_max_entries(1, 0);
+
+/// The last roots each vCPU entered with, keyed by `struct kvm_vcpu *`.
+#[map]
+static VCPU_ROOTS: LruHashMap<u64, SeenRoots> = LruHashMap::with_max_entries(16384, 0);
+
+/// Entry state waiting for its return probe, keyed by probe id and thread id.
+#[map]
+static PENDING_CALLS: LruHashMap<u64, PendingCall> = LruHashMap::with_max_entries(8192, 0);
+
+#[inline(always)]
+fn offsets() -> KernelOffsets {
+    // SAFETY: OFFSETS is a valid static; the volatile read stops the compiler
+    // from folding the placeholder value the tracer overwrites at load time.
+    unsafe { core::ptr::read_volatile(&OFFSETS) }
+}
+
+#[inline(always)]
+fn config() -> ProbeConfig {
+    // SAFETY: as for `offsets`.
+    unsafe { core::ptr::read_volatile(&PROBE_CONFIG) }
+}
+
+#[inline(always)]
+fn counters(probe: ProbeId) -> Option<&'static mut ProbeCounters> {
+    // SAFETY: the pointer comes from the per-CPU array lookup, is valid for
+    // the program's run, and only this CPU touches this slot while the
+    // program runs (BPF programs run with migration disabled).
+    PROBE_COUNTERS
+        .get_ptr_mut(probe as u32)
+        .map(|p| unsafe { &mut *p })
+}
+
+/// Reads a `T` at `base + off` in kernel memory. `None` when the pointer is
+/// null, the offset is absent, or the read faults.
+#[inline(always)]
+fn read_at<T>(base: u64, off: u32) -> Option<T> {
+    if base == 0 || off == OFFSET_ABSENT {
+        return None;
+    }
+    // SAFETY: bpf_probe_read_kernel copies with fault handling; a bad address
+    // yields an error, never undefined behaviour in the program.
+    unsafe { bpf_probe_read_kernel((base + u64::from(off)) as *const T).ok() }
+}
+
+/// Tracks reads that were attempted (offset present) and failed.
+struct Reader {
+    failed: bool,
+}
+
+impl Reader {
+    #[inline(always)]
+    fn read<T>(&mut self, base: u64, off: u32) -> Option<T> {
+        if base == 0 || off == OFFSET_ABSENT {
+            return None;
+        }
+        let v = read_at(base, off);
+        if v.is_none() {
+            self.failed = true;
+        }
+        v
+    }
+}
+
+/// The `struct kvm_mmu *` of a vCPU.
+#[inline(always)]
+fn vcpu_mmu(r: &mut Reader, off: &KernelOffsets, vcpu: u64) -> u64 {
+    r.read::<u64>(vcpu, off.vcpu_arch_mmu).unwrap_or(0)
+}
+
+#[inline(always)]
+fn fill_kvm(ev: &mut RootEvent, r: &mut Reader, off: &KernelOffsets, kvm: u64) {
+    if kvm == 0 {
+        return;
+    }
+    ev.kvm = kvm;
+    ev.valid |= field::KVM;
+    if let Some(v) = r.read::<u8>(kvm, off.kvm_vm_type) {
+        ev.vm_type = v;
+        ev.valid |= field::VM_TYPE;
+    }
+    if let Some(v) = r.read::<u8>(kvm, off.kvm_mmu_valid_gen) {
+        ev.mmu_valid_gen = v;
+        ev.valid |= field::MMU_VALID_GEN;
+    }
+    if let Some(v) = r.read::<i32>(kvm, off.kvm_userspace_pid) {
+        ev.userspace_pid = v;
+        ev.valid |= field::USERSPACE_PID;
+    }
+    if let Some(slots) = r.read::<u64>(kvm, off.kvm_memslots0)
+        && let Some(v) = r.read::<u64>(slots, off.memslots_generation)
+    {
+        ev.memslots_gen = v;
+        ev.valid |= field::MEMSLOTS_GEN;
+    }
+}
+
+#[inline(always)]
+fn fill_mmu(ev: &mut RootEvent, r: &mut Reader, off: &KernelOffsets, mmu: u64) {
+    if let Some(v) = r.read::<u64>(mmu, off.mmu_root_hpa) {
+        ev.root_hpa = v;
+        ev.valid |= field::ROOT_HPA;
+    }
+    if let Some(v) = r.read::<u64>(mmu, off.mmu_root_pgd) {
+        ev.root_pgd = v;
+        ev.valid |= field::ROOT_PGD;
+    }
+    if let Some(v) = r.read::<u64>(mmu, off.mmu_mirror_root_hpa) {
+        ev.mirror_root_hpa = v;
+        ev.valid |= field::MIRROR_ROOT_HPA;
+    }
+    if let Some(v) = r.read::<u32>(mmu, off.mmu_root_role) {
+        ev.root_role = v;
+        ev.valid |= field::ROOT_ROLE;
+    }
+}
+
+#[inline(always)]
+fn fill_vcpu(ev: &mut RootEvent, r: &mut Reader, off: &KernelOffsets, vcpu: u64) {
+    if vcpu == 0 {
+        return;
+    }
+    ev.vcpu = vcpu;
+    ev.valid |= field::VCPU;
+    if let Some(v) = r.read::<i32>(vcpu, off.vcpu_vcpu_id) {
+        ev.vcpu_id = v;
+        ev.valid |= field::VCPU_ID;
+    }
+    let mmu = vcpu_mmu(r, off, vcpu);
+    fill_mmu(ev, r, off, mmu);
+    let kvm = r.read::<u64>(vcpu, off.vcpu_kvm).unwrap_or(0);
+    fill_kvm(ev, r, off, kvm);
+}
+
+/// Reserves, fills and submits one event. `fill` sets the probe-specific
+/// fields; the common header is set here.
+#[inline(always)]
+fn emit(probe: ProbeId, kind: EventKind, fill: impl FnOnce(&mut RootEvent, &mut Reader)) {
+    let counters = counters(probe);
+    let Some(mut entry) = EVENTS.reserve::<RootEvent>(0) else {
+        if let Some(c) = counters {
+            c.reserve_failed += 1;
+        }
+        return;
+    };
+    let mut ev = RootEvent::ZERO;
+    // SAFETY: helpers without preconditions.
+    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: as above.
+    ev.cpu = unsafe { bpf_get_smp_processor_id() };
+    let id = bpf_get_current_pid_tgid();
+    ev.pid = (id >> 32) as u32;
+    ev.tid = id as u32;
+    ev.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    ev.kind = kind as u32;
+    ev.probe = probe as u32;
+    let mut reader = Reader { failed: false };
+    fill(&mut ev, &mut reader);
+    entry.write(ev);
+    entry.submit(0);
+    if let Some(c) = counters {
+        c.emitted += 1;
+        if reader.failed {
+            c.read_failed += 1;
+        }
+    }
+}
+
+#[inline(always)]
+fn hit(probe: ProbeId) {
+    if let Some(c) = counters(probe) {
+        c.hits += 1;
+    }
+}
+
+#[inline(always)]
+fn pending_key(probe: ProbeId) -> u64 {
+    (u64::from(probe as u32) << 32) | (bpf_get_current_pid_tgid() & 0xffff_ffff)
+}
+
+/// Saves entry state for the return probe of `probe`.
+#[inline(always)]
+fn stash(probe: ProbeId, call: &PendingCall) {
+    // An LRU map never fails for lack of room; a failure here means the
+    // return probe will count the call as unpaired.
+    let _ = PENDING_CALLS.insert(&pending_key(probe), call, 0);
+}
+
+/// Takes the entry state saved by [`stash`], counting a miss as unpaired.
+#[inline(always)]
+fn unstash(entry_probe: ProbeId, ret_probe: ProbeId) -> Option<PendingCall> {
+    let key = pending_key(entry_probe);
+    // SAFETY: the value is copied out before the entry is removed.
+    let call = unsafe { PENDING_CALLS.get(&key) }.copied();
+    if call.is_some() {
+        let _ = PENDING_CALLS.remove(&key);
+    } else if let Some(c) = counters(ret_probe) {
+        c.unpaired += 1;
+    }
+    call
+}
+
+// ---------------------------------------------------------------------------
+// kvm_mmu_load(vcpu): entry and return.
+
+#[kprobe]
+pub fn kvm_mmu_load(ctx: ProbeContext) -> u32 {
+    hit(ProbeId::MmuLoad);
+    let Some(vcpu) = ctx.arg::<u64>(0) else {
+        return 0;
+    };
+    let off = offsets();
+    let mut r = Reader { failed: false };
+    let mmu = vcpu_mmu(&mut r, &off, vcpu);
+    let before = read_at::<u64>(mmu, off.mmu_root_hpa);
+    stash(
+        ProbeId::MmuLoad,
+        &PendingCall {
+            vcpu,
+            // SAFETY: helper without preconditions.
+            ts_ns: unsafe { bpf_ktime_get_ns() },
+            arg: 0,
+            before_hpa: before.unwrap_or(0),
+            valid: if before.is_some() { field::BEFORE_HPA } else { 0 },
+            _pad: 0,
+        },
+    );
+    emit(ProbeId::MmuLoad, EventKind::LoadEnter, |ev, r| {
+        fill_vcpu(ev, r, &off, vcpu);
+    });
+    0
+}
+
+#[kretprobe]
+pub fn kvm_mmu_load_ret(ctx: RetProbeContext) -> u32 {
+    hit(ProbeId::MmuLoadRet);
+    let ret = i64::from(ctx.ret::<i32>());
+    let Some(call) = unstash(ProbeId::MmuLoad, ProbeId::MmuLoadRet) else {
+        return 0;
+    };
+    let off = offsets();
+    emit(ProbeId::MmuLoadRet, EventKind::LoadReturn, |ev, r| {
+        fill_vcpu(ev, r, &off, call.vcpu);
+        ev.ret = ret;
+        ev.before_hpa = call.before_hpa;
+        ev.duration_ns = ev.ts_ns.wrapping_sub(call.ts_ns);
+        ev.valid |= field::RET | field::DURATION | call.valid;
+    });
+    0
+}
+
+// ---------------------------------------------------------------------------
+// Root allocation: mmu_alloc_direct_roots(vcpu) where it is a symbol, else
+// kvm_tdp_mmu_alloc_root(vcpu, mirror) entry and return.
+
+#[kprobe]
+pub fn mmu_alloc_direct_roots(ctx: ProbeContext) -> u32 {
+    hit(ProbeId::MmuAllocDirectRoots);
+    let Some(vcpu) = ctx.arg::<u64>(0) else {
+        return 0;
+    };
+    let off = offsets();
+    emit(
+        ProbeId::MmuAllocDirectRoots,
+        EventKind::AllocDirectRoots,
+        |ev, r| fill_vcpu(ev, r, &off, vcpu),
+    );
+    0
+}
+
+#[kprobe]
+pub fn kvm_tdp_mmu_alloc_root(ctx: ProbeContext) -> u32 {
+    hit(ProbeId::TdpMmuAllocRoot);
+    let Some(vcpu) = ctx.arg::<u64>(0) else {
+        return 0;
+    };
+    let mirror = ctx.arg::<u64>(1).unwrap_or(0) & 0xff;
+    let off = offsets();
+    let mut r = Reader { failed: false };
+    let mmu = vcpu_mmu(&mut r, &off, vcpu);
+    let target = if mirror != 0 {
+        off.mmu_mirror_root_hpa
+    } else {
+        off.mmu_root_hpa
+    };
+    let before = read_at::<u64>(mmu, target);
+    stash(
+        ProbeId::TdpMmuAllocRoot,
+        &PendingCall {
+            vcpu,
+            // SAFETY: helper without preconditions.
+            ts_ns: unsafe { bpf_ktime_get_ns() },
+            arg: mirror,
+            before_hpa: before.unwrap_or(0),
+            valid: if before.is_some() { field::BEFORE_HPA } else { 0 },
+            _pad: 0,
+        },
+    );
+    0
+}
+
+#[kretprobe]
+pub fn kvm_tdp_mmu_alloc_root_ret(ctx: RetProbeContext) -> u32 {
+    hit(ProbeId::TdpMmuAllocRootRet);
+    let ret = ctx.ret::<u64>();
+    let Some(call) = unstash(ProbeId::TdpMmuAllocRoot, ProbeId::TdpMmuAllocRootRet) else {
+        return 0;
+    };
+    let off = offsets();
+    emit(ProbeId::TdpMmuAllocRootRet, EventKind::AllocRoot, |ev, r| {
+        fill_vcpu(ev, r, &off, call.vcpu);
+        ev.ret = ret as i64;
+        ev.arg = call.arg;
+        ev.before_hpa = call.before_hpa;
+        ev.duration_ns = ev.ts_ns.wrapping_sub(call.ts_ns);
+        ev.valid |= field::RET | field::ARG | field::DURATION | call.valid;
+    });
+    0
+}
+
+// ---------------------------------------------------------------------------
+// kvm_mmu_zap_all_fast(kvm): kprobe, or the raw tracepoint of the same name.
+
+#[kprobe]
+pub fn kvm_mmu_zap_all_fast(ctx: ProbeContext) -> u32 {
+    hit(ProbeId::ZapAllFastKprobe);
+    let Some(kvm) = ctx.arg::<u64>(0) else {
+        return 0;
+    };
+    let off = offsets();
+    emit(ProbeId::ZapAllFastKprobe, EventKind::ZapAllFast, |ev, r| {
+        fill_kvm(ev, r, &off, kvm);
+    });
+    0
+}
+
+#[raw_tracepoint(tracepoint = "kvm_mmu_zap_all_fast")]
+pub fn kvm_mmu_zap_all_fast_tp(ctx: RawTracePointContext) -> u32 {
+    hit(ProbeId::ZapAllFastTracepoint);
+    let kvm = ctx.arg::<u64>(0);
+    let off = offsets();
+    emit(
+        ProbeId::ZapAllFastTracepoint,
+        EventKind::ZapAllFast,
+        |ev, r| fill_kvm(ev, r, &off, kvm),
+    );
+    0
+}
+
+// ---------------------------------------------------------------------------
+// kvm_tdp_mmu_invalidate_roots(kvm, root_types).
+
+#[kprobe]
+pub fn kvm_tdp_mmu_invalidate_roots(ctx: ProbeContext) -> u32 {
+    hit(ProbeId::InvalidateRoots);
+    let Some(kvm) = ctx.arg::<u64>(0) else {
+        return 0;
+    };
+    let root_types = ctx.arg::<u64>(1).unwrap_or(0) & 0xffff_ffff;
+    let off = offsets();
+    emit(ProbeId::InvalidateRoots, EventKind::InvalidateRoots, |ev, r| {
+        fill_kvm(ev, r, &off, kvm);
+        ev.arg = root_types;
+        ev.valid |= field::ARG;
+    });
+    0
+}
+
+// ---------------------------------------------------------------------------
+// kvm_entry(vcpu, force_immediate_exit): the mirror-root invariant gate.
+
+#[raw_tracepoint(tracepoint = "kvm_entry")]
+pub fn kvm_entry_gate(ctx: RawTracePointContext) -> u32 {
+    let vcpu = ctx.arg::<u64>(0);
+    let off = offsets();
+    let mmu = read_at::<u64>(vcpu, off.vcpu_arch_mmu).unwrap_or(0);
+    let root = read_at::<u64>(mmu, off.mmu_root_hpa).unwrap_or(INVALID_PAGE);
+    let mirror = read_at::<u64>(mmu, off.mmu_mirror_root_hpa).unwrap_or(INVALID_PAGE);
+
+    let Some(cache) = ENTRY_CACHE.get_ptr_mut(0) else {
+        return 0;
+    };
+    let Some(counters) = ENTRY_COUNTERS.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: per-CPU array slots, valid for the program's run and only used
+    // by this CPU while it runs.
+    let (cache, counters) = unsafe { (&mut *cache, &mut *counters) };
+    counters.entries += 1;
+
+    let fast = cache.vcpu == vcpu && cache.root_hpa == root && cache.mirror_root_hpa == mirror;
+    let vm_type = if fast {
+        cache.vm_type
+    } else {
+        counters.slow_path += 1;
+        let kvm = read_at::<u64>(vcpu, off.vcpu_kvm).unwrap_or(0);
+        read_at::<u8>(kvm, off.kvm_vm_type).unwrap_or(0)
+    };
+    let forbidden =
+        vm_type == KVM_X86_TDX_VM && root != INVALID_PAGE && mirror == INVALID_PAGE;
+    if vm_type == KVM_X86_TDX_VM {
+        counters.tdx_entries += 1;
+    }
+    if forbidden {
+        counters.forbidden_entries += 1;
+    }
+    if fast {
+        return 0;
+    }
+
+    let seen = SeenRoots {
+        vcpu,
+        root_hpa: root,
+        mirror_root_hpa: mirror,
+        vm_type,
+        _pad: [0; 7],
+    };
+    *cache = seen;
+
+    // A vCPU that moved to this CPU with roots it already entered with is
+    // not news.
+    // SAFETY: the value is copied out at once.
+    let known = unsafe { VCPU_ROOTS.get(&vcpu) }.copied();
+    if let Some(k) = known
+        && k.root_hpa == root
+        && k.mirror_root_hpa == mirror
+    {
+        return 0;
+    }
+    let _ = VCPU_ROOTS.insert(&vcpu, &seen, 0);
+
+    if forbidden {
+        hit(ProbeId::KvmEntry);
+        warn!(
+            &ctx,
+            "TDX vCPU entered with valid root.hpa {:x} and INVALID mirror_root_hpa",
+            root
+        );
+        emit(ProbeId::KvmEntry, EventKind::EntryForbidden, |ev, r| {
+            fill_vcpu(ev, r, &off, vcpu);
+        });
+    } else if config().entry_transitions != 0 {
+        hit(ProbeId::KvmEntry);
+        emit(ProbeId::KvmEntry, EventKind::EntryTransition, |ev, r| {
+            fill_vcpu(ev, r, &off, vcpu);
+        });
+    }
+    0
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
