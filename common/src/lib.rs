@@ -77,7 +77,10 @@ pub struct ProbeConfig {
     /// with a root pair it has not entered with before (one event per root
     /// change, not per entry).
     pub entry_transitions: u32,
-    pub _pad: u32,
+    /// Non-zero: `kvm_tdp_mmu_alloc_root` takes `(vcpu, bool mirror)` (BTF
+    /// said so); otherwise it has no mirror argument and every root it
+    /// allocates is a direct root.
+    pub alloc_root_mirror_arg: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<ProbeConfig>() == 8);

@@ -35,7 +35,7 @@ static OFFSETS: KernelOffsets = KernelOffsets::ABSENT;
 #[unsafe(no_mangle)]
 static PROBE_CONFIG: ProbeConfig = ProbeConfig {
     entry_transitions: 1,
-    _pad: 0,
+    alloc_root_mirror_arg: 0,
 };
 
 /// The one event stream. The tracer sizes it at load time.
@@ -327,7 +327,11 @@ pub fn kvm_tdp_mmu_alloc_root(ctx: ProbeContext) -> u32 {
     let Some(vcpu) = ctx.arg::<u64>(0) else {
         return 0;
     };
-    let mirror = ctx.arg::<u64>(1).unwrap_or(0) & 0xff;
+    let mirror = if config().alloc_root_mirror_arg != 0 {
+        ctx.arg::<u64>(1).unwrap_or(0) & 0xff
+    } else {
+        0
+    };
     let off = offsets();
     let mut r = Reader { failed: false };
     let mmu = vcpu_mmu(&mut r, &off, vcpu);

@@ -1,1 +1,175 @@
-fn main(){}
+//! `tracer`: watch KVM's MMU root lifecycle with eBPF.
+//!
+//! Exit codes (the contract scripts rely on):
+//! - 0: success;
+//! - 2: usage error (bad flags) or runtime error;
+//! - 3: unsupported environment (not root, no BTF, no KVM), with what is
+//!   missing.
+
+mod doctor;
+mod event;
+mod kernel;
+mod loader;
+mod watch;
+
+use std::{process::ExitCode, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+
+/// Exit code for a usage or runtime error.
+pub const EXIT_ERROR: u8 = 2;
+/// Exit code for an environment the tracer can't run in.
+pub const EXIT_UNSUPPORTED: u8 = 3;
+
+#[derive(Parser)]
+#[command(
+    name = "tracer",
+    version,
+    about = "Trace KVM MMU root lifecycles with eBPF and catch vCPUs running with an invalid TDX mirror root",
+    after_help = "Exit codes: 0 ok; 2 usage or runtime error; 3 unsupported environment \
+                  (not root, no BTF, no KVM)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Inspect this kernel and print the attach plan: probes, attach kinds,
+    /// struct offsets, and which features are on or off and why. Loads
+    /// nothing.
+    Doctor(DoctorArgs),
+    /// Attach the probes and stream root events until Ctrl-C or --duration,
+    /// then detach and print a summary with drop counts (needs root).
+    Watch(WatchArgs),
+}
+
+#[derive(Args)]
+struct DoctorArgs {
+    /// Print the plan as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Inspect the kernel files below this directory instead of `/` (for
+    /// captured kernels; see tracer/tests/data/kernels).
+    #[arg(long, value_name = "DIR", hide = true)]
+    root: Option<std::path::PathBuf>,
+}
+
+#[derive(Args)]
+struct WatchArgs {
+    /// Print events as JSON lines instead of readable lines.
+    #[arg(long)]
+    json: bool,
+    /// Stop after this long, e.g. 30s, 500ms, 5m.
+    #[arg(long, value_name = "TIME", value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// Size of the event ring buffer in bytes: a power of two, at least 4096.
+    #[arg(long, value_name = "BYTES", default_value = "4194304", value_parser = parse_ringbuf)]
+    ringbuf_size: u32,
+    /// Don't report each vCPU's first guest entry with new roots; the
+    /// kvm_entry gate then only reports the forbidden TDX state.
+    #[arg(long)]
+    no_entry_transitions: bool,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 30s, 500ms or 5m"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("unknown unit {unit:?} in {s:?}; use ms, s, m or h")),
+    };
+    if !secs.is_finite() || secs <= 0.0 {
+        return Err(format!("{s:?} must be a positive duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_ringbuf(s: &str) -> Result<u32, String> {
+    let n: u32 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of bytes"))?;
+    if n < 4096 || !n.is_power_of_two() {
+        return Err(format!("{n} is not a power of two of at least 4096"));
+    }
+    Ok(n)
+}
+
+/// An error with the exit code it maps to.
+pub struct Failure {
+    pub code: u8,
+    pub error: anyhow::Error,
+}
+
+impl Failure {
+    pub fn unsupported(error: impl Into<anyhow::Error>) -> Self {
+        Self {
+            code: EXIT_UNSUPPORTED,
+            error: error.into(),
+        }
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(error: anyhow::Error) -> Self {
+        Self {
+            code: EXIT_ERROR,
+            error,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format_timestamp(None)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Doctor(args) => doctor::run(args.root.as_deref(), args.json),
+        Command::Watch(args) => watch::run(&watch::WatchOptions {
+            json: args.json,
+            duration: args.duration,
+            ringbuf_bytes: args.ringbuf_size,
+            entry_transitions: !args.no_entry_transitions,
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure { code, error }) => {
+            eprintln!("tracer: error: {error:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("5d").unwrap_err().contains("unknown unit"));
+    }
+
+    #[test]
+    fn ringbuf_size_must_be_power_of_two() {
+        assert_eq!(parse_ringbuf("4096"), Ok(4096));
+        assert!(parse_ringbuf("4095").is_err());
+        assert!(parse_ringbuf("6000").is_err());
+        assert!(parse_ringbuf("2048").is_err());
+    }
+}

@@ -1,0 +1,361 @@
+//! Decoded root events: the one userspace representation of what the probes
+//! saw. JSON and the readable line are two renderings of it.
+//!
+//! Kernel pointers and physical addresses are hex strings in JSON (`"0x…"`),
+//! because JSON numbers above 2^53 lose precision in most readers.
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use common::{COMM_LEN, EventKind, INVALID_PAGE, ProbeId, RootEvent, field};
+
+/// What an event reports (see `common::EventKind`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    LoadEnter,
+    LoadReturn,
+    AllocDirectRoots,
+    AllocRoot,
+    ZapAllFast,
+    InvalidateRoots,
+    EntryTransition,
+    EntryForbidden,
+}
+
+impl Kind {
+    pub const ALL: [Self; 8] = [
+        Self::LoadEnter,
+        Self::LoadReturn,
+        Self::AllocDirectRoots,
+        Self::AllocRoot,
+        Self::ZapAllFast,
+        Self::InvalidateRoots,
+        Self::EntryTransition,
+        Self::EntryForbidden,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::LoadEnter => "load_enter",
+            Self::LoadReturn => "load_return",
+            Self::AllocDirectRoots => "alloc_direct_roots",
+            Self::AllocRoot => "alloc_root",
+            Self::ZapAllFast => "zap_all_fast",
+            Self::InvalidateRoots => "invalidate_roots",
+            Self::EntryTransition => "entry_transition",
+            Self::EntryForbidden => "entry_forbidden",
+        }
+    }
+
+    fn from_raw(k: EventKind) -> Self {
+        match k {
+            EventKind::LoadEnter => Self::LoadEnter,
+            EventKind::LoadReturn => Self::LoadReturn,
+            EventKind::AllocDirectRoots => Self::AllocDirectRoots,
+            EventKind::AllocRoot => Self::AllocRoot,
+            EventKind::ZapAllFast => Self::ZapAllFast,
+            EventKind::InvalidateRoots => Self::InvalidateRoots,
+            EventKind::EntryTransition => Self::EntryTransition,
+            EventKind::EntryForbidden => Self::EntryForbidden,
+        }
+    }
+}
+
+/// One event. Fields the probe could not read (or that don't apply) are
+/// `None` and left out of JSON.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    pub kind: Kind,
+    /// The eBPF program that saw it.
+    pub probe: String,
+    pub cpu: u32,
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    #[serde(default, with = "hex", skip_serializing_if = "Option::is_none")]
+    pub kvm: Option<u64>,
+    #[serde(default, with = "hex", skip_serializing_if = "Option::is_none")]
+    pub vcpu: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpu_id: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub userspace_pid: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_type: Option<u8>,
+    #[serde(default, with = "hex", skip_serializing_if = "Option::is_none")]
+    pub root_hpa: Option<u64>,
+    #[serde(default, with = "hex", skip_serializing_if = "Option::is_none")]
+    pub root_pgd: Option<u64>,
+    #[serde(default, with = "hex", skip_serializing_if = "Option::is_none")]
+    pub mirror_root_hpa: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_role: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mmu_valid_gen: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memslots_gen: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ret: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arg: Option<u64>,
+    #[serde(default, with = "hex", skip_serializing_if = "Option::is_none")]
+    pub before_hpa: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ns: Option<u64>,
+}
+
+/// Why a ring-buffer record could not be decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("record of {got} bytes is shorter than a root event ({want} bytes)")]
+    Short { got: usize, want: usize },
+    #[error("unknown event kind {0}")]
+    Kind(u32),
+    #[error("unknown probe id {0}")]
+    Probe(u32),
+}
+
+impl Event {
+    /// Decodes one ring-buffer record.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let want = size_of::<RootEvent>();
+        if bytes.len() < want {
+            return Err(DecodeError::Short {
+                got: bytes.len(),
+                want,
+            });
+        }
+        // SAFETY: the slice holds at least size_of::<RootEvent>() bytes,
+        // RootEvent is plain old data valid for any bit pattern, and
+        // read_unaligned has no alignment requirement.
+        let raw: RootEvent = unsafe { bytes.as_ptr().cast::<RootEvent>().read_unaligned() };
+        Self::from_raw(&raw)
+    }
+
+    /// Converts the kernel's struct, keeping only the fields marked valid.
+    pub fn from_raw(raw: &RootEvent) -> Result<Self, DecodeError> {
+        let kind = EventKind::from_u32(raw.kind).ok_or(DecodeError::Kind(raw.kind))?;
+        let probe = ProbeId::from_u32(raw.probe).ok_or(DecodeError::Probe(raw.probe))?;
+        let has = |bit: u32| raw.valid & bit != 0;
+        let opt = |bit: u32, v: u64| has(bit).then_some(v);
+        let comm_len = raw.comm.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
+        Ok(Self {
+            ts_ns: raw.ts_ns,
+            kind: Kind::from_raw(kind),
+            probe: probe.program_name().to_owned(),
+            cpu: raw.cpu,
+            pid: raw.pid,
+            tid: raw.tid,
+            comm: String::from_utf8_lossy(&raw.comm[..comm_len]).into_owned(),
+            kvm: opt(field::KVM, raw.kvm),
+            vcpu: opt(field::VCPU, raw.vcpu),
+            vcpu_id: has(field::VCPU_ID).then_some(raw.vcpu_id),
+            userspace_pid: has(field::USERSPACE_PID).then_some(raw.userspace_pid),
+            vm_type: has(field::VM_TYPE).then_some(raw.vm_type),
+            root_hpa: opt(field::ROOT_HPA, raw.root_hpa),
+            root_pgd: opt(field::ROOT_PGD, raw.root_pgd),
+            mirror_root_hpa: opt(field::MIRROR_ROOT_HPA, raw.mirror_root_hpa),
+            root_role: has(field::ROOT_ROLE).then_some(raw.root_role),
+            mmu_valid_gen: has(field::MMU_VALID_GEN).then_some(raw.mmu_valid_gen),
+            memslots_gen: opt(field::MEMSLOTS_GEN, raw.memslots_gen),
+            ret: has(field::RET).then_some(raw.ret),
+            arg: opt(field::ARG, raw.arg),
+            before_hpa: opt(field::BEFORE_HPA, raw.before_hpa),
+            duration_ns: opt(field::DURATION, raw.duration_ns),
+        })
+    }
+
+    /// One readable line (no trailing newline).
+    pub fn to_line(&self) -> String {
+        let mut s = format!(
+            "{:>6}.{:06} cpu{:<3} {:<16} {}[{}/{}]",
+            self.ts_ns / 1_000_000_000,
+            (self.ts_ns % 1_000_000_000) / 1000,
+            self.cpu,
+            self.kind.name(),
+            self.comm,
+            self.pid,
+            self.tid
+        );
+        let mut kv = |k: &str, v: String| {
+            let _ = write!(s, " {k}={v}");
+        };
+        if let Some(v) = self.userspace_pid {
+            kv("vmm", v.to_string());
+        }
+        if let Some(v) = self.kvm {
+            kv("kvm", format!("{v:#x}"));
+        }
+        if let Some(v) = self.vm_type {
+            kv("type", vm_type_name(v).into());
+        }
+        if let Some(v) = self.vcpu_id {
+            kv("vcpu", v.to_string());
+        }
+        if let Some(v) = self.root_hpa {
+            kv("root", hpa(v));
+        }
+        if let Some(v) = self.mirror_root_hpa {
+            kv("mirror", hpa(v));
+        }
+        if let Some(v) = self.root_role {
+            kv("role", format!("{v:#x}"));
+        }
+        if let Some(v) = self.mmu_valid_gen {
+            kv("gen", v.to_string());
+        }
+        if let Some(v) = self.memslots_gen {
+            kv("slots_gen", v.to_string());
+        }
+        if let Some(v) = self.arg {
+            let name = match self.kind {
+                Kind::AllocRoot => "mirror",
+                Kind::InvalidateRoots => "root_types",
+                _ => "arg",
+            };
+            kv(name, v.to_string());
+        }
+        if let Some(v) = self.before_hpa {
+            kv("before", hpa(v));
+        }
+        if let Some(v) = self.ret {
+            kv("ret", v.to_string());
+        }
+        if let Some(v) = self.duration_ns {
+            kv("took", format!("{v}ns"));
+        }
+        s
+    }
+}
+
+/// `INVALID` for `INVALID_PAGE`, else hex.
+pub fn hpa(v: u64) -> String {
+    if v == INVALID_PAGE {
+        "INVALID".into()
+    } else {
+        format!("{v:#x}")
+    }
+}
+
+/// Names of `kvm->arch.vm_type` values.
+pub fn vm_type_name(v: u8) -> &'static str {
+    match v {
+        0 => "default",
+        1 => "sw-protected",
+        2 => "sev",
+        3 => "sev-es",
+        4 => "sev-snp",
+        5 => "tdx",
+        _ => "unknown",
+    }
+}
+
+/// `Option<u64>` as a `"0x…"` string.
+mod hex {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    #[expect(clippy::ref_option, reason = "serde's `with` passes &Option")]
+    pub fn serialize<S: Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => s.serialize_str(&format!("{v:#x}")),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        let Some(s) = Option::<String>::deserialize(d)? else {
+            return Ok(None);
+        };
+        let digits = s
+            .strip_prefix("0x")
+            .ok_or_else(|| D::Error::custom(format!("expected a 0x-prefixed hex string, got {s:?}")))?;
+        u64::from_str_radix(digits, 16)
+            .map(Some)
+            .map_err(|e| D::Error::custom(format!("bad hex {s:?}: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw_zap() -> RootEvent {
+        let mut r = RootEvent::ZERO;
+        r.ts_ns = 1_500_000_123;
+        r.kind = EventKind::ZapAllFast as u32;
+        r.probe = ProbeId::ZapAllFastTracepoint as u32;
+        r.kvm = 0xffff_8881_0000_1000;
+        r.userspace_pid = 42;
+        r.mmu_valid_gen = 1;
+        r.mirror_root_hpa = INVALID_PAGE;
+        r.valid = field::KVM | field::USERSPACE_PID | field::MMU_VALID_GEN;
+        r.comm[..4].copy_from_slice(b"qemu");
+        r
+    }
+
+    fn bytes_of(r: &RootEvent) -> Vec<u8> {
+        // SAFETY: RootEvent is repr(C) plain data; reading its bytes is fine.
+        unsafe {
+            std::slice::from_raw_parts((r as *const RootEvent).cast::<u8>(), size_of::<RootEvent>())
+        }
+        .to_vec()
+    }
+
+    #[test]
+    fn decodes_only_valid_fields() {
+        let ev = Event::decode(&bytes_of(&raw_zap())).unwrap();
+        assert_eq!(ev.kind, Kind::ZapAllFast);
+        assert_eq!(ev.probe, "kvm_mmu_zap_all_fast_tp");
+        assert_eq!(ev.kvm, Some(0xffff_8881_0000_1000));
+        assert_eq!(ev.userspace_pid, Some(42));
+        assert_eq!(ev.mmu_valid_gen, Some(1));
+        assert_eq!(ev.mirror_root_hpa, None, "not marked valid");
+        assert_eq!(ev.comm, "qemu");
+    }
+
+    #[test]
+    fn rejects_short_and_unknown_records() {
+        let b = bytes_of(&raw_zap());
+        assert_eq!(
+            Event::decode(&b[..10]),
+            Err(DecodeError::Short {
+                got: 10,
+                want: size_of::<RootEvent>()
+            })
+        );
+        let mut r = raw_zap();
+        r.kind = 99;
+        assert_eq!(Event::decode(&bytes_of(&r)), Err(DecodeError::Kind(99)));
+        let mut r = raw_zap();
+        r.probe = 99;
+        assert_eq!(Event::decode(&bytes_of(&r)), Err(DecodeError::Probe(99)));
+    }
+
+    #[test]
+    fn json_round_trips_with_hex_pointers() {
+        let mut r = raw_zap();
+        r.valid |= field::MIRROR_ROOT_HPA;
+        let ev = Event::decode(&bytes_of(&r)).unwrap();
+        let json = serde_json::to_string(&ev).unwrap();
+        assert!(json.contains(r#""kvm":"0xffff888100001000""#), "{json}");
+        assert!(json.contains(r#""mirror_root_hpa":"0xffffffffffffffff""#), "{json}");
+        assert!(!json.contains("vcpu_id"), "absent fields are left out: {json}");
+        let back: Event = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, ev);
+    }
+
+    #[test]
+    fn readable_line_names_invalid_page() {
+        let mut r = raw_zap();
+        r.valid |= field::MIRROR_ROOT_HPA;
+        let line = Event::decode(&bytes_of(&r)).unwrap().to_line();
+        assert!(line.starts_with("     1.500000 cpu0"), "{line}");
+        assert!(line.contains("zap_all_fast"), "{line}");
+        assert!(line.contains("mirror=INVALID"), "{line}");
+        assert!(line.contains("vmm=42"), "{line}");
+    }
+}

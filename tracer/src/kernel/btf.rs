@@ -1,0 +1,314 @@
+//! Struct offsets and function prototypes, resolved from the kernel's BTF
+//! (vmlinux, plus KVM's split BTF when KVM is a module). Nothing here is
+//! hard-coded: a field the kernel lacks is reported absent, with the reason.
+
+use btf_rs::{Btf, Type};
+use serde::Serialize;
+
+use common::{KernelOffsets, OFFSET_ABSENT};
+
+/// The shape a field must have for the probes to read it.
+#[derive(Clone, Copy, Debug)]
+enum Shape {
+    /// A pointer.
+    Ptr,
+    /// An integer (or enum) of this many bytes.
+    Int(usize),
+    /// A 4-byte integer or a 4-byte union/struct (`kvm_mmu_page_role`).
+    Word4,
+    /// An array of pointers; the offset is that of element 0.
+    PtrArray,
+}
+
+/// One field the probes read.
+struct FieldSpec {
+    /// Name in the plan and in `doctor`, e.g. `kvm_mmu.mirror_root_hpa`.
+    name: &'static str,
+    strukt: &'static str,
+    path: &'static str,
+    shape: Shape,
+    /// Why a missing field matters (used in its reason).
+    missing_means: &'static str,
+    set: fn(&mut KernelOffsets, u32),
+}
+
+const FIELDS: &[FieldSpec] = &[
+    FieldSpec {
+        name: "kvm_vcpu.kvm",
+        strukt: "kvm_vcpu",
+        path: "kvm",
+        shape: Shape::Ptr,
+        missing_means: "VM identity of vCPU events is unknown",
+        set: |o, v| o.vcpu_kvm = v,
+    },
+    FieldSpec {
+        name: "kvm_vcpu.vcpu_id",
+        strukt: "kvm_vcpu",
+        path: "vcpu_id",
+        shape: Shape::Int(4),
+        missing_means: "vCPU ids are unknown",
+        set: |o, v| o.vcpu_vcpu_id = v,
+    },
+    FieldSpec {
+        name: "kvm_vcpu.arch.mmu",
+        strukt: "kvm_vcpu",
+        path: "arch.mmu",
+        shape: Shape::Ptr,
+        missing_means: "no root can be read",
+        set: |o, v| o.vcpu_arch_mmu = v,
+    },
+    FieldSpec {
+        name: "kvm_mmu.root.hpa",
+        strukt: "kvm_mmu",
+        path: "root.hpa",
+        shape: Shape::Int(8),
+        missing_means: "the direct root can't be read",
+        set: |o, v| o.mmu_root_hpa = v,
+    },
+    FieldSpec {
+        name: "kvm_mmu.root.pgd",
+        strukt: "kvm_mmu",
+        path: "root.pgd",
+        shape: Shape::Int(8),
+        missing_means: "the root pgd can't be read",
+        set: |o, v| o.mmu_root_pgd = v,
+    },
+    FieldSpec {
+        name: "kvm_mmu.mirror_root_hpa",
+        strukt: "kvm_mmu",
+        path: "mirror_root_hpa",
+        shape: Shape::Int(8),
+        missing_means: "mirror-root tracking is off (the field arrived in Linux 6.14)",
+        set: |o, v| o.mmu_mirror_root_hpa = v,
+    },
+    FieldSpec {
+        name: "kvm_mmu.root_role",
+        strukt: "kvm_mmu",
+        path: "root_role",
+        shape: Shape::Word4,
+        missing_means: "the root role can't be read",
+        set: |o, v| o.mmu_root_role = v,
+    },
+    FieldSpec {
+        name: "kvm.arch.vm_type",
+        strukt: "kvm",
+        path: "arch.vm_type",
+        shape: Shape::Int(1),
+        missing_means: "VM types are unknown, so TDX VMs can't be told apart",
+        set: |o, v| o.kvm_vm_type = v,
+    },
+    FieldSpec {
+        name: "kvm.arch.mmu_valid_gen",
+        strukt: "kvm",
+        path: "arch.mmu_valid_gen",
+        shape: Shape::Int(1),
+        missing_means: "MMU generations are unknown",
+        set: |o, v| o.kvm_mmu_valid_gen = v,
+    },
+    FieldSpec {
+        name: "kvm.userspace_pid",
+        strukt: "kvm",
+        path: "userspace_pid",
+        shape: Shape::Int(4),
+        missing_means: "the VMM pid of a VM is unknown",
+        set: |o, v| o.kvm_userspace_pid = v,
+    },
+    FieldSpec {
+        name: "kvm.memslots[0]",
+        strukt: "kvm",
+        path: "memslots",
+        shape: Shape::PtrArray,
+        missing_means: "memslot generations are unknown",
+        set: |o, v| o.kvm_memslots0 = v,
+    },
+    FieldSpec {
+        name: "kvm_memslots.generation",
+        strukt: "kvm_memslots",
+        path: "generation",
+        shape: Shape::Int(8),
+        missing_means: "memslot generations are unknown",
+        set: |o, v| o.memslots_generation = v,
+    },
+];
+
+/// One resolved (or absent) field, as `doctor` shows it.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct FieldOffset {
+    pub name: &'static str,
+    /// Byte offset from the start of the struct; `None` when absent.
+    pub offset: Option<u32>,
+    /// Why it is absent, and what that switches off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub absent: Option<String>,
+}
+
+/// Offsets for the programs, and the per-field report.
+#[derive(Clone, Debug)]
+pub struct ResolvedOffsets {
+    pub offsets: KernelOffsets,
+    pub fields: Vec<FieldOffset>,
+}
+
+impl ResolvedOffsets {
+    pub fn get(&self, name: &str) -> Option<u32> {
+        self.fields
+            .iter()
+            .find(|f| f.name == name)
+            .and_then(|f| f.offset)
+    }
+}
+
+/// Resolves every field the probes read.
+pub fn resolve_offsets(btf: &Btf) -> ResolvedOffsets {
+    let mut offsets = KernelOffsets::ABSENT;
+    let mut fields = Vec::with_capacity(FIELDS.len());
+    for spec in FIELDS {
+        match field_offset(btf, spec.strukt, spec.path, spec.shape) {
+            Ok(off) => {
+                (spec.set)(&mut offsets, off);
+                fields.push(FieldOffset {
+                    name: spec.name,
+                    offset: Some(off),
+                    absent: None,
+                });
+            }
+            Err(why) => {
+                (spec.set)(&mut offsets, OFFSET_ABSENT);
+                fields.push(FieldOffset {
+                    name: spec.name,
+                    offset: None,
+                    absent: Some(format!("{why}; {}", spec.missing_means)),
+                });
+            }
+        }
+    }
+    ResolvedOffsets { offsets, fields }
+}
+
+/// Whether BTF has a complete definition of `struct name`.
+pub fn has_struct(btf: &Btf, name: &str) -> bool {
+    find_struct(btf, name).is_some()
+}
+
+/// Number of parameters of the function `name`, from its BTF prototype.
+pub fn func_param_count(btf: &Btf, name: &str) -> Option<usize> {
+    let types = btf.resolve_types_by_name(name).ok()?;
+    types.iter().find_map(|t| match t {
+        Type::Func(f) => match btf.resolve_chained_type(f).ok()? {
+            Type::FuncProto(p) => Some(p.parameters.len()),
+            _ => None,
+        },
+        _ => None,
+    })
+}
+
+fn find_struct(btf: &Btf, name: &str) -> Option<btf_rs::Struct> {
+    btf.resolve_types_by_name(name)
+        .ok()?
+        .into_iter()
+        .find_map(|t| match t {
+            Type::Struct(s) if !s.members.is_empty() => Some(s),
+            _ => None,
+        })
+}
+
+/// Strips typedefs and qualifiers.
+fn strip(btf: &Btf, mut t: Type) -> Result<Type, String> {
+    for _ in 0..32 {
+        match &t {
+            Type::Typedef(_)
+            | Type::Volatile(_)
+            | Type::Const(_)
+            | Type::Restrict(_)
+            | Type::TypeTag(_) => {
+                t = btf
+                    .resolve_chained_type(t.as_btf_type().ok_or("untyped qualifier")?)
+                    .map_err(|e| format!("broken BTF type chain: {e}"))?;
+            }
+            _ => return Ok(t),
+        }
+    }
+    Err("BTF typedef chain too deep".into())
+}
+
+/// Finds `name` among the members of `s`, looking through anonymous
+/// structs and unions. Returns the bit offset and the member's type.
+fn find_member(btf: &Btf, s: &btf_rs::Struct, name: &str) -> Option<(u32, Type)> {
+    for m in &s.members {
+        let mname = btf.resolve_name(m).unwrap_or_default();
+        let mtype = btf.resolve_chained_type(m).ok()?;
+        if mname == name {
+            return Some((m.bit_offset(), mtype));
+        }
+        if mname.is_empty()
+            && let Ok(Type::Struct(inner) | Type::Union(inner)) = strip(btf, mtype)
+            && let Some((off, t)) = find_member(btf, &inner, name)
+        {
+            return Some((m.bit_offset() + off, t));
+        }
+    }
+    None
+}
+
+fn field_offset(btf: &Btf, strukt: &str, path: &str, shape: Shape) -> Result<u32, String> {
+    let mut cur = find_struct(btf, strukt).ok_or_else(|| format!("no struct {strukt} in BTF"))?;
+    let mut bits = 0u32;
+    let parts: Vec<&str> = path.split('.').collect();
+    for (i, part) in parts.iter().enumerate() {
+        let (off, t) = find_member(btf, &cur, part)
+            .ok_or_else(|| format!("struct {strukt} has no member {}", parts[..=i].join(".")))?;
+        bits += off;
+        let t = strip(btf, t)?;
+        if i + 1 < parts.len() {
+            match t {
+                Type::Struct(s) | Type::Union(s) => cur = s,
+                other => {
+                    return Err(format!(
+                        "{strukt}.{} is a {}, not a struct",
+                        parts[..=i].join("."),
+                        other.name()
+                    ));
+                }
+            }
+        } else {
+            check_shape(btf, &t, shape).map_err(|e| format!("{strukt}.{path}: {e}"))?;
+        }
+    }
+    if bits % 8 != 0 {
+        return Err(format!("{strukt}.{path} is a bitfield"));
+    }
+    Ok(bits / 8)
+}
+
+fn check_shape(btf: &Btf, t: &Type, shape: Shape) -> Result<(), String> {
+    let ok = match (shape, t) {
+        (Shape::Ptr, Type::Ptr(_)) => true,
+        (Shape::Int(n), Type::Int(i)) => i.size() == n,
+        (Shape::Int(n), Type::Enum(e)) => e.size() == n,
+        (Shape::Word4, Type::Int(i)) => i.size() == 4,
+        (Shape::Word4, Type::Union(s) | Type::Struct(s)) => s.size() == 4,
+        (Shape::PtrArray, Type::Array(a)) => {
+            let elem = btf
+                .resolve_chained_type(a)
+                .map_err(|e| format!("array element: {e}"))?;
+            matches!(strip(btf, elem)?, Type::Ptr(_))
+        }
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "unexpected type {} (expected {shape:?})",
+            describe(t)
+        ))
+    }
+}
+
+fn describe(t: &Type) -> String {
+    match t {
+        Type::Int(i) => format!("int of {} bytes", i.size()),
+        Type::Struct(s) | Type::Union(s) => format!("{} of {} bytes", t.name(), s.size()),
+        other => other.name().to_owned(),
+    }
+}

@@ -1,0 +1,256 @@
+//! Kernel knowledge, in one place: what this kernel has (BTF, KVM, symbols,
+//! kprobe support, config) and, from that, the attach plan.
+//!
+//! Everything is read below a root directory, `/` on a live host, so tests
+//! run the same code on files captured from real kernels
+//! (`tests/data/kernels/`). A file `X` may also be stored as `X.zst`.
+
+pub mod btf;
+pub mod plan;
+pub mod symbols;
+
+use std::{
+    collections::HashMap,
+    io::Read as _,
+    path::{Path, PathBuf},
+};
+
+use ::btf_rs::Btf;
+use serde::Serialize;
+use thiserror::Error;
+
+pub use plan::{AttachKind, AttachPlan, PlanOptions};
+pub use symbols::Symbols;
+
+/// Why the kernel can't be inspected at all. Each of these means an
+/// unsupported environment (exit code 3), and says what is missing.
+#[derive(Debug, Error)]
+pub enum KernelError {
+    #[error(
+        "this kernel has no BTF: {path} is missing (build it with CONFIG_DEBUG_INFO_BTF=y); \
+         the tracer resolves every struct offset from BTF and never guesses them"
+    )]
+    NoBtf { path: PathBuf },
+    #[error("failed to parse BTF in {path}")]
+    BadBtf {
+        path: PathBuf,
+        #[source]
+        source: ::btf_rs::Error,
+    },
+    #[error(
+        "KVM is not loaded: no KVM types in BTF and no kvm module ({detail}); \
+         load it with `modprobe kvm_intel` or `modprobe kvm_amd`"
+    )]
+    NoKvm { detail: String },
+    #[error(
+        "KVM is a module, but its BTF ({path}) is missing; \
+         the kernel needs CONFIG_DEBUG_INFO_BTF_MODULES=y"
+    )]
+    NoModuleBtf { path: PathBuf },
+    #[error("failed to read {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where KVM's code and types live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KvmLocation {
+    /// Built into vmlinux (`CONFIG_KVM=y`).
+    BuiltIn,
+    /// The `kvm` module, with split BTF in `/sys/kernel/btf/kvm`.
+    Module,
+}
+
+/// Everything the plan is made from.
+pub struct KernelInfo {
+    pub root: PathBuf,
+    pub release: String,
+    pub btf: Btf,
+    pub btf_sources: Vec<String>,
+    pub kvm: KvmLocation,
+    pub symbols: Symbols,
+    /// Tracepoints listed by tracefs, when it is mounted.
+    pub tracefs_events: Option<Vec<String>>,
+    /// The perf kprobe PMU, which aya's kprobes use.
+    pub kprobe_pmu: bool,
+    /// Kernel config (`CONFIG_X` -> value), when available.
+    pub config: HashMap<String, String>,
+    pub dev_kvm: bool,
+}
+
+impl KernelInfo {
+    /// Inspects the live kernel.
+    pub fn live() -> Result<Self, KernelError> {
+        Self::inspect(Path::new("/"))
+    }
+
+    /// Inspects the kernel whose files are below `root`.
+    pub fn inspect(root: &Path) -> Result<Self, KernelError> {
+        let vmlinux_path = root.join("sys/kernel/btf/vmlinux");
+        let vmlinux = read_maybe_zst(&vmlinux_path)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => KernelError::NoBtf {
+                    path: vmlinux_path.clone(),
+                },
+                _ => KernelError::Io {
+                    path: vmlinux_path.clone(),
+                    source: e,
+                },
+            })?;
+        let base = Btf::from_bytes(&vmlinux).map_err(|source| KernelError::BadBtf {
+            path: vmlinux_path.clone(),
+            source,
+        })?;
+
+        let symbols_path = root.join("proc/kallsyms");
+        let symbols = match read_maybe_zst(&symbols_path) {
+            Ok(bytes) => Symbols::parse(&String::from_utf8_lossy(&bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Symbols::default(),
+            Err(source) => {
+                return Err(KernelError::Io {
+                    path: symbols_path,
+                    source,
+                });
+            }
+        };
+
+        let module_path = root.join("sys/kernel/btf/kvm");
+        let (btf, kvm, btf_sources) = if btf::has_struct(&base, "kvm_vcpu")
+            && btf::has_struct(&base, "kvm_mmu")
+        {
+            (
+                base,
+                KvmLocation::BuiltIn,
+                vec![vmlinux_path.display().to_string()],
+            )
+        } else {
+            match read_maybe_zst(&module_path) {
+                Ok(split) => {
+                    let btf = Btf::from_split_bytes(&split, &base).map_err(|source| {
+                        KernelError::BadBtf {
+                            path: module_path.clone(),
+                            source,
+                        }
+                    })?;
+                    (
+                        btf,
+                        KvmLocation::Module,
+                        vec![
+                            vmlinux_path.display().to_string(),
+                            module_path.display().to_string(),
+                        ],
+                    )
+                }
+                Err(_) if symbols.has_module("kvm") => {
+                    return Err(KernelError::NoModuleBtf { path: module_path });
+                }
+                Err(_) => {
+                    return Err(KernelError::NoKvm {
+                        detail: format!(
+                            "{} lacks struct kvm_vcpu and {} is missing",
+                            vmlinux_path.display(),
+                            module_path.display()
+                        ),
+                    });
+                }
+            }
+        };
+        if !btf::has_struct(&btf, "kvm_vcpu") {
+            return Err(KernelError::NoKvm {
+                detail: "BTF has no struct kvm_vcpu".into(),
+            });
+        }
+
+        let release = read_string(&root.join("proc/sys/kernel/osrelease"))
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|| "unknown".into());
+        let tracefs_events = read_string(&root.join("sys/kernel/tracing/available_events"))
+            .map(|s| s.lines().map(str::to_owned).collect());
+        let kprobe_pmu = root
+            .join("sys/bus/event_source/devices/kprobe/type")
+            .exists();
+        let config = read_config(root, &release);
+        let dev_kvm = root.join("dev/kvm").exists();
+
+        Ok(Self {
+            root: root.to_path_buf(),
+            release,
+            btf,
+            btf_sources,
+            kvm,
+            symbols,
+            tracefs_events,
+            kprobe_pmu,
+            config,
+            dev_kvm,
+        })
+    }
+
+    /// Whether tracepoint `system:name` exists (tracefs, else kallsyms).
+    pub fn has_tracepoint(&self, system: &str, name: &str) -> bool {
+        let full = format!("{system}:{name}");
+        self.tracefs_events
+            .as_ref()
+            .is_some_and(|ev| ev.iter().any(|e| *e == full))
+            || self.symbols.has_raw_tracepoint(name)
+    }
+
+    /// A config option's value (`y`, `m`, ...), `None` when unset or unknown.
+    pub fn config(&self, key: &str) -> Option<&str> {
+        self.config.get(key).map(String::as_str)
+    }
+}
+
+/// Reads `path`, or `path.zst` decompressed.
+fn read_maybe_zst(path: &Path) -> std::io::Result<Vec<u8>> {
+    match std::fs::read(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut zst = path.as_os_str().to_owned();
+            zst.push(".zst");
+            let raw = std::fs::read(PathBuf::from(zst)).map_err(|_| e)?;
+            zstd::decode_all(raw.as_slice())
+        }
+        other => other,
+    }
+}
+
+fn read_string(path: &Path) -> Option<String> {
+    read_maybe_zst(path)
+        .ok()
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
+/// Kernel config from `/proc/config.gz`, `/proc/config[.zst]` (fixtures) or
+/// `/boot/config-<release>`.
+fn read_config(root: &Path, release: &str) -> HashMap<String, String> {
+    let text = std::fs::read(root.join("proc/config.gz"))
+        .ok()
+        .and_then(|gz| {
+            let mut s = String::new();
+            flate2::read::GzDecoder::new(gz.as_slice())
+                .read_to_string(&mut s)
+                .ok()
+                .map(|_| s)
+        })
+        .or_else(|| read_string(&root.join("proc/config")))
+        .or_else(|| read_string(&root.join(format!("boot/config-{release}"))));
+    parse_config(text.as_deref().unwrap_or(""))
+}
+
+fn parse_config(text: &str) -> HashMap<String, String> {
+    let mut map = HashMap::new();
+    for line in text.lines() {
+        if let Some((k, v)) = line.split_once('=') {
+            map.insert(k.trim().to_owned(), v.trim().to_owned());
+        } else if let Some(rest) = line.strip_prefix("# ")
+            && let Some(k) = rest.strip_suffix(" is not set")
+        {
+            map.insert(k.to_owned(), "n".to_owned());
+        }
+    }
+    map
+}

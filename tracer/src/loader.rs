@@ -1,0 +1,178 @@
+//! Loads the eBPF object with the plan's offsets, attaches the programs the
+//! plan asks for, and reads the programs' own counters back.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, anyhow};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::{KProbe, RawTracePoint},
+};
+use aya_log::EbpfLogger;
+use serde::Serialize;
+
+use common::{EntryCounters, ProbeCounters, ProbeId};
+
+use crate::kernel::{AttachKind, AttachPlan};
+
+/// The eBPF object built by build.rs.
+static PROBES: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe-ebpf"));
+
+/// A probe that was meant to attach and didn't.
+#[derive(Clone, Debug, Serialize)]
+pub struct AttachFailure {
+    pub program: &'static str,
+    pub target: String,
+    pub attach: AttachKind,
+    pub error: String,
+}
+
+/// Loaded programs, their maps, and what attached.
+pub struct Session {
+    ebpf: Ebpf,
+    /// Kept alive and drained: dropping it closes the log map.
+    pub logger: Option<EbpfLogger<&'static dyn log::Log>>,
+    pub attached: Vec<(ProbeId, AttachKind, String)>,
+    pub failures: Vec<AttachFailure>,
+    /// From the start of `load` to the last attach.
+    pub attach_time: Duration,
+}
+
+/// Counters summed over CPUs.
+#[derive(Clone, Debug, Default)]
+pub struct Counters {
+    pub probes: Vec<(&'static str, ProbeCounters)>,
+    pub entry: EntryCounters,
+}
+
+impl Counters {
+    /// Events lost because the ring buffer was full, all probes.
+    pub fn reserve_failed(&self) -> u64 {
+        self.probes.iter().map(|(_, c)| c.reserve_failed).sum()
+    }
+}
+
+fn raise_memlock() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads the struct we pass; failure only matters on
+    // kernels before 5.11, where map creation then fails with a clear error.
+    let ret = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
+    if ret != 0 {
+        log::debug!("setrlimit(RLIMIT_MEMLOCK) failed; fine on kernels >= 5.11");
+    }
+}
+
+impl Session {
+    /// Loads the object and attaches every probe of `plan` that is not off.
+    /// A probe that fails to load or attach is recorded, not fatal: the rest
+    /// keep working, and the failure is reported.
+    pub fn start(plan: &AttachPlan, ringbuf_bytes: u32) -> Result<Self> {
+        let started = Instant::now();
+        raise_memlock();
+        let mut ebpf = EbpfLoader::new()
+            .override_global("OFFSETS", &plan.offsets, true)
+            .override_global("PROBE_CONFIG", &plan.config, true)
+            .map_max_entries("EVENTS", ringbuf_bytes)
+            .load(PROBES)
+            .context("failed to load the eBPF object")?;
+        let logger = match EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                log::warn!("eBPF program logs are unavailable: {e}");
+                None
+            }
+        };
+        let mut attached = Vec::new();
+        let mut failures = Vec::new();
+        for p in plan.attached() {
+            match attach_one(&mut ebpf, p.probe, p.attach, &p.target) {
+                Ok(()) => attached.push((p.probe, p.attach, p.target.clone())),
+                Err(e) => failures.push(AttachFailure {
+                    program: p.program,
+                    target: p.target.clone(),
+                    attach: p.attach,
+                    error: format!("{e:#}"),
+                }),
+            }
+        }
+        Ok(Self {
+            ebpf,
+            logger,
+            attached,
+            failures,
+            attach_time: started.elapsed(),
+        })
+    }
+
+    /// Takes the event ring buffer (once).
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
+        let map = self
+            .ebpf
+            .take_map("EVENTS")
+            .ok_or_else(|| anyhow!("the eBPF object has no EVENTS map"))?;
+        RingBuf::try_from(map).context("EVENTS is not a ring buffer")
+    }
+
+    /// Reads and sums the per-CPU counters.
+    pub fn counters(&self) -> Result<Counters> {
+        let probes: PerCpuArray<_, ProbeCounters> = PerCpuArray::try_from(
+            self.ebpf
+                .map("PROBE_COUNTERS")
+                .ok_or_else(|| anyhow!("no PROBE_COUNTERS map"))?,
+        )?;
+        let mut out = Counters::default();
+        for id in ProbeId::ALL {
+            let mut sum = ProbeCounters::default();
+            for c in probes.get(&(id as u32), 0)?.iter() {
+                sum.hits += c.hits;
+                sum.emitted += c.emitted;
+                sum.reserve_failed += c.reserve_failed;
+                sum.read_failed += c.read_failed;
+                sum.unpaired += c.unpaired;
+            }
+            out.probes.push((id.program_name(), sum));
+        }
+        let entry: PerCpuArray<_, EntryCounters> = PerCpuArray::try_from(
+            self.ebpf
+                .map("ENTRY_COUNTERS")
+                .ok_or_else(|| anyhow!("no ENTRY_COUNTERS map"))?,
+        )?;
+        for c in entry.get(&0, 0)?.iter() {
+            out.entry.entries += c.entries;
+            out.entry.tdx_entries += c.tdx_entries;
+            out.entry.forbidden_entries += c.forbidden_entries;
+            out.entry.slow_path += c.slow_path;
+        }
+        Ok(out)
+    }
+}
+
+fn attach_one(ebpf: &mut Ebpf, probe: ProbeId, kind: AttachKind, target: &str) -> Result<()> {
+    let name = probe.program_name();
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} is missing from the eBPF object"))?;
+    match kind {
+        AttachKind::Kprobe | AttachKind::Kretprobe => {
+            let p: &mut KProbe = prog.try_into()?;
+            p.load()
+                .with_context(|| format!("the verifier rejected {name}"))?;
+            p.attach(target, 0)
+                .with_context(|| format!("attaching {kind} {name} to {target}"))?;
+        }
+        AttachKind::RawTracepoint => {
+            let tp = target.split_once(':').map_or(target, |(_, n)| n);
+            let p: &mut RawTracePoint = prog.try_into()?;
+            p.load()
+                .with_context(|| format!("the verifier rejected {name}"))?;
+            p.attach(tp)
+                .with_context(|| format!("attaching raw tracepoint {name} to {tp}"))?;
+        }
+        AttachKind::Off => {}
+    }
+    Ok(())
+}

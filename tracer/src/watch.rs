@@ -1,0 +1,270 @@
+//! `tracer watch`: attach, stream decoded events, detach, summarize.
+
+use std::{
+    collections::BTreeMap,
+    io::{self, Write as _},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, anyhow};
+use aya::maps::{MapData, RingBuf};
+use tokio::io::{Interest, unix::AsyncFd};
+
+use crate::{
+    Failure,
+    doctor::kernel_failure,
+    event::{Event, Kind},
+    kernel::{self, KernelInfo, PlanOptions},
+    loader::{Counters, Session},
+};
+
+pub struct WatchOptions {
+    pub json: bool,
+    pub duration: Option<Duration>,
+    pub ringbuf_bytes: u32,
+    pub entry_transitions: bool,
+}
+
+pub fn run(opts: &WatchOptions) -> Result<(), Failure> {
+    // SAFETY: geteuid has no preconditions and can't fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(Failure::unsupported(anyhow!(
+            "tracer watch must run as root (it loads eBPF programs: CAP_BPF, CAP_PERFMON); \
+             `tracer doctor` works without root"
+        )));
+    }
+    let info = KernelInfo::live().map_err(kernel_failure)?;
+    let plan = kernel::plan::plan(
+        &info,
+        PlanOptions {
+            entry_transitions: opts.entry_transitions,
+        },
+    );
+    if plan.attached().next().is_none() {
+        return Err(Failure::unsupported(anyhow!(
+            "no probe can attach on this kernel; run `tracer doctor` for the reasons"
+        )));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the tokio runtime")?;
+    rt.block_on(watch(&plan, opts))
+}
+
+/// What the stream saw, for the summary.
+#[derive(Default)]
+struct Tally {
+    by_kind: BTreeMap<Kind, u64>,
+    decode_errors: u64,
+}
+
+struct Output {
+    out: io::BufWriter<io::Stdout>,
+    json: bool,
+    /// stdout was closed (e.g. `| head`): stop writing, keep counting.
+    closed: bool,
+}
+
+impl Output {
+    fn event(&mut self, ev: &Event) {
+        if self.closed {
+            return;
+        }
+        let r = if self.json {
+            match serde_json::to_string(ev) {
+                Ok(s) => writeln!(self.out, "{{\"record\":\"event\",{}", &s[1..]),
+                Err(e) => Err(io::Error::other(e)),
+            }
+        } else {
+            writeln!(self.out, "{}", ev.to_line())
+        };
+        if r.is_err() {
+            self.closed = true;
+        }
+    }
+
+    fn flush(&mut self) {
+        if !self.closed && self.out.flush().is_err() {
+            self.closed = true;
+        }
+    }
+}
+
+fn drain(rb: &mut RingBuf<MapData>, tally: &mut Tally, out: &mut Output) {
+    while let Some(item) = rb.next() {
+        match Event::decode(&item) {
+            Ok(ev) => {
+                *tally.by_kind.entry(ev.kind).or_default() += 1;
+                out.event(&ev);
+            }
+            Err(e) => {
+                tally.decode_errors += 1;
+                log::warn!("undecodable ring-buffer record: {e}");
+            }
+        }
+    }
+    out.flush();
+}
+
+async fn watch(plan: &kernel::AttachPlan, opts: &WatchOptions) -> Result<(), Failure> {
+    let mut session = Session::start(plan, opts.ringbuf_bytes).map_err(Failure::from)?;
+    for (probe, kind, target) in &session.attached {
+        eprintln!(
+            "tracer: attached {kind:<14} {:<28} -> {target}",
+            probe.program_name()
+        );
+    }
+    for f in &session.failures {
+        eprintln!(
+            "tracer: FAILED   {:<14} {:<28} -> {}: {}",
+            f.attach.to_string(),
+            f.program,
+            f.target,
+            f.error
+        );
+    }
+    if session.attached.is_empty() {
+        return Err(anyhow!("no probe attached; see the failures above").into());
+    }
+    for p in plan.probes.iter().filter(|p| p.attach == kernel::AttachKind::Off) {
+        eprintln!("tracer: off      {:<28} {}", p.program, p.reason);
+    }
+    eprintln!(
+        "tracer: attached {} probe(s) in {} ms; streaming{}",
+        session.attached.len(),
+        session.attach_time.as_millis(),
+        opts.duration
+            .map_or(", Ctrl-C to stop".to_owned(), |d| format!(" for {d:?}"))
+    );
+
+    let rb = session.take_events().map_err(Failure::from)?;
+    // SAFETY: the ring buffer owns its map fd (an OwnedFd inside MapData),
+    // which stays open and unchanged until the AsyncFd drops it.
+    let mut events = unsafe { AsyncFd::register_with_interest(rb, Interest::READABLE) }
+        .map_err(|e| anyhow!("ring buffer fd: {e}"))?;
+    let mut logs = match session.logger.take() {
+        // SAFETY: as above, the logger owns its ring buffer's fd.
+        Some(l) => Some(
+            unsafe { AsyncFd::register_with_interest(l, Interest::READABLE) }
+                .map_err(|e| anyhow!("log ring buffer fd: {e}"))?,
+        ),
+        None => None,
+    };
+    let mut tally = Tally::default();
+    let mut out = Output {
+        out: io::BufWriter::with_capacity(64 * 1024, io::stdout()),
+        json: opts.json,
+        closed: false,
+    };
+    let started = Instant::now();
+    let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("SIGTERM handler")?;
+    let sleep = async {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(sleep);
+
+    loop {
+        tokio::select! {
+            guard = events.readable_mut() => {
+                let mut guard = guard.context("ring buffer poll")?;
+                drain(guard.get_inner_mut(), &mut tally, &mut out);
+                guard.clear_ready();
+            }
+            guard = async {
+                match logs.as_mut() {
+                    Some(l) => l.readable_mut().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let mut guard = guard.context("log ring buffer poll")?;
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+            () = &mut sleep => break,
+        }
+        if out.closed {
+            break;
+        }
+    }
+    // Nothing recorded is lost: drain what is left before detaching.
+    drain(events.get_mut(), &mut tally, &mut out);
+    let counters = session.counters().map_err(Failure::from)?;
+    let elapsed = started.elapsed();
+    drop(session);
+    summarize(&mut out, &tally, &counters, elapsed);
+    Ok(())
+}
+
+fn summarize(out: &mut Output, tally: &Tally, counters: &Counters, elapsed: Duration) {
+    let total: u64 = tally.by_kind.values().sum();
+    let dropped = counters.reserve_failed();
+    if out.json {
+        let summary = serde_json::json!({
+            "record": "summary",
+            "duration_s": elapsed.as_secs_f64(),
+            "events": tally.by_kind.iter().map(|(k, v)| (k.name(), v)).collect::<BTreeMap<_, _>>(),
+            "events_total": total,
+            "decode_errors": tally.decode_errors,
+            "dropped": dropped,
+            "probes": counters.probes.iter().map(|(name, c)| serde_json::json!({
+                "program": name,
+                "hits": c.hits,
+                "emitted": c.emitted,
+                "reserve_failed": c.reserve_failed,
+                "read_failed": c.read_failed,
+                "unpaired": c.unpaired,
+            })).collect::<Vec<_>>(),
+            "kvm_entry": {
+                "entries": counters.entry.entries,
+                "tdx_entries": counters.entry.tdx_entries,
+                "forbidden_entries": counters.entry.forbidden_entries,
+                "slow_path": counters.entry.slow_path,
+            },
+        });
+        if !out.closed {
+            let _ = writeln!(out.out, "{summary}");
+        }
+        out.flush();
+    }
+    let mut e = io::stderr().lock();
+    let _ = writeln!(
+        e,
+        "tracer: detached after {:.1}s: {total} event(s), {dropped} dropped (ring buffer full), {} undecodable",
+        elapsed.as_secs_f64(),
+        tally.decode_errors
+    );
+    for (k, v) in &tally.by_kind {
+        let _ = writeln!(e, "  {:<20} {v}", k.name());
+    }
+    let _ = writeln!(
+        e,
+        "  {:<28} {:>10} {:>10} {:>8} {:>8} {:>8}",
+        "program", "hits", "emitted", "dropped", "badread", "unpaired"
+    );
+    for (name, c) in &counters.probes {
+        if c.hits + c.emitted + c.reserve_failed + c.unpaired == 0 {
+            continue;
+        }
+        let _ = writeln!(
+            e,
+            "  {name:<28} {:>10} {:>10} {:>8} {:>8} {:>8}",
+            c.hits, c.emitted, c.reserve_failed, c.read_failed, c.unpaired
+        );
+    }
+    let _ = writeln!(
+        e,
+        "  kvm_entry gate: {} entries, {} TDX, {} forbidden, {} slow path",
+        counters.entry.entries,
+        counters.entry.tdx_entries,
+        counters.entry.forbidden_entries,
+        counters.entry.slow_path
+    );
+}
