@@ -16,11 +16,16 @@ const FIX: &str = "run `cargo xtask setup` from the repository root (it installs
 
 fn main() -> anyhow::Result<()> {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?);
-    let root = manifest.parent().context("tracer has no parent directory")?;
+    let root = manifest
+        .parent()
+        .context("tracer has no parent directory")?;
     let tools_bin = root.join(".tools").join("bin");
     let linker = tools_bin.join("bpf-linker");
     println!("cargo:rerun-if-changed={}", linker.display());
-    println!("cargo:rerun-if-changed={}", root.join("common").join("src").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("common").join("src").display()
+    );
 
     if !linker.is_file() {
         bail!(
@@ -51,7 +56,9 @@ fn main() -> anyhow::Result<()> {
         }],
         aya_build::Toolchain::Nightly,
     )
-    .with_context(|| format!("building the eBPF probes failed; if the toolchain is the cause, {FIX}"))
+    .with_context(|| {
+        format!("building the eBPF probes failed; if the toolchain is the cause, {FIX}")
+    })
 }
 
 fn check_rust_src() -> anyhow::Result<()> {
@@ -59,12 +66,16 @@ fn check_rust_src() -> anyhow::Result<()> {
         .args(["run", "nightly", "rustc", "--print", "sysroot"])
         .output();
     let sysroot = match out {
-        Ok(out) if out.status.success() => PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()),
+        Ok(out) if out.status.success() => {
+            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+        }
         Ok(out) => bail!(
             "the eBPF probes need the nightly toolchain, and `rustup run nightly rustc` failed: {}\n  To fix it, {FIX}.",
             String::from_utf8_lossy(&out.stderr).trim()
         ),
-        Err(e) => bail!("the eBPF probes need rustup and a nightly toolchain ({e}).\n  To fix it, {FIX}."),
+        Err(e) => {
+            bail!("the eBPF probes need rustup and a nightly toolchain ({e}).\n  To fix it, {FIX}.")
+        }
     };
     let src = sysroot.join("lib/rustlib/src/rust/library/core");
     if !Path::new(&src).is_dir() {

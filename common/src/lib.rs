@@ -47,6 +47,27 @@ pub struct KernelOffsets {
     pub kvm_memslots0: u32,
     /// `struct kvm_memslots::generation` (u64).
     pub memslots_generation: u32,
+    /// `struct pt_regs::orig_ax` (syscall number at syscall exit).
+    pub regs_orig_ax: u32,
+    /// `struct pt_regs::di` (first syscall argument).
+    pub regs_di: u32,
+    /// `struct pt_regs::si` (second syscall argument).
+    pub regs_si: u32,
+    /// `struct task_struct::files`.
+    pub task_files: u32,
+    /// `struct files_struct::fdt`.
+    pub files_fdt: u32,
+    /// `struct fdtable::max_fds`.
+    pub fdtable_max_fds: u32,
+    /// `struct fdtable::fd`.
+    pub fdtable_fd: u32,
+    /// `struct file::private_data` (the `struct kvm_vcpu *` of a vCPU fd).
+    pub file_private_data: u32,
+    /// `struct file::f_path.dentry`.
+    pub file_dentry: u32,
+    /// `struct dentry::d_name.name`.
+    pub dentry_name: u32,
+    pub _pad: u32,
 }
 
 impl KernelOffsets {
@@ -64,10 +85,21 @@ impl KernelOffsets {
         kvm_userspace_pid: OFFSET_ABSENT,
         kvm_memslots0: OFFSET_ABSENT,
         memslots_generation: OFFSET_ABSENT,
+        regs_orig_ax: OFFSET_ABSENT,
+        regs_di: OFFSET_ABSENT,
+        regs_si: OFFSET_ABSENT,
+        task_files: OFFSET_ABSENT,
+        files_fdt: OFFSET_ABSENT,
+        fdtable_max_fds: OFFSET_ABSENT,
+        fdtable_fd: OFFSET_ABSENT,
+        file_private_data: OFFSET_ABSENT,
+        file_dentry: OFFSET_ABSENT,
+        dentry_name: OFFSET_ABSENT,
+        _pad: 0,
     };
 }
 
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 48);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 92);
 
 /// Run-time switches for the programs, the global `PROBE_CONFIG`.
 #[repr(C)]
@@ -98,11 +130,12 @@ pub enum ProbeId {
     ZapAllFastTracepoint = 6,
     InvalidateRoots = 7,
     KvmEntry = 8,
+    KvmRunExit = 9,
 }
 
 impl ProbeId {
     /// Number of probe ids, the size of the counter arrays.
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 10;
 
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::MmuLoad,
@@ -114,6 +147,7 @@ impl ProbeId {
         Self::ZapAllFastTracepoint,
         Self::InvalidateRoots,
         Self::KvmEntry,
+        Self::KvmRunExit,
     ];
 
     pub const fn from_u32(v: u32) -> Option<Self> {
@@ -136,6 +170,7 @@ impl ProbeId {
             Self::ZapAllFastTracepoint => "kvm_mmu_zap_all_fast_tp",
             Self::InvalidateRoots => "kvm_tdp_mmu_invalidate_roots",
             Self::KvmEntry => "kvm_entry_gate",
+            Self::KvmRunExit => "kvm_run_exit",
         }
     }
 }
@@ -164,6 +199,10 @@ pub enum EventKind {
     /// A TDX vCPU entered the guest with a valid `root.hpa` and an invalid
     /// `mirror_root_hpa`: the forbidden state.
     EntryForbidden = 8,
+    /// `ioctl(KVM_RUN)` returned: the roots the vCPU ran with. The fallback
+    /// observation point where kprobes are unavailable; `ret` is the
+    /// syscall's return value.
+    RunExit = 9,
 }
 
 impl EventKind {
@@ -177,10 +216,20 @@ impl EventKind {
             6 => Self::InvalidateRoots,
             7 => Self::EntryTransition,
             8 => Self::EntryForbidden,
+            9 => Self::RunExit,
             _ => return None,
         })
     }
 }
+
+/// `ioctl` on x86-64.
+pub const NR_IOCTL: u64 = 16;
+
+/// `KVM_RUN`, `_IO(KVMIO, 0x80)`.
+pub const KVM_RUN: u64 = 0xae80;
+
+/// The anon-inode name prefix of vCPU file descriptors.
+pub const VCPU_FILE_NAME: [u8; 8] = *b"kvm-vcpu";
 
 /// Bits of [`RootEvent::valid`]: which fields the probe could read.
 pub mod field {
@@ -345,8 +394,7 @@ const _: () = assert!(core::mem::size_of::<PendingCall>() == 40);
 #[cfg(feature = "user")]
 mod user {
     use super::{
-        EntryCounters, KernelOffsets, PendingCall, ProbeConfig, ProbeCounters, RootEvent,
-        SeenRoots,
+        EntryCounters, KernelOffsets, PendingCall, ProbeConfig, ProbeCounters, RootEvent, SeenRoots,
     };
 
     // SAFETY: all of these are #[repr(C)] plain integers and byte arrays with

@@ -14,8 +14,8 @@
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id,
-        bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        bpf_probe_read_kernel,
     },
     macros::{kprobe, kretprobe, map, raw_tracepoint},
     maps::{LruHashMap, PerCpuArray, RingBuf},
@@ -23,8 +23,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use common::{
-    EntryCounters, EventKind, INVALID_PAGE, KVM_X86_TDX_VM, KernelOffsets, OFFSET_ABSENT,
-    PendingCall, ProbeConfig, ProbeCounters, ProbeId, RootEvent, SeenRoots, field,
+    EntryCounters, EventKind, INVALID_PAGE, KVM_RUN, KVM_X86_TDX_VM, KernelOffsets, NR_IOCTL,
+    OFFSET_ABSENT, PendingCall, ProbeConfig, ProbeCounters, ProbeId, RootEvent, SeenRoots,
+    VCPU_FILE_NAME, field,
 };
 
 /// Field offsets, set by the tracer from BTF before the object is loaded.
@@ -274,7 +275,11 @@ pub fn kvm_mmu_load(ctx: ProbeContext) -> u32 {
             ts_ns: unsafe { bpf_ktime_get_ns() },
             arg: 0,
             before_hpa: before.unwrap_or(0),
-            valid: if before.is_some() { field::BEFORE_HPA } else { 0 },
+            valid: if before.is_some() {
+                field::BEFORE_HPA
+            } else {
+                0
+            },
             _pad: 0,
         },
     );
@@ -349,7 +354,11 @@ pub fn kvm_tdp_mmu_alloc_root(ctx: ProbeContext) -> u32 {
             ts_ns: unsafe { bpf_ktime_get_ns() },
             arg: mirror,
             before_hpa: before.unwrap_or(0),
-            valid: if before.is_some() { field::BEFORE_HPA } else { 0 },
+            valid: if before.is_some() {
+                field::BEFORE_HPA
+            } else {
+                0
+            },
             _pad: 0,
         },
     );
@@ -364,14 +373,18 @@ pub fn kvm_tdp_mmu_alloc_root_ret(ctx: RetProbeContext) -> u32 {
         return 0;
     };
     let off = offsets();
-    emit(ProbeId::TdpMmuAllocRootRet, EventKind::AllocRoot, |ev, r| {
-        fill_vcpu(ev, r, &off, call.vcpu);
-        ev.ret = ret as i64;
-        ev.arg = call.arg;
-        ev.before_hpa = call.before_hpa;
-        ev.duration_ns = ev.ts_ns.wrapping_sub(call.ts_ns);
-        ev.valid |= field::RET | field::ARG | field::DURATION | call.valid;
-    });
+    emit(
+        ProbeId::TdpMmuAllocRootRet,
+        EventKind::AllocRoot,
+        |ev, r| {
+            fill_vcpu(ev, r, &off, call.vcpu);
+            ev.ret = ret as i64;
+            ev.arg = call.arg;
+            ev.before_hpa = call.before_hpa;
+            ev.duration_ns = ev.ts_ns.wrapping_sub(call.ts_ns);
+            ev.valid |= field::RET | field::ARG | field::DURATION | call.valid;
+        },
+    );
     0
 }
 
@@ -415,11 +428,15 @@ pub fn kvm_tdp_mmu_invalidate_roots(ctx: ProbeContext) -> u32 {
     };
     let root_types = ctx.arg::<u64>(1).unwrap_or(0) & 0xffff_ffff;
     let off = offsets();
-    emit(ProbeId::InvalidateRoots, EventKind::InvalidateRoots, |ev, r| {
-        fill_kvm(ev, r, &off, kvm);
-        ev.arg = root_types;
-        ev.valid |= field::ARG;
-    });
+    emit(
+        ProbeId::InvalidateRoots,
+        EventKind::InvalidateRoots,
+        |ev, r| {
+            fill_kvm(ev, r, &off, kvm);
+            ev.arg = root_types;
+            ev.valid |= field::ARG;
+        },
+    );
     0
 }
 
@@ -453,8 +470,7 @@ pub fn kvm_entry_gate(ctx: RawTracePointContext) -> u32 {
         let kvm = read_at::<u64>(vcpu, off.vcpu_kvm).unwrap_or(0);
         read_at::<u8>(kvm, off.kvm_vm_type).unwrap_or(0)
     };
-    let forbidden =
-        vm_type == KVM_X86_TDX_VM && root != INVALID_PAGE && mirror == INVALID_PAGE;
+    let forbidden = vm_type == KVM_X86_TDX_VM && root != INVALID_PAGE && mirror == INVALID_PAGE;
     if vm_type == KVM_X86_TDX_VM {
         counters.tdx_entries += 1;
     }
@@ -490,8 +506,7 @@ pub fn kvm_entry_gate(ctx: RawTracePointContext) -> u32 {
         hit(ProbeId::KvmEntry);
         warn!(
             &ctx,
-            "TDX vCPU entered with valid root.hpa {:x} and INVALID mirror_root_hpa",
-            root
+            "TDX vCPU entered with valid root.hpa {:x} and INVALID mirror_root_hpa", root
         );
         emit(ProbeId::KvmEntry, EventKind::EntryForbidden, |ev, r| {
             fill_vcpu(ev, r, &off, vcpu);
@@ -502,6 +517,64 @@ pub fn kvm_entry_gate(ctx: RawTracePointContext) -> u32 {
             fill_vcpu(ev, r, &off, vcpu);
         });
     }
+    0
+}
+
+// ---------------------------------------------------------------------------
+// sys_exit of ioctl(KVM_RUN): the roots a vCPU ran with. The fallback where
+// kprobes are unavailable, and the one observation point that works for
+// every KVM backend (VMX, SVM, TDX, PVM), since it needs no KVM tracepoint.
+
+/// The `struct kvm_vcpu *` behind file descriptor `fd` of the current task,
+/// if that file is a vCPU (its anon-inode name starts with `kvm-vcpu`).
+#[inline(always)]
+fn vcpu_of_fd(off: &KernelOffsets, fd: u64) -> Option<u64> {
+    // SAFETY: helper without preconditions; the result is only used as an
+    // address for bpf_probe_read_kernel.
+    let task = unsafe { aya_ebpf::helpers::generated::bpf_get_current_task() };
+    let files = read_at::<u64>(task, off.task_files)?;
+    let fdt = read_at::<u64>(files, off.files_fdt)?;
+    let max = read_at::<u32>(fdt, off.fdtable_max_fds)?;
+    if fd >= u64::from(max) {
+        return None;
+    }
+    let fds = read_at::<u64>(fdt, off.fdtable_fd)?;
+    let file = read_at::<u64>(fds + fd * 8, 0)?;
+    let dentry = read_at::<u64>(file, off.file_dentry)?;
+    let name_ptr = read_at::<u64>(dentry, off.dentry_name)?;
+    let name = read_at::<[u8; 8]>(name_ptr, 0)?;
+    if name != VCPU_FILE_NAME {
+        return None;
+    }
+    read_at::<u64>(file, off.file_private_data)
+}
+
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn kvm_run_exit(ctx: RawTracePointContext) -> u32 {
+    let regs = ctx.arg::<u64>(0);
+    let off = offsets();
+    if read_at::<u64>(regs, off.regs_orig_ax) != Some(NR_IOCTL) {
+        return 0;
+    }
+    if read_at::<u64>(regs, off.regs_si).map(|c| c & 0xffff_ffff) != Some(KVM_RUN) {
+        return 0;
+    }
+    hit(ProbeId::KvmRunExit);
+    let ret = ctx.arg::<i64>(1);
+    let Some(fd) = read_at::<u64>(regs, off.regs_di) else {
+        return 0;
+    };
+    let Some(vcpu) = vcpu_of_fd(&off, fd & 0xffff_ffff) else {
+        if let Some(c) = counters(ProbeId::KvmRunExit) {
+            c.read_failed += 1;
+        }
+        return 0;
+    };
+    emit(ProbeId::KvmRunExit, EventKind::RunExit, |ev, r| {
+        fill_vcpu(ev, r, &off, vcpu);
+        ev.ret = ret;
+        ev.valid |= field::RET;
+    });
     0
 }
 

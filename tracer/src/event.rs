@@ -22,10 +22,11 @@ pub enum Kind {
     InvalidateRoots,
     EntryTransition,
     EntryForbidden,
+    RunExit,
 }
 
 impl Kind {
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 9] = [
         Self::LoadEnter,
         Self::LoadReturn,
         Self::AllocDirectRoots,
@@ -34,6 +35,7 @@ impl Kind {
         Self::InvalidateRoots,
         Self::EntryTransition,
         Self::EntryForbidden,
+        Self::RunExit,
     ];
 
     pub fn name(self) -> &'static str {
@@ -46,6 +48,7 @@ impl Kind {
             Self::InvalidateRoots => "invalidate_roots",
             Self::EntryTransition => "entry_transition",
             Self::EntryForbidden => "entry_forbidden",
+            Self::RunExit => "run_exit",
         }
     }
 
@@ -59,6 +62,7 @@ impl Kind {
             EventKind::InvalidateRoots => Self::InvalidateRoots,
             EventKind::EntryTransition => Self::EntryTransition,
             EventKind::EntryForbidden => Self::EntryForbidden,
+            EventKind::RunExit => Self::RunExit,
         }
     }
 }
@@ -270,9 +274,9 @@ mod hex {
         let Some(s) = Option::<String>::deserialize(d)? else {
             return Ok(None);
         };
-        let digits = s
-            .strip_prefix("0x")
-            .ok_or_else(|| D::Error::custom(format!("expected a 0x-prefixed hex string, got {s:?}")))?;
+        let digits = s.strip_prefix("0x").ok_or_else(|| {
+            D::Error::custom(format!("expected a 0x-prefixed hex string, got {s:?}"))
+        })?;
         u64::from_str_radix(digits, 16)
             .map(Some)
             .map_err(|e| D::Error::custom(format!("bad hex {s:?}: {e}")))
@@ -342,8 +346,14 @@ mod tests {
         let ev = Event::decode(&bytes_of(&r)).unwrap();
         let json = serde_json::to_string(&ev).unwrap();
         assert!(json.contains(r#""kvm":"0xffff888100001000""#), "{json}");
-        assert!(json.contains(r#""mirror_root_hpa":"0xffffffffffffffff""#), "{json}");
-        assert!(!json.contains("vcpu_id"), "absent fields are left out: {json}");
+        assert!(
+            json.contains(r#""mirror_root_hpa":"0xffffffffffffffff""#),
+            "{json}"
+        );
+        assert!(
+            !json.contains("vcpu_id"),
+            "absent fields are left out: {json}"
+        );
         let back: Event = serde_json::from_str(&json).unwrap();
         assert_eq!(back, ev);
     }

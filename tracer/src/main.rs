@@ -6,20 +6,10 @@
 //! - 3: unsupported environment (not root, no BTF, no KVM), with what is
 //!   missing.
 
-mod doctor;
-mod event;
-mod kernel;
-mod loader;
-mod watch;
-
 use std::{process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
-
-/// Exit code for a usage or runtime error.
-pub const EXIT_ERROR: u8 = 2;
-/// Exit code for an environment the tracer can't run in.
-pub const EXIT_UNSUPPORTED: u8 = 3;
+use tracer::{Failure, doctor, watch};
 
 #[derive(Parser)]
 #[command(
@@ -101,30 +91,6 @@ fn parse_ringbuf(s: &str) -> Result<u32, String> {
         return Err(format!("{n} is not a power of two of at least 4096"));
     }
     Ok(n)
-}
-
-/// An error with the exit code it maps to.
-pub struct Failure {
-    pub code: u8,
-    pub error: anyhow::Error,
-}
-
-impl Failure {
-    pub fn unsupported(error: impl Into<anyhow::Error>) -> Self {
-        Self {
-            code: EXIT_UNSUPPORTED,
-            error: error.into(),
-        }
-    }
-}
-
-impl From<anyhow::Error> for Failure {
-    fn from(error: anyhow::Error) -> Self {
-        Self {
-            code: EXIT_ERROR,
-            error,
-        }
-    }
 }
 
 fn main() -> ExitCode {

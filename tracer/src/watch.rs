@@ -10,6 +10,8 @@ use anyhow::{Context as _, anyhow};
 use aya::maps::{MapData, RingBuf};
 use tokio::io::{Interest, unix::AsyncFd};
 
+use common::ProbeId;
+
 use crate::{
     Failure,
     doctor::kernel_failure,
@@ -127,7 +129,11 @@ async fn watch(plan: &kernel::AttachPlan, opts: &WatchOptions) -> Result<(), Fai
     if session.attached.is_empty() {
         return Err(anyhow!("no probe attached; see the failures above").into());
     }
-    for p in plan.probes.iter().filter(|p| p.attach == kernel::AttachKind::Off) {
+    for p in plan
+        .probes
+        .iter()
+        .filter(|p| p.attach == kernel::AttachKind::Off)
+    {
         eprintln!("tracer: off      {:<28} {}", p.program, p.reason);
     }
     eprintln!(
@@ -198,9 +204,33 @@ async fn watch(plan: &kernel::AttachPlan, opts: &WatchOptions) -> Result<(), Fai
     drain(events.get_mut(), &mut tally, &mut out);
     let counters = session.counters().map_err(Failure::from)?;
     let elapsed = started.elapsed();
+    let gate_attached = session
+        .attached
+        .iter()
+        .any(|(p, _, _)| *p == ProbeId::KvmEntry);
     drop(session);
     summarize(&mut out, &tally, &counters, elapsed);
+    if let Some(warning) = blind_gate(gate_attached, &counters) {
+        eprintln!("tracer: warning: {warning}");
+    }
     Ok(())
+}
+
+/// The `kvm_entry` gate is blind when vCPUs ran but it saw no guest entry:
+/// some KVM backends (PVM, for one) never fire `kvm:kvm_entry`.
+pub fn blind_gate(gate_attached: bool, counters: &Counters) -> Option<String> {
+    let runs = counters
+        .probes
+        .iter()
+        .find(|(name, _)| *name == ProbeId::KvmRunExit.program_name())
+        .map_or(0, |(_, c)| c.hits);
+    (gate_attached && counters.entry.entries == 0 && runs > 0).then(|| {
+        format!(
+            "vCPUs ran ({runs} KVM_RUN calls returned) but kvm:kvm_entry never fired: this KVM \
+             backend does not trace guest entries (e.g. PVM), so the in-kernel entry check is \
+             blind here; roots are still sampled at each KVM_RUN exit"
+        )
+    })
 }
 
 fn summarize(out: &mut Output, tally: &Tally, counters: &Counters, elapsed: Duration) {

@@ -67,7 +67,13 @@ fn setup(root: &Path) -> Result<()> {
         eprintln!("setup: nightly rust-src: present");
     } else {
         eprintln!("setup: nightly rust-src: installing");
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
 
     let linker = tools.join("bin").join("bpf-linker");
@@ -113,9 +119,19 @@ fn setup(root: &Path) -> Result<()> {
         std::os::unix::fs::symlink(&libllvm, &link)?;
     }
 
-    eprintln!("setup: bpf-linker {BPF_LINKER_VERSION}: building against LLVM {major} (about a minute)");
+    eprintln!(
+        "setup: bpf-linker {BPF_LINKER_VERSION}: building against LLVM {major} (about a minute)"
+    );
     let status = Command::new("rustup")
-        .args(["run", "nightly", "cargo", "install", "bpf-linker", "--force", "--locked"])
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "install",
+            "bpf-linker",
+            "--force",
+            "--locked",
+        ])
         .arg("--version")
         .arg(BPF_LINKER_VERSION)
         .args(["--no-default-features", "--features"])

@@ -19,7 +19,7 @@ use ::btf_rs::Btf;
 use serde::Serialize;
 use thiserror::Error;
 
-pub use plan::{AttachKind, AttachPlan, PlanOptions};
+pub use plan::{AttachKind, AttachPlan, Feature, PlanOptions, PlannedProbe};
 pub use symbols::Symbols;
 
 /// Why the kernel can't be inspected at all. Each of these means an
@@ -91,16 +91,15 @@ impl KernelInfo {
     /// Inspects the kernel whose files are below `root`.
     pub fn inspect(root: &Path) -> Result<Self, KernelError> {
         let vmlinux_path = root.join("sys/kernel/btf/vmlinux");
-        let vmlinux = read_maybe_zst(&vmlinux_path)
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => KernelError::NoBtf {
-                    path: vmlinux_path.clone(),
-                },
-                _ => KernelError::Io {
-                    path: vmlinux_path.clone(),
-                    source: e,
-                },
-            })?;
+        let vmlinux = read_maybe_zst(&vmlinux_path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => KernelError::NoBtf {
+                path: vmlinux_path.clone(),
+            },
+            _ => KernelError::Io {
+                path: vmlinux_path.clone(),
+                source: e,
+            },
+        })?;
         let base = Btf::from_bytes(&vmlinux).map_err(|source| KernelError::BadBtf {
             path: vmlinux_path.clone(),
             source,
@@ -118,45 +117,48 @@ impl KernelInfo {
             }
         };
 
+        // KVM's own BTF wins: a kernel with KVM as a module may still carry
+        // copies of KVM's structs in vmlinux BTF, but the module's split BTF
+        // describes the code that runs.
         let module_path = root.join("sys/kernel/btf/kvm");
-        let (btf, kvm, btf_sources) = if btf::has_struct(&base, "kvm_vcpu")
-            && btf::has_struct(&base, "kvm_mmu")
-        {
-            (
-                base,
-                KvmLocation::BuiltIn,
-                vec![vmlinux_path.display().to_string()],
-            )
-        } else {
-            match read_maybe_zst(&module_path) {
-                Ok(split) => {
-                    let btf = Btf::from_split_bytes(&split, &base).map_err(|source| {
-                        KernelError::BadBtf {
-                            path: module_path.clone(),
-                            source,
-                        }
+        let config = read_config(root);
+        let (btf, kvm, btf_sources) = match read_maybe_zst(&module_path) {
+            Ok(split) => {
+                let btf =
+                    Btf::from_split_bytes(&split, &base).map_err(|source| KernelError::BadBtf {
+                        path: module_path.clone(),
+                        source,
                     })?;
-                    (
-                        btf,
-                        KvmLocation::Module,
-                        vec![
-                            vmlinux_path.display().to_string(),
-                            module_path.display().to_string(),
-                        ],
-                    )
-                }
-                Err(_) if symbols.has_module("kvm") => {
-                    return Err(KernelError::NoModuleBtf { path: module_path });
-                }
-                Err(_) => {
+                (
+                    btf,
+                    KvmLocation::Module,
+                    vec![
+                        vmlinux_path.display().to_string(),
+                        module_path.display().to_string(),
+                    ],
+                )
+            }
+            Err(_) if symbols.has_module("kvm") => {
+                return Err(KernelError::NoModuleBtf { path: module_path });
+            }
+            Err(_) => {
+                let in_vmlinux = symbols
+                    .function("kvm_mmu_load")
+                    .is_some_and(|s| s.module.is_none())
+                    || config.get("CONFIG_KVM").is_some_and(|v| v == "y");
+                if !in_vmlinux {
                     return Err(KernelError::NoKvm {
                         detail: format!(
-                            "{} lacks struct kvm_vcpu and {} is missing",
-                            vmlinux_path.display(),
+                            "{} is missing and KVM is not built into vmlinux",
                             module_path.display()
                         ),
                     });
                 }
+                (
+                    base,
+                    KvmLocation::BuiltIn,
+                    vec![vmlinux_path.display().to_string()],
+                )
             }
         };
         if !btf::has_struct(&btf, "kvm_vcpu") {
@@ -173,7 +175,6 @@ impl KernelInfo {
         let kprobe_pmu = root
             .join("sys/bus/event_source/devices/kprobe/type")
             .exists();
-        let config = read_config(root, &release);
         let dev_kvm = root.join("dev/kvm").exists();
 
         Ok(Self {
@@ -226,7 +227,10 @@ fn read_string(path: &Path) -> Option<String> {
 
 /// Kernel config from `/proc/config.gz`, `/proc/config[.zst]` (fixtures) or
 /// `/boot/config-<release>`.
-fn read_config(root: &Path, release: &str) -> HashMap<String, String> {
+fn read_config(root: &Path) -> HashMap<String, String> {
+    let release = read_string(&root.join("proc/sys/kernel/osrelease"))
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default();
     let text = std::fs::read(root.join("proc/config.gz"))
         .ok()
         .and_then(|gz| {

@@ -8,7 +8,7 @@ use common::{KernelOffsets, ProbeConfig, ProbeId};
 
 use super::{
     KernelInfo, KvmLocation,
-    btf::{FieldOffset, func_param_count, resolve_offsets},
+    btf::{FieldOffset, RUN_SAMPLER_FIELDS, func_param_count, resolve_offsets},
 };
 
 /// How a probe attaches.
@@ -253,33 +253,35 @@ pub fn plan(k: &KernelInfo, opts: PlanOptions) -> AttachPlan {
 
     // kvm_tdp_mmu_invalidate_roots(kvm, root_types), where it exists.
     let inval_params = func_param_count(&k.btf, "kvm_tdp_mmu_invalidate_roots");
-    probes.push(match (kprobe("kvm_tdp_mmu_invalidate_roots"), inval_params) {
-        (Ok(why), Some(2)) => mk(
-            ProbeId::InvalidateRoots,
-            "kvm_tdp_mmu_invalidate_roots",
-            AttachKind::Kprobe,
-            format!("{why}; BTF prototype (kvm, root_types)"),
-        ),
-        (Ok(_), other) => mk(
-            ProbeId::InvalidateRoots,
-            "kvm_tdp_mmu_invalidate_roots",
-            AttachKind::Off,
-            format!(
-                "BTF prototype of kvm_tdp_mmu_invalidate_roots is {}, not (kvm, root_types)",
-                other.map_or("missing".to_owned(), |n| format!("{n} parameter(s)"))
+    probes.push(
+        match (kprobe("kvm_tdp_mmu_invalidate_roots"), inval_params) {
+            (Ok(why), Some(2)) => mk(
+                ProbeId::InvalidateRoots,
+                "kvm_tdp_mmu_invalidate_roots",
+                AttachKind::Kprobe,
+                format!("{why}; BTF prototype (kvm, root_types)"),
             ),
-        ),
-        (Err(why), _) => mk(
-            ProbeId::InvalidateRoots,
-            "kvm_tdp_mmu_invalidate_roots",
-            AttachKind::Off,
-            why,
-        ),
-    });
+            (Ok(_), other) => mk(
+                ProbeId::InvalidateRoots,
+                "kvm_tdp_mmu_invalidate_roots",
+                AttachKind::Off,
+                format!(
+                    "BTF prototype of kvm_tdp_mmu_invalidate_roots is {}, not (kvm, root_types)",
+                    other.map_or("missing".to_owned(), |n| format!("{n} parameter(s)"))
+                ),
+            ),
+            (Err(why), _) => mk(
+                ProbeId::InvalidateRoots,
+                "kvm_tdp_mmu_invalidate_roots",
+                AttachKind::Off,
+                why,
+            ),
+        },
+    );
 
     // The kvm_entry gate.
-    let can_read_roots = resolved.get("kvm_vcpu.arch.mmu").is_some()
-        && resolved.get("kvm_mmu.root.hpa").is_some();
+    let can_read_roots =
+        resolved.get("kvm_vcpu.arch.mmu").is_some() && resolved.get("kvm_mmu.root.hpa").is_some();
     probes.push(if !k.has_tracepoint("kvm", "kvm_entry") {
         mk(
             ProbeId::KvmEntry,
@@ -304,6 +306,45 @@ pub fn plan(k: &KernelInfo, opts: PlanOptions) -> AttachPlan {
             } else {
                 "counts guest entries per CPU; no mirror roots on this kernel".into()
             },
+        )
+    });
+
+    // ioctl(KVM_RUN) exit: where kvm_mmu_load can't be kprobed, sample the
+    // roots each vCPU ran with.
+    let missing: Vec<&str> = RUN_SAMPLER_FIELDS
+        .iter()
+        .copied()
+        .filter(|f| resolved.get(f).is_none())
+        .collect();
+    probes.push(if load.is_ok() {
+        mk(
+            ProbeId::KvmRunExit,
+            "raw_syscalls:sys_exit",
+            AttachKind::Off,
+            "not needed: kvm_mmu_load is kprobed".into(),
+        )
+    } else if !k.has_tracepoint("raw_syscalls", "sys_exit") {
+        mk(
+            ProbeId::KvmRunExit,
+            "raw_syscalls:sys_exit",
+            AttachKind::Off,
+            "the tracepoint raw_syscalls:sys_exit is absent".into(),
+        )
+    } else if !missing.is_empty() || !can_read_roots {
+        mk(
+            ProbeId::KvmRunExit,
+            "raw_syscalls:sys_exit",
+            AttachKind::Off,
+            format!("fields missing from BTF: {}", missing.join(", ")),
+        )
+    } else {
+        mk(
+            ProbeId::KvmRunExit,
+            "raw_syscalls:sys_exit",
+            AttachKind::RawTracepoint,
+            "fallback for kvm_mmu_load (no kprobe): samples the vCPU's roots when \
+             ioctl(KVM_RUN) returns; works on every KVM backend"
+                .into(),
         )
     });
 

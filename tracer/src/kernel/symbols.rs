@@ -88,7 +88,10 @@ mod tests {
         assert_eq!(s.len(), 4);
         assert_eq!(s.function("kvm_mmu_load").unwrap().module, None);
         assert_eq!(
-            s.function("kvm_mmu_zap_all_fast").unwrap().module.as_deref(),
+            s.function("kvm_mmu_zap_all_fast")
+                .unwrap()
+                .module
+                .as_deref(),
             Some("kvm")
         );
         assert!(s.function("some_data").is_none(), "data is not a function");

@@ -1,0 +1,38 @@
+//! The tracer's library: kernel inspection and the attach plan, the eBPF
+//! loader, event decoding, and the `doctor` and `watch` commands. The
+//! `tracer` binary is a thin CLI over it; tests use it directly.
+
+pub mod doctor;
+pub mod event;
+pub mod kernel;
+pub mod loader;
+pub mod watch;
+
+/// Exit code for a usage or runtime error.
+pub const EXIT_ERROR: u8 = 2;
+/// Exit code for an environment the tracer can't run in.
+pub const EXIT_UNSUPPORTED: u8 = 3;
+
+/// An error with the exit code it maps to.
+pub struct Failure {
+    pub code: u8,
+    pub error: anyhow::Error,
+}
+
+impl Failure {
+    pub fn unsupported(error: impl Into<anyhow::Error>) -> Self {
+        Self {
+            code: EXIT_UNSUPPORTED,
+            error: error.into(),
+        }
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(error: anyhow::Error) -> Self {
+        Self {
+            code: EXIT_ERROR,
+            error,
+        }
+    }
+}

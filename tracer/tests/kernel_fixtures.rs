@@ -1,0 +1,220 @@
+//! The kernel-knowledge module on files captured from real kernels
+//! (tests/data/kernels/, see its README): this host's 6.18 with KVM built in
+//! and no kprobes, and Debian's 6.18.15 and 6.12.117 with KVM as a module
+//! (split BTF from kvm.ko).
+
+use std::path::PathBuf;
+
+use common::{INVALID_PAGE, OFFSET_ABSENT, ProbeId};
+use tracer::kernel::{
+    AttachKind, AttachPlan, KernelError, KernelInfo, KvmLocation, PlanOptions, plan::plan,
+};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/kernels")
+        .join(name)
+}
+
+fn plan_for(name: &str) -> AttachPlan {
+    let info = KernelInfo::inspect(&fixture(name))
+        .unwrap_or_else(|e| panic!("inspecting fixture {name}: {e}"));
+    plan(&info, PlanOptions::default())
+}
+
+fn attach(p: &AttachPlan, id: ProbeId) -> AttachKind {
+    p.probe(id).attach
+}
+
+fn field(p: &AttachPlan, name: &str) -> Option<u32> {
+    p.fields.iter().find(|f| f.name == name).unwrap().offset
+}
+
+#[test]
+fn host_6_18_builtin_kvm_without_kprobes_falls_back_to_tracepoints() {
+    let p = plan_for("host-6.18.44-kvm-builtin");
+    assert_eq!(p.kernel_release, "6.18.44-fc-v669");
+    assert_eq!(p.kvm, KvmLocation::BuiltIn);
+    assert_eq!(p.btf_sources.len(), 1, "vmlinux only: {:?}", p.btf_sources);
+
+    let kprobes = p.feature("kprobes").unwrap();
+    assert!(!kprobes.enabled);
+    assert!(
+        kprobes.reason.contains("CONFIG_KPROBES is not set"),
+        "{}",
+        kprobes.reason
+    );
+    for id in [
+        ProbeId::MmuLoad,
+        ProbeId::MmuLoadRet,
+        ProbeId::MmuAllocDirectRoots,
+        ProbeId::TdpMmuAllocRoot,
+        ProbeId::TdpMmuAllocRootRet,
+        ProbeId::ZapAllFastKprobe,
+        ProbeId::InvalidateRoots,
+    ] {
+        assert_eq!(attach(&p, id), AttachKind::Off, "{id:?}");
+        assert!(p.probe(id).reason.contains("kprobes unavailable"), "{id:?}");
+    }
+    assert_eq!(
+        attach(&p, ProbeId::ZapAllFastTracepoint),
+        AttachKind::RawTracepoint
+    );
+    assert!(
+        p.probe(ProbeId::ZapAllFastTracepoint)
+            .reason
+            .starts_with("fallback")
+    );
+    assert_eq!(attach(&p, ProbeId::KvmEntry), AttachKind::RawTracepoint);
+    assert_eq!(attach(&p, ProbeId::KvmRunExit), AttachKind::RawTracepoint);
+    assert!(p.feature("mirror-root-tracking").unwrap().enabled);
+}
+
+#[test]
+fn offsets_match_the_hand_computed_cross_check() {
+    // kvm-notes.md: pgd 48, hpa 56, mirror 64, root_role 80 inside
+    // struct kvm_mmu (7.1.5); unchanged in these 6.18 kernels.
+    for name in ["host-6.18.44-kvm-builtin", "debian-6.18.15-kvm-module"] {
+        let p = plan_for(name);
+        assert_eq!(field(&p, "kvm_mmu.root.pgd"), Some(48), "{name}");
+        assert_eq!(field(&p, "kvm_mmu.root.hpa"), Some(56), "{name}");
+        assert_eq!(field(&p, "kvm_mmu.mirror_root_hpa"), Some(64), "{name}");
+        assert_eq!(field(&p, "kvm_mmu.root_role"), Some(80), "{name}");
+        assert_eq!(p.offsets.mmu_mirror_root_hpa, 64, "{name}");
+        assert_eq!(field(&p, "kvm_vcpu.kvm"), Some(0), "{name}");
+        // vm_type and mmu_valid_gen are adjacent u8s in struct kvm_arch.
+        let gen_ = field(&p, "kvm.arch.mmu_valid_gen").unwrap();
+        let ty = field(&p, "kvm.arch.vm_type").unwrap();
+        assert_eq!(ty, gen_ + 1, "{name}");
+    }
+}
+
+#[test]
+fn debian_6_18_module_kvm_uses_kprobes_and_the_alloc_root_fallback() {
+    let p = plan_for("debian-6.18.15-kvm-module");
+    assert_eq!(p.kernel_release, "6.18.15+deb13-amd64");
+    assert_eq!(p.kvm, KvmLocation::Module);
+    assert_eq!(p.btf_sources.len(), 2, "vmlinux + kvm split BTF");
+    assert!(p.feature("kprobes").unwrap().enabled);
+
+    assert_eq!(attach(&p, ProbeId::MmuLoad), AttachKind::Kprobe);
+    assert_eq!(attach(&p, ProbeId::MmuLoadRet), AttachKind::Kretprobe);
+    // mmu_alloc_direct_roots is inlined in Debian's 6.18.15 kvm.ko.
+    assert_eq!(attach(&p, ProbeId::MmuAllocDirectRoots), AttachKind::Off);
+    assert!(
+        p.probe(ProbeId::MmuAllocDirectRoots)
+            .reason
+            .contains("kvm_tdp_mmu_alloc_root instead")
+    );
+    assert_eq!(attach(&p, ProbeId::TdpMmuAllocRoot), AttachKind::Kprobe);
+    assert_eq!(
+        attach(&p, ProbeId::TdpMmuAllocRootRet),
+        AttachKind::Kretprobe
+    );
+    assert_eq!(
+        p.config.alloc_root_mirror_arg, 1,
+        "(vcpu, mirror) prototype"
+    );
+    assert_eq!(attach(&p, ProbeId::ZapAllFastKprobe), AttachKind::Kprobe);
+    assert!(
+        p.probe(ProbeId::ZapAllFastKprobe)
+            .reason
+            .contains("local symbol in kvm")
+    );
+    assert_eq!(attach(&p, ProbeId::ZapAllFastTracepoint), AttachKind::Off);
+    assert_eq!(attach(&p, ProbeId::InvalidateRoots), AttachKind::Kprobe);
+    assert_eq!(attach(&p, ProbeId::KvmEntry), AttachKind::RawTracepoint);
+    assert_eq!(
+        attach(&p, ProbeId::KvmRunExit),
+        AttachKind::Off,
+        "kprobes cover loads"
+    );
+    assert!(p.feature("mirror-root-tracking").unwrap().enabled);
+    assert!(p.feature("entry-invariant-check").unwrap().enabled);
+}
+
+#[test]
+fn debian_6_12_has_no_mirror_root_and_says_so() {
+    let p = plan_for("debian-6.12.117-kvm-module");
+    assert_eq!(p.kvm, KvmLocation::Module);
+    assert_eq!(field(&p, "kvm_mmu.mirror_root_hpa"), None);
+    assert_eq!(
+        p.offsets.mmu_mirror_root_hpa, OFFSET_ABSENT,
+        "never guessed"
+    );
+    let mirror = p.feature("mirror-root-tracking").unwrap();
+    assert!(!mirror.enabled);
+    assert!(
+        mirror.reason.contains("no member mirror_root_hpa"),
+        "{}",
+        mirror.reason
+    );
+    assert!(mirror.reason.contains("6.14"), "{}", mirror.reason);
+    assert!(!p.feature("tdx-vm-detection").unwrap().enabled);
+    assert!(!p.feature("entry-invariant-check").unwrap().enabled);
+
+    // kvm_tdp_mmu_alloc_root(vcpu) had no mirror argument yet.
+    assert_eq!(attach(&p, ProbeId::TdpMmuAllocRoot), AttachKind::Kprobe);
+    assert_eq!(p.config.alloc_root_mirror_arg, 0);
+    // kvm_mmu_zap_all_fast is inlined in 6.12's kvm.ko: tracepoint fallback.
+    assert_eq!(attach(&p, ProbeId::ZapAllFastKprobe), AttachKind::Off);
+    assert!(
+        p.probe(ProbeId::ZapAllFastKprobe)
+            .reason
+            .contains("inlined")
+    );
+    assert_eq!(
+        attach(&p, ProbeId::ZapAllFastTracepoint),
+        AttachKind::RawTracepoint
+    );
+    // Only kvm_tdp_mmu_invalidate_all_roots(kvm) exists in 6.12.
+    assert_eq!(attach(&p, ProbeId::InvalidateRoots), AttachKind::Off);
+    // The other offsets still resolve through split BTF.
+    assert!(field(&p, "kvm_mmu.root.hpa").is_some());
+    assert!(field(&p, "kvm.userspace_pid").is_some());
+    assert!(field(&p, "kvm.arch.vm_type").is_some());
+}
+
+#[test]
+fn missing_btf_and_missing_kvm_are_reported_as_such() {
+    let empty = tempfile::tempdir().unwrap();
+    match KernelInfo::inspect(empty.path()) {
+        Err(KernelError::NoBtf { path }) => assert!(path.ends_with("sys/kernel/btf/vmlinux")),
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("an empty root has no BTF"),
+    }
+
+    // Debian's vmlinux BTF without kvm's split BTF: KVM not loaded.
+    let no_kvm = tempfile::tempdir().unwrap();
+    let btf_dir = no_kvm.path().join("sys/kernel/btf");
+    std::fs::create_dir_all(&btf_dir).unwrap();
+    std::fs::copy(
+        fixture("debian-6.18.15-kvm-module").join("sys/kernel/btf/vmlinux.zst"),
+        btf_dir.join("vmlinux.zst"),
+    )
+    .unwrap();
+    match KernelInfo::inspect(no_kvm.path()) {
+        Err(e @ KernelError::NoKvm { .. }) => {
+            assert!(e.to_string().contains("modprobe kvm_intel"), "{e}");
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("no KVM types anywhere"),
+    }
+
+    // kvm's symbols are there but its BTF is not.
+    std::fs::create_dir_all(no_kvm.path().join("proc")).unwrap();
+    std::fs::write(
+        no_kvm.path().join("proc/kallsyms"),
+        "0000000000000000 T kvm_mmu_load\t[kvm]\n",
+    )
+    .unwrap();
+    assert!(matches!(
+        KernelInfo::inspect(no_kvm.path()),
+        Err(KernelError::NoModuleBtf { .. })
+    ));
+}
+
+#[test]
+fn invalid_page_is_all_ones() {
+    assert_eq!(INVALID_PAGE, !0u64);
+}
