@@ -1,0 +1,290 @@
+//! Real-kernel tests: the real `tracer watch` against a real KVM guest on
+//! this host. They need root and /dev/kvm. Where those are missing they
+//! fail, saying why, unless TRACER_SKIP_LIVE=1 is set, in which case they
+//! print SKIPPED and what was missing.
+
+#[path = "support/kvm.rs"]
+mod kvm;
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader, Read as _},
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+const INVALID_PAGE: u64 = u64::MAX;
+
+/// `None` when the live tests can run; else the reason they can't.
+fn live_blocker() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("not running as root".into());
+    }
+    if !Path::new("/dev/kvm").exists() {
+        return Some("/dev/kvm is missing".into());
+    }
+    None
+}
+
+/// True when the test should go on; panics when it can't run and skipping
+/// was not asked for.
+fn live_or_skip(test: &str) -> bool {
+    let Some(why) = live_blocker() else {
+        return true;
+    };
+    if std::env::var_os("TRACER_SKIP_LIVE").is_some_and(|v| v == "1") {
+        eprintln!("SKIPPED live-kernel test {test}: {why} (TRACER_SKIP_LIVE=1)");
+        return false;
+    }
+    panic!(
+        "live-kernel test {test} can't run: {why}. Run the tests as root on a host with \
+         /dev/kvm, or set TRACER_SKIP_LIVE=1 to skip them explicitly"
+    );
+}
+
+struct Watch {
+    child: Child,
+    stderr: mpsc::Receiver<String>,
+    stderr_log: Vec<String>,
+}
+
+impl Watch {
+    /// Starts `tracer watch --json` and waits until it has attached.
+    fn start() -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tracer"))
+            .args(["watch", "--json", "--duration", "60s"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tracer watch");
+        let (tx, rx) = mpsc::channel();
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut w = Self {
+            child,
+            stderr: rx,
+            stderr_log: Vec::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match w.stderr.recv_timeout(left) {
+                Ok(line) => {
+                    let done = line.contains("probe(s) in") && line.contains("streaming");
+                    w.stderr_log.push(line);
+                    if done {
+                        return w;
+                    }
+                }
+                Err(_) => panic!(
+                    "tracer watch did not attach within 30 s; stderr:\n{}",
+                    w.stderr_log.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Stops it with SIGINT (Ctrl-C) and returns the JSON records and
+    /// stderr.
+    fn stop(mut self) -> (Vec<Value>, String) {
+        let pid = libc::pid_t::try_from(self.child.id()).unwrap();
+        // SAFETY: signals our own child process.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+        let mut out = String::new();
+        self.child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        let status = self.child.wait().unwrap();
+        while let Ok(line) = self.stderr.recv_timeout(Duration::from_secs(5)) {
+            self.stderr_log.push(line);
+        }
+        let stderr = self.stderr_log.join("\n");
+        assert!(status.success(), "tracer watch failed: {status}\n{stderr}");
+        let records = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON {l:?}: {e}")))
+            .collect();
+        (records, stderr)
+    }
+}
+
+fn hex(v: &Value) -> u64 {
+    let s = v
+        .as_str()
+        .unwrap_or_else(|| panic!("expected a hex string, got {v}"));
+    u64::from_str_radix(s.trim_start_matches("0x"), 16).unwrap()
+}
+
+#[test]
+fn watch_sees_a_real_guest_zap_and_roots() {
+    if !live_or_skip("watch_sees_a_real_guest_zap_and_roots") {
+        return;
+    }
+    let watch = Watch::start();
+    // kvm->userspace_pid is task_pid_nr(current) at KVM_CREATE_VM: the id of
+    // the creating *thread*, which for a test is not the process id.
+    // SAFETY: gettid has no preconditions.
+    let me = i64::from(unsafe { libc::gettid() });
+
+    // Two VMs: A churns its extra memslot 5 times, B 3 times.
+    let mut a = kvm::Guest::new(2).expect("VM A");
+    let mut b = kvm::Guest::new(1).expect("VM B");
+    a.run_to_hlt().unwrap();
+    b.run_to_hlt().unwrap();
+    for i in 0..5 {
+        a.churn_slot().unwrap();
+        a.run_to_hlt().unwrap();
+        if i < 3 {
+            b.churn_slot().unwrap();
+            b.run_to_hlt().unwrap();
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let (records, stderr) = watch.stop();
+    eprintln!("{stderr}");
+
+    let events: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["record"] == "event" && r["userspace_pid"].as_i64() == Some(me))
+        .collect();
+    let summary = records
+        .iter()
+        .find(|r| r["record"] == "summary")
+        .expect("a summary record");
+    assert_eq!(summary["dropped"], 0, "no ring-buffer drops: {summary}");
+    assert_eq!(summary["decode_errors"], 0);
+
+    // One zap per memslot deletion, per VM, with a toggling generation.
+    let mut zaps: BTreeMap<u64, Vec<i64>> = BTreeMap::new();
+    for e in events.iter().filter(|e| e["kind"] == "zap_all_fast") {
+        let kvm = hex(&e["kvm"]);
+        assert!(
+            kvm >= 0xffff_8000_0000_0000,
+            "kvm {kvm:#x} is a kernel pointer"
+        );
+        assert_eq!(e["vm_type"], 0, "default VM: {e}");
+        zaps.entry(kvm)
+            .or_default()
+            .push(e["mmu_valid_gen"].as_i64().unwrap());
+    }
+    let mut counts: Vec<usize> = zaps.values().map(Vec::len).collect();
+    counts.sort_unstable();
+    assert_eq!(counts, vec![3, 5], "zaps per VM: {zaps:?}\n{stderr}");
+    for (kvm, gens) in &zaps {
+        for w in gens.windows(2) {
+            assert_eq!(
+                w[1],
+                1 - w[0],
+                "mmu_valid_gen toggles on VM {kvm:#x}: {gens:?}"
+            );
+        }
+    }
+
+    // vCPU state read from kernel memory: a default VM, a valid direct
+    // root after a successful run or load, and an INVALID mirror root
+    // where the kernel has the field.
+    let vcpu_events: Vec<&&Value> = events
+        .iter()
+        .filter(|e| {
+            ["run_exit", "load_return", "entry_transition"]
+                .contains(&e["kind"].as_str().unwrap_or(""))
+        })
+        .collect();
+    assert!(
+        !vcpu_events.is_empty(),
+        "no vCPU state events for our VMs\n{stderr}"
+    );
+    let mut seen_vcpus = BTreeMap::new();
+    for e in &vcpu_events {
+        assert_eq!(e["vm_type"], 0, "{e}");
+        assert!(
+            zaps.contains_key(&hex(&e["kvm"])),
+            "vCPU of one of our VMs: {e}"
+        );
+        if e["ret"] == 0 {
+            assert_ne!(
+                hex(&e["root_hpa"]),
+                INVALID_PAGE,
+                "valid root after success: {e}"
+            );
+        }
+        if !e["mirror_root_hpa"].is_null() {
+            assert_eq!(hex(&e["mirror_root_hpa"]), INVALID_PAGE, "non-TDX VM: {e}");
+        }
+        seen_vcpus.insert((hex(&e["kvm"]), e["vcpu_id"].as_i64().unwrap()), ());
+    }
+    assert_eq!(seen_vcpus.len(), 3, "every vCPU observed: {seen_vcpus:?}");
+    let mirror_on = vcpu_events.iter().any(|e| !e["mirror_root_hpa"].is_null());
+    eprintln!(
+        "live: {} zap events, {} vCPU state events, mirror_root_hpa read: {mirror_on}",
+        zaps.values().map(Vec::len).sum::<usize>(),
+        vcpu_events.len()
+    );
+}
+
+#[test]
+fn doctor_reports_this_hosts_kprobe_support_and_fallbacks() {
+    if !live_or_skip("doctor_reports_this_hosts_kprobe_support_and_fallbacks") {
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_tracer"))
+        .args(["doctor", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let feature = |n: &str| {
+        v["features"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == n)
+            .unwrap()
+            .clone()
+    };
+    let probe = |n: &str| {
+        v["probes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["probe"] == n)
+            .unwrap()
+            .clone()
+    };
+    let has_kprobes = Path::new("/sys/bus/event_source/devices/kprobe/type").exists();
+    assert_eq!(feature("kprobes")["enabled"], has_kprobes);
+    if has_kprobes {
+        assert_eq!(probe("kvm_mmu_load")["attach"], "kprobe");
+    } else {
+        let why = feature("kprobes")["reason"].as_str().unwrap().to_owned();
+        assert!(why.contains("kprobes unavailable"), "{why}");
+        assert_eq!(probe("kvm_mmu_load")["attach"], "off");
+        assert_eq!(probe("kvm_mmu_zap_all_fast")["attach"], "off");
+        let tp = probe("kvm_mmu_zap_all_fast_tp");
+        assert_eq!(tp["attach"], "raw-tracepoint");
+        assert!(
+            tp["reason"].as_str().unwrap().starts_with("fallback"),
+            "{tp}"
+        );
+        eprintln!("live: kprobes off here: {why}");
+    }
+    assert_eq!(v["environment"]["dev_kvm"], true);
+}
