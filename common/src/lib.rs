@@ -41,7 +41,7 @@ pub struct KernelOffsets {
     pub kvm_vm_type: u32,
     /// `struct kvm::arch.mmu_valid_gen` (u8).
     pub kvm_mmu_valid_gen: u32,
-    /// `struct kvm::userspace_pid` (pid_t).
+    /// `struct kvm::userspace_pid` (`pid_t`).
     pub kvm_userspace_pid: u32,
     /// `struct kvm::memslots[0]` (pointer to `struct kvm_memslots`).
     pub kvm_memslots0: u32,
@@ -254,7 +254,7 @@ pub mod field {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RootEvent {
-    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds.
+    /// `bpf_ktime_get_ns()`: `CLOCK_MONOTONIC` nanoseconds.
     pub ts_ns: u64,
     /// `struct kvm *`.
     pub kvm: u64,

@@ -71,7 +71,7 @@ impl Kind {
 /// `None` and left out of JSON.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
-    /// CLOCK_MONOTONIC nanoseconds.
+    /// `CLOCK_MONOTONIC` nanoseconds.
     pub ts_ns: u64,
     pub kind: Kind,
     /// The eBPF program that saw it.
@@ -126,18 +126,7 @@ pub enum DecodeError {
 impl Event {
     /// Decodes one ring-buffer record.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        let want = size_of::<RootEvent>();
-        if bytes.len() < want {
-            return Err(DecodeError::Short {
-                got: bytes.len(),
-                want,
-            });
-        }
-        // SAFETY: the slice holds at least size_of::<RootEvent>() bytes,
-        // RootEvent is plain old data valid for any bit pattern, and
-        // read_unaligned has no alignment requirement.
-        let raw: RootEvent = unsafe { bytes.as_ptr().cast::<RootEvent>().read_unaligned() };
-        Self::from_raw(&raw)
+        Self::from_raw(&read_raw(bytes)?)
     }
 
     /// Converts the kernel's struct, keeping only the fields marked valid.
@@ -236,6 +225,21 @@ impl Event {
     }
 }
 
+/// Copies a `RootEvent` out of a record that may be unaligned.
+fn read_raw(bytes: &[u8]) -> Result<RootEvent, DecodeError> {
+    let want = size_of::<RootEvent>();
+    if bytes.len() < want {
+        return Err(DecodeError::Short {
+            got: bytes.len(),
+            want,
+        });
+    }
+    // SAFETY: the slice holds at least size_of::<RootEvent>() bytes,
+    // RootEvent is plain old data valid for any bit pattern, and
+    // read_unaligned has no alignment requirement.
+    Ok(unsafe { bytes.as_ptr().cast::<RootEvent>().read_unaligned() })
+}
+
 /// `INVALID` for `INVALID_PAGE`, else hex.
 pub fn hpa(v: u64) -> String {
     if v == INVALID_PAGE {
@@ -304,7 +308,7 @@ mod tests {
     fn bytes_of(r: &RootEvent) -> Vec<u8> {
         // SAFETY: RootEvent is repr(C) plain data; reading its bytes is fine.
         unsafe {
-            std::slice::from_raw_parts((r as *const RootEvent).cast::<u8>(), size_of::<RootEvent>())
+            std::slice::from_raw_parts(std::ptr::from_ref(r).cast::<u8>(), size_of::<RootEvent>())
         }
         .to_vec()
     }

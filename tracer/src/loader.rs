@@ -60,7 +60,7 @@ fn raise_memlock() {
     };
     // SAFETY: setrlimit reads the struct we pass; failure only matters on
     // kernels before 5.11, where map creation then fails with a clear error.
-    let ret = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
+    let ret = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const rlim) };
     if ret != 0 {
         log::debug!("setrlimit(RLIMIT_MEMLOCK) failed; fine on kernels >= 5.11");
     }

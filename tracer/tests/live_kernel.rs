@@ -7,7 +7,7 @@
 mod kvm;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     io::{BufRead as _, BufReader, Read as _},
     path::Path,
     process::{Child, Command, Stdio},
@@ -87,8 +87,8 @@ impl Watch {
                         return w;
                     }
                 }
-                Err(_) => panic!(
-                    "tracer watch did not attach within 30 s; stderr:\n{}",
+                Err(e) => panic!(
+                    "tracer watch did not attach within 30 s ({e}); stderr:\n{}",
                     w.stderr_log.join("\n")
                 ),
             }
@@ -208,7 +208,7 @@ fn watch_sees_a_real_guest_zap_and_roots() {
         !vcpu_events.is_empty(),
         "no vCPU state events for our VMs\n{stderr}"
     );
-    let mut seen_vcpus = BTreeMap::new();
+    let mut seen_vcpus = BTreeSet::new();
     for e in &vcpu_events {
         assert_eq!(e["vm_type"], 0, "{e}");
         assert!(
@@ -225,7 +225,7 @@ fn watch_sees_a_real_guest_zap_and_roots() {
         if !e["mirror_root_hpa"].is_null() {
             assert_eq!(hex(&e["mirror_root_hpa"]), INVALID_PAGE, "non-TDX VM: {e}");
         }
-        seen_vcpus.insert((hex(&e["kvm"]), e["vcpu_id"].as_i64().unwrap()), ());
+        seen_vcpus.insert((hex(&e["kvm"]), e["vcpu_id"].as_i64().unwrap()));
     }
     assert_eq!(seen_vcpus.len(), 3, "every vCPU observed: {seen_vcpus:?}");
     let mirror_on = vcpu_events.iter().any(|e| !e["mirror_root_hpa"].is_null());

@@ -211,7 +211,7 @@ const FIELDS: &[FieldSpec] = &[
     },
 ];
 
-/// Fields the KVM_RUN sampler needs, besides the vCPU's own.
+/// Fields the `KVM_RUN` sampler needs, besides the vCPU's own.
 pub const RUN_SAMPLER_FIELDS: &[&str] = &[
     "pt_regs.orig_ax",
     "pt_regs.di",
@@ -368,7 +368,7 @@ fn field_offset(btf: &Btf, strukt: &str, path: &str, shape: Shape) -> Result<u32
             check_shape(btf, &t, shape).map_err(|e| format!("{strukt}.{path}: {e}"))?;
         }
     }
-    if bits % 8 != 0 {
+    if !bits.is_multiple_of(8) {
         return Err(format!("{strukt}.{path} is a bitfield"));
     }
     Ok(bits / 8)

@@ -168,8 +168,7 @@ impl KernelInfo {
         }
 
         let release = read_string(&root.join("proc/sys/kernel/osrelease"))
-            .map(|s| s.trim().to_owned())
-            .unwrap_or_else(|| "unknown".into());
+            .map_or_else(|| "unknown".into(), |s| s.trim().to_owned());
         let tracefs_events = read_string(&root.join("sys/kernel/tracing/available_events"))
             .map(|s| s.lines().map(str::to_owned).collect());
         let kprobe_pmu = root
@@ -196,7 +195,7 @@ impl KernelInfo {
         let full = format!("{system}:{name}");
         self.tracefs_events
             .as_ref()
-            .is_some_and(|ev| ev.iter().any(|e| *e == full))
+            .is_some_and(|ev| ev.contains(&full))
             || self.symbols.has_raw_tracepoint(name)
     }
 

@@ -8,7 +8,7 @@ use common::{KernelOffsets, ProbeConfig, ProbeId};
 
 use super::{
     KernelInfo, KvmLocation,
-    btf::{FieldOffset, RUN_SAMPLER_FIELDS, func_param_count, resolve_offsets},
+    btf::{FieldOffset, RUN_SAMPLER_FIELDS, ResolvedOffsets, func_param_count, resolve_offsets},
 };
 
 /// How a probe attaches.
@@ -46,6 +46,10 @@ pub struct PlannedProbe {
     pub reason: String,
 }
 
+#[expect(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde's serialize_with passes a reference"
+)]
 fn ser_probe<S: serde::Serializer>(p: &ProbeId, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(p.program_name())
 }
@@ -133,18 +137,22 @@ fn kprobes_unavailable(k: &KernelInfo) -> Option<String> {
     ))
 }
 
-/// Decides the plan.
-pub fn plan(k: &KernelInfo, opts: PlanOptions) -> AttachPlan {
-    let resolved = resolve_offsets(&k.btf);
-    let no_kprobes = kprobes_unavailable(k);
-    let mirror = resolved.get("kvm_mmu.mirror_root_hpa").is_some();
+/// The facts every probe decision looks at.
+struct Planner<'a> {
+    k: &'a KernelInfo,
+    resolved: ResolvedOffsets,
+    /// Why kprobes can't be used at all, if so.
+    no_kprobes: Option<String>,
+    probes: Vec<PlannedProbe>,
+}
 
-    // A kprobe on `func`, or why not.
-    let kprobe = |func: &str| -> Result<String, String> {
-        if let Some(why) = &no_kprobes {
+impl Planner<'_> {
+    /// A kprobe on `func`, or why not.
+    fn kprobe(&self, func: &str) -> Result<String, String> {
+        if let Some(why) = &self.no_kprobes {
             return Err(why.clone());
         }
-        match k.symbols.function(func) {
+        match self.k.symbols.function(func) {
             Some(sym) => Ok(format!(
                 "{func} is a {} symbol in {}",
                 if sym.kind == 'T' { "global" } else { "local" },
@@ -154,270 +162,290 @@ pub fn plan(k: &KernelInfo, opts: PlanOptions) -> AttachPlan {
                 "{func} is not a function symbol in kallsyms (inlined or absent)"
             )),
         }
-    };
-    let mk = |probe: ProbeId, target: &str, attach: AttachKind, reason: String| PlannedProbe {
-        probe,
-        program: probe.program_name(),
-        target: target.to_owned(),
-        attach,
-        reason,
-    };
-    let mut probes = Vec::new();
+    }
 
-    // kvm_mmu_load: entry and return.
-    let load = kprobe("kvm_mmu_load");
-    for (id, kind) in [
-        (ProbeId::MmuLoad, AttachKind::Kprobe),
-        (ProbeId::MmuLoadRet, AttachKind::Kretprobe),
-    ] {
-        probes.push(match &load {
-            Ok(why) => mk(id, "kvm_mmu_load", kind, why.clone()),
-            Err(why) => mk(id, "kvm_mmu_load", AttachKind::Off, why.clone()),
+    fn has(&self, field: &str) -> bool {
+        self.resolved.get(field).is_some()
+    }
+
+    fn push(&mut self, probe: ProbeId, target: &str, attach: AttachKind, reason: String) {
+        self.probes.push(PlannedProbe {
+            probe,
+            program: probe.program_name(),
+            target: target.to_owned(),
+            attach,
+            reason,
         });
     }
 
-    // mmu_alloc_direct_roots where it is a symbol; kvm_tdp_mmu_alloc_root
-    // always where possible (its `mirror` argument is the better signal).
-    let direct = kprobe("mmu_alloc_direct_roots");
-    probes.push(match &direct {
-        Ok(why) => mk(
-            ProbeId::MmuAllocDirectRoots,
-            "mmu_alloc_direct_roots",
-            AttachKind::Kprobe,
-            why.clone(),
-        ),
-        Err(why) => mk(
-            ProbeId::MmuAllocDirectRoots,
-            "mmu_alloc_direct_roots",
-            AttachKind::Off,
-            format!("{why}; root allocation is traced at kvm_tdp_mmu_alloc_root instead"),
-        ),
-    });
-    let alloc_params = func_param_count(&k.btf, "kvm_tdp_mmu_alloc_root");
-    let alloc = kprobe("kvm_tdp_mmu_alloc_root").map(|why| match alloc_params {
-        Some(2) => format!("{why}; BTF prototype (vcpu, mirror)"),
-        Some(n) => format!("{why}; BTF prototype has {n} parameter(s): no mirror argument"),
-        None => format!("{why}; no BTF prototype, the mirror argument is not read"),
-    });
-    for (id, kind) in [
-        (ProbeId::TdpMmuAllocRoot, AttachKind::Kprobe),
-        (ProbeId::TdpMmuAllocRootRet, AttachKind::Kretprobe),
-    ] {
-        probes.push(match &alloc {
-            Ok(why) => mk(id, "kvm_tdp_mmu_alloc_root", kind, why.clone()),
-            Err(why) => mk(id, "kvm_tdp_mmu_alloc_root", AttachKind::Off, why.clone()),
-        });
-    }
-
-    // kvm_mmu_zap_all_fast: kprobe, else the raw tracepoint.
-    let has_zap_tp = k.has_tracepoint("kvmmmu", "kvm_mmu_zap_all_fast");
-    match kprobe("kvm_mmu_zap_all_fast") {
-        Ok(why) => {
-            probes.push(mk(
-                ProbeId::ZapAllFastKprobe,
-                "kvm_mmu_zap_all_fast",
-                AttachKind::Kprobe,
-                why,
-            ));
-            probes.push(mk(
-                ProbeId::ZapAllFastTracepoint,
-                "kvmmmu:kvm_mmu_zap_all_fast",
-                AttachKind::Off,
-                "the kprobe on kvm_mmu_zap_all_fast is used".into(),
-            ));
+    /// An entry/return pair on `func`: both attach, or both are off.
+    fn pair(
+        &mut self,
+        entry: ProbeId,
+        ret: ProbeId,
+        func: &str,
+        decision: &Result<String, String>,
+    ) {
+        for (id, kind) in [(entry, AttachKind::Kprobe), (ret, AttachKind::Kretprobe)] {
+            match decision {
+                Ok(why) => self.push(id, func, kind, why.clone()),
+                Err(why) => self.push(id, func, AttachKind::Off, why.clone()),
+            }
         }
-        Err(why) => {
-            probes.push(mk(
-                ProbeId::ZapAllFastKprobe,
-                "kvm_mmu_zap_all_fast",
+    }
+
+    /// mmu_alloc_direct_roots where it is a symbol; kvm_tdp_mmu_alloc_root
+    /// always where possible (its `mirror` argument is the better signal).
+    /// Returns whether the latter takes `(vcpu, mirror)`.
+    fn alloc(&mut self) -> bool {
+        let func = "mmu_alloc_direct_roots";
+        match self.kprobe(func) {
+            Ok(why) => self.push(ProbeId::MmuAllocDirectRoots, func, AttachKind::Kprobe, why),
+            Err(why) => self.push(
+                ProbeId::MmuAllocDirectRoots,
+                func,
                 AttachKind::Off,
-                why.clone(),
-            ));
-            probes.push(if has_zap_tp {
-                mk(
-                    ProbeId::ZapAllFastTracepoint,
-                    "kvmmmu:kvm_mmu_zap_all_fast",
-                    AttachKind::RawTracepoint,
-                    format!("fallback: {why}; the raw tracepoint passes the struct kvm pointer"),
-                )
-            } else {
-                mk(
-                    ProbeId::ZapAllFastTracepoint,
-                    "kvmmmu:kvm_mmu_zap_all_fast",
-                    AttachKind::Off,
-                    format!("{why}, and the tracepoint kvmmmu:kvm_mmu_zap_all_fast is absent"),
-                )
+                format!("{why}; root allocation is traced at kvm_tdp_mmu_alloc_root instead"),
+            ),
+        }
+        let params = func_param_count(&self.k.btf, "kvm_tdp_mmu_alloc_root");
+        let alloc = self
+            .kprobe("kvm_tdp_mmu_alloc_root")
+            .map(|why| match params {
+                Some(2) => format!("{why}; BTF prototype (vcpu, mirror)"),
+                Some(n) => format!("{why}; BTF prototype has {n} parameter(s): no mirror argument"),
+                None => format!("{why}; no BTF prototype, the mirror argument is not read"),
             });
+        self.pair(
+            ProbeId::TdpMmuAllocRoot,
+            ProbeId::TdpMmuAllocRootRet,
+            "kvm_tdp_mmu_alloc_root",
+            &alloc,
+        );
+        params == Some(2)
+    }
+
+    /// kvm_mmu_zap_all_fast: kprobe, else the raw tracepoint.
+    fn zap(&mut self) {
+        let (kp, tp) = ("kvm_mmu_zap_all_fast", "kvmmmu:kvm_mmu_zap_all_fast");
+        match self.kprobe(kp) {
+            Ok(why) => {
+                self.push(ProbeId::ZapAllFastKprobe, kp, AttachKind::Kprobe, why);
+                self.push(
+                    ProbeId::ZapAllFastTracepoint,
+                    tp,
+                    AttachKind::Off,
+                    "the kprobe on kvm_mmu_zap_all_fast is used".into(),
+                );
+            }
+            Err(why) => {
+                self.push(ProbeId::ZapAllFastKprobe, kp, AttachKind::Off, why.clone());
+                if self.k.has_tracepoint("kvmmmu", "kvm_mmu_zap_all_fast") {
+                    self.push(
+                        ProbeId::ZapAllFastTracepoint,
+                        tp,
+                        AttachKind::RawTracepoint,
+                        format!(
+                            "fallback: {why}; the raw tracepoint passes the struct kvm pointer"
+                        ),
+                    );
+                } else {
+                    self.push(
+                        ProbeId::ZapAllFastTracepoint,
+                        tp,
+                        AttachKind::Off,
+                        format!("{why}, and the tracepoint {tp} is absent"),
+                    );
+                }
+            }
         }
     }
 
-    // kvm_tdp_mmu_invalidate_roots(kvm, root_types), where it exists.
-    let inval_params = func_param_count(&k.btf, "kvm_tdp_mmu_invalidate_roots");
-    probes.push(
-        match (kprobe("kvm_tdp_mmu_invalidate_roots"), inval_params) {
-            (Ok(why), Some(2)) => mk(
+    /// kvm_tdp_mmu_invalidate_roots(kvm, root_types), where it exists.
+    fn invalidate(&mut self) {
+        let func = "kvm_tdp_mmu_invalidate_roots";
+        let params = func_param_count(&self.k.btf, func);
+        match (self.kprobe(func), params) {
+            (Ok(why), Some(2)) => self.push(
                 ProbeId::InvalidateRoots,
-                "kvm_tdp_mmu_invalidate_roots",
+                func,
                 AttachKind::Kprobe,
                 format!("{why}; BTF prototype (kvm, root_types)"),
             ),
-            (Ok(_), other) => mk(
+            (Ok(_), other) => self.push(
                 ProbeId::InvalidateRoots,
-                "kvm_tdp_mmu_invalidate_roots",
+                func,
                 AttachKind::Off,
                 format!(
-                    "BTF prototype of kvm_tdp_mmu_invalidate_roots is {}, not (kvm, root_types)",
+                    "BTF prototype of {func} is {}, not (kvm, root_types)",
                     other.map_or("missing".to_owned(), |n| format!("{n} parameter(s)"))
                 ),
             ),
-            (Err(why), _) => mk(
-                ProbeId::InvalidateRoots,
-                "kvm_tdp_mmu_invalidate_roots",
+            (Err(why), _) => self.push(ProbeId::InvalidateRoots, func, AttachKind::Off, why),
+        }
+    }
+
+    fn can_read_roots(&self) -> bool {
+        self.has("kvm_vcpu.arch.mmu") && self.has("kvm_mmu.root.hpa")
+    }
+
+    /// The kvm_entry gate.
+    fn entry_gate(&mut self) {
+        let target = "kvm:kvm_entry";
+        let (attach, reason) = if !self.k.has_tracepoint("kvm", "kvm_entry") {
+            (
                 AttachKind::Off,
-                why,
-            ),
-        },
-    );
+                "the tracepoint kvm:kvm_entry is absent".into(),
+            )
+        } else if !self.can_read_roots() {
+            (
+                AttachKind::Off,
+                "the vCPU's roots can't be read (see fields)".into(),
+            )
+        } else if self.has("kvm_mmu.mirror_root_hpa") {
+            (
+                AttachKind::RawTracepoint,
+                "checks the mirror-root invariant at every guest entry; counts per CPU".into(),
+            )
+        } else {
+            (
+                AttachKind::RawTracepoint,
+                "counts guest entries per CPU; no mirror roots on this kernel".into(),
+            )
+        };
+        self.push(ProbeId::KvmEntry, target, attach, reason);
+    }
 
-    // The kvm_entry gate.
-    let can_read_roots =
-        resolved.get("kvm_vcpu.arch.mmu").is_some() && resolved.get("kvm_mmu.root.hpa").is_some();
-    probes.push(if !k.has_tracepoint("kvm", "kvm_entry") {
-        mk(
-            ProbeId::KvmEntry,
-            "kvm:kvm_entry",
-            AttachKind::Off,
-            "the tracepoint kvm:kvm_entry is absent".into(),
-        )
-    } else if !can_read_roots {
-        mk(
-            ProbeId::KvmEntry,
-            "kvm:kvm_entry",
-            AttachKind::Off,
-            "the vCPU's roots can't be read (see fields)".into(),
-        )
-    } else {
-        mk(
-            ProbeId::KvmEntry,
-            "kvm:kvm_entry",
-            AttachKind::RawTracepoint,
-            if mirror {
-                "checks the mirror-root invariant at every guest entry; counts per CPU".into()
-            } else {
-                "counts guest entries per CPU; no mirror roots on this kernel".into()
+    /// ioctl(KVM_RUN) exit: where kvm_mmu_load can't be kprobed, sample the
+    /// roots each vCPU ran with.
+    fn run_exit(&mut self, load_kprobed: bool) {
+        let target = "raw_syscalls:sys_exit";
+        let missing: Vec<&str> = RUN_SAMPLER_FIELDS
+            .iter()
+            .copied()
+            .filter(|f| !self.has(f))
+            .collect();
+        let (attach, reason) = if load_kprobed {
+            (
+                AttachKind::Off,
+                "not needed: kvm_mmu_load is kprobed".into(),
+            )
+        } else if !self.k.has_tracepoint("raw_syscalls", "sys_exit") {
+            (
+                AttachKind::Off,
+                "the tracepoint raw_syscalls:sys_exit is absent".into(),
+            )
+        } else if !missing.is_empty() || !self.can_read_roots() {
+            (
+                AttachKind::Off,
+                format!("fields missing from BTF: {}", missing.join(", ")),
+            )
+        } else {
+            (
+                AttachKind::RawTracepoint,
+                "fallback for kvm_mmu_load (no kprobe): samples the vCPU's roots when \
+                 ioctl(KVM_RUN) returns; works on every KVM backend"
+                    .into(),
+            )
+        };
+        self.push(ProbeId::KvmRunExit, target, attach, reason);
+    }
+
+    fn features(&self, opts: PlanOptions) -> Vec<Feature> {
+        let mirror = self.has("kvm_mmu.mirror_root_hpa");
+        let vm_type = self.has("kvm.arch.vm_type");
+        let gate = self
+            .probes
+            .iter()
+            .any(|p| p.probe == ProbeId::KvmEntry && p.attach != AttachKind::Off);
+        let mirror_absent = self
+            .resolved
+            .fields
+            .iter()
+            .find(|f| f.name == "kvm_mmu.mirror_root_hpa")
+            .and_then(|f| f.absent.clone());
+        vec![
+            Feature {
+                name: "kprobes",
+                enabled: self.no_kprobes.is_none(),
+                reason: self
+                    .no_kprobes
+                    .clone()
+                    .unwrap_or_else(|| "perf kprobe PMU present".into()),
             },
-        )
-    });
+            Feature {
+                name: "mirror-root-tracking",
+                enabled: mirror,
+                reason: mirror_absent
+                    .unwrap_or_else(|| "struct kvm_mmu has mirror_root_hpa".into()),
+            },
+            Feature {
+                name: "tdx-vm-detection",
+                enabled: vm_type && mirror,
+                reason: if !vm_type {
+                    "struct kvm has no arch.vm_type; TDX VMs can't be told apart".into()
+                } else if !mirror {
+                    "no mirror roots on this kernel, so no TDX mirror invariant to check".into()
+                } else {
+                    "kvm->arch.vm_type == 5 (KVM_X86_TDX_VM) marks TDX VMs".into()
+                },
+            },
+            Feature {
+                name: "entry-invariant-check",
+                enabled: gate && mirror && vm_type,
+                reason: if !gate {
+                    "the kvm_entry gate is off".into()
+                } else if !(mirror && vm_type) {
+                    "needs mirror_root_hpa and arch.vm_type".into()
+                } else {
+                    "in-kernel check at kvm_entry: valid root.hpa with INVALID mirror_root_hpa \
+                     on TDX"
+                        .into()
+                },
+            },
+            Feature {
+                name: "entry-transitions",
+                enabled: gate && opts.entry_transitions,
+                reason: if !gate {
+                    "the kvm_entry gate is off".into()
+                } else if opts.entry_transitions {
+                    "reports a vCPU's first guest entry with new roots (once per root change)"
+                        .into()
+                } else {
+                    "turned off by --no-entry-transitions".into()
+                },
+            },
+        ]
+    }
+}
 
-    // ioctl(KVM_RUN) exit: where kvm_mmu_load can't be kprobed, sample the
-    // roots each vCPU ran with.
-    let missing: Vec<&str> = RUN_SAMPLER_FIELDS
-        .iter()
-        .copied()
-        .filter(|f| resolved.get(f).is_none())
-        .collect();
-    probes.push(if load.is_ok() {
-        mk(
-            ProbeId::KvmRunExit,
-            "raw_syscalls:sys_exit",
-            AttachKind::Off,
-            "not needed: kvm_mmu_load is kprobed".into(),
-        )
-    } else if !k.has_tracepoint("raw_syscalls", "sys_exit") {
-        mk(
-            ProbeId::KvmRunExit,
-            "raw_syscalls:sys_exit",
-            AttachKind::Off,
-            "the tracepoint raw_syscalls:sys_exit is absent".into(),
-        )
-    } else if !missing.is_empty() || !can_read_roots {
-        mk(
-            ProbeId::KvmRunExit,
-            "raw_syscalls:sys_exit",
-            AttachKind::Off,
-            format!("fields missing from BTF: {}", missing.join(", ")),
-        )
-    } else {
-        mk(
-            ProbeId::KvmRunExit,
-            "raw_syscalls:sys_exit",
-            AttachKind::RawTracepoint,
-            "fallback for kvm_mmu_load (no kprobe): samples the vCPU's roots when \
-             ioctl(KVM_RUN) returns; works on every KVM backend"
-                .into(),
-        )
-    });
-
-    let mut features = Vec::new();
-    features.push(Feature {
-        name: "kprobes",
-        enabled: no_kprobes.is_none(),
-        reason: no_kprobes
-            .clone()
-            .unwrap_or_else(|| "perf kprobe PMU present".into()),
-    });
-    let mirror_field = resolved
-        .fields
-        .iter()
-        .find(|f| f.name == "kvm_mmu.mirror_root_hpa");
-    features.push(Feature {
-        name: "mirror-root-tracking",
-        enabled: mirror,
-        reason: match mirror_field.and_then(|f| f.absent.clone()) {
-            Some(why) => why,
-            None => "struct kvm_mmu has mirror_root_hpa".into(),
-        },
-    });
-    let vm_type = resolved.get("kvm.arch.vm_type").is_some();
-    features.push(Feature {
-        name: "tdx-vm-detection",
-        enabled: vm_type && mirror,
-        reason: if !vm_type {
-            "struct kvm has no arch.vm_type; TDX VMs can't be told apart".into()
-        } else if !mirror {
-            "no mirror roots on this kernel, so no TDX mirror invariant to check".into()
-        } else {
-            "kvm->arch.vm_type == 5 (KVM_X86_TDX_VM) marks TDX VMs".into()
-        },
-    });
-    let gate = probes
-        .iter()
-        .any(|p| p.probe == ProbeId::KvmEntry && p.attach != AttachKind::Off);
-    features.push(Feature {
-        name: "entry-invariant-check",
-        enabled: gate && mirror && vm_type,
-        reason: if !gate {
-            "the kvm_entry gate is off".into()
-        } else if !(mirror && vm_type) {
-            "needs mirror_root_hpa and arch.vm_type".into()
-        } else {
-            "in-kernel check at kvm_entry: valid root.hpa with INVALID mirror_root_hpa on TDX"
-                .into()
-        },
-    });
-    features.push(Feature {
-        name: "entry-transitions",
-        enabled: gate && opts.entry_transitions,
-        reason: if !gate {
-            "the kvm_entry gate is off".into()
-        } else if opts.entry_transitions {
-            "reports a vCPU's first guest entry with new roots (once per root change)".into()
-        } else {
-            "turned off by --no-entry-transitions".into()
-        },
-    });
-
+/// Decides the plan.
+pub fn plan(k: &KernelInfo, opts: PlanOptions) -> AttachPlan {
+    let mut p = Planner {
+        k,
+        resolved: resolve_offsets(&k.btf),
+        no_kprobes: kprobes_unavailable(k),
+        probes: Vec::new(),
+    };
+    let load = p.kprobe("kvm_mmu_load");
+    p.pair(ProbeId::MmuLoad, ProbeId::MmuLoadRet, "kvm_mmu_load", &load);
+    let alloc_mirror_arg = p.alloc();
+    p.zap();
+    p.invalidate();
+    p.entry_gate();
+    p.run_exit(load.is_ok());
+    let features = p.features(opts);
     AttachPlan {
         kernel_release: k.release.clone(),
         kvm: k.kvm,
         btf_sources: k.btf_sources.clone(),
-        probes,
-        fields: resolved.fields,
+        probes: p.probes,
+        fields: p.resolved.fields,
         features,
-        offsets: resolved.offsets,
+        offsets: p.resolved.offsets,
         config: ProbeConfig {
             entry_transitions: u32::from(opts.entry_transitions),
-            alloc_root_mirror_arg: u32::from(alloc_params == Some(2)),
+            alloc_root_mirror_arg: u32::from(alloc_mirror_arg),
         },
     }
 }
