@@ -44,7 +44,12 @@ fn main() -> anyhow::Result<()> {
     }
     // SAFETY: build scripts are single-threaded until aya-build spawns cargo,
     // so nothing reads the environment concurrently.
-    unsafe { env::set_var("PATH", path) };
+    unsafe {
+        env::set_var("PATH", path);
+        // aya-build turns every line the nested cargo prints into a
+        // `cargo:warning`; keep only real warnings and errors.
+        env::set_var("CARGO_TERM_QUIET", "true");
+    }
 
     let probe_dir = root.join("probe-ebpf");
     let probe_dir = probe_dir.to_str().context("non UTF-8 path to probe-ebpf")?;

@@ -1,5 +1,9 @@
-//! Project tasks that cargo alone can't do: `cargo xtask setup` provisions
-//! the eBPF toolchain into `.tools/` (once; later runs reuse it).
+//! Project tasks that cargo alone can't do. Every task provisions the eBPF
+//! toolchain into `.tools/` first (once; later runs reuse it), so each one
+//! works on a fresh machine:
+//! - `cargo xtask setup`: provision only;
+//! - `cargo xtask run -- <tracer args>`: build the tracer and run it;
+//! - `cargo xtask test`: fmt, clippy, and every test.
 
 use std::{
     path::{Path, PathBuf},
@@ -25,12 +29,52 @@ enum Task {
     /// bpf-linker, built against the nightly toolchain's own libLLVM, into
     /// .tools/. Does nothing that is already done.
     Setup,
+    /// Provision, build the tracer (release), and run it with these
+    /// arguments, e.g. `cargo xtask run -- watch`.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Provision, then check formatting, run clippy with warnings denied,
+    /// and run every test (the real-kernel ones need root and /dev/kvm).
+    Test,
 }
 
 fn main() -> Result<()> {
+    let root = repo_root()?;
     match Cli::parse().task {
-        Task::Setup => setup(&repo_root()?),
+        Task::Setup => setup(&root),
+        Task::Run { args } => {
+            setup(&root)?;
+            cargo(&root, &["build", "--release", "--package", "tracer"])?;
+            let status = Command::new(root.join("target/release/tracer"))
+                .args(&args)
+                .status()
+                .context("failed to start target/release/tracer")?;
+            std::process::exit(status.code().unwrap_or(2));
+        }
+        Task::Test => {
+            setup(&root)?;
+            cargo(&root, &["fmt", "--all", "--", "--check"])?;
+            cargo(&root, &["clippy", "--all-targets", "--", "-D", "warnings"])?;
+            cargo(&root, &["test"])
+        }
     }
+}
+
+/// Runs cargo (the toolchain that runs xtask) in the repository.
+fn cargo(root: &Path, args: &[&str]) -> Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    eprintln!("xtask: cargo {}", args.join(" "));
+    let status = Command::new(cargo)
+        .args(args)
+        .current_dir(root)
+        .status()
+        .context("failed to start cargo")?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
 }
 
 fn repo_root() -> Result<PathBuf> {
