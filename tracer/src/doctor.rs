@@ -8,6 +8,7 @@ use serde::Serialize;
 use crate::{
     Failure,
     kernel::{self, KernelError, KernelInfo, PlanOptions},
+    loader::{Verdict, verify_all},
 };
 
 /// Maps kernel inspection errors to the exit-code contract.
@@ -18,7 +19,7 @@ pub fn kernel_failure(e: KernelError) -> Failure {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Clone, Copy, Serialize)]
 struct Environment {
     root: bool,
     dev_kvm: bool,
@@ -30,9 +31,12 @@ struct Report<'a> {
     environment: Environment,
     #[serde(flatten)]
     plan: &'a kernel::AttachPlan,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    verifier: Option<&'a [Verdict]>,
 }
 
-pub fn run(root: Option<&Path>, json: bool) -> Result<(), Failure> {
+/// `tracer doctor`. With `verify`, also loads every program (needs root).
+pub fn run(root: Option<&Path>, json: bool, verify: bool) -> Result<(), Failure> {
     let info = match root {
         Some(r) => KernelInfo::inspect(r),
         None => KernelInfo::live(),
@@ -45,18 +49,51 @@ pub fn run(root: Option<&Path>, json: bool) -> Result<(), Failure> {
         dev_kvm: info.dev_kvm,
         kallsyms_symbols: info.symbols.len(),
     };
+    let verdicts = if verify {
+        if root.is_some() {
+            return Err(anyhow::anyhow!(
+                "--verify checks the running kernel; it can't be combined with --root"
+            )
+            .into());
+        }
+        if !env.root {
+            return Err(Failure::unsupported(anyhow::anyhow!(
+                "doctor --verify loads eBPF programs and must run as root"
+            )));
+        }
+        Some(verify_all(&plan)?)
+    } else {
+        None
+    };
+    let rejected = verdicts
+        .as_deref()
+        .map_or(0, |v| v.iter().filter(|v| !v.accepted).count());
+    print(&plan, &env, verdicts.as_deref(), json).map_err(anyhow::Error::from)?;
+    if rejected > 0 {
+        return Err(
+            anyhow::anyhow!("the verifier rejected {rejected} program(s); see above").into(),
+        );
+    }
+    Ok(())
+}
+
+fn print(
+    plan: &kernel::AttachPlan,
+    env: &Environment,
+    verdicts: Option<&[Verdict]>,
+    json: bool,
+) -> std::io::Result<()> {
     let mut out = std::io::stdout().lock();
     if json {
         serde_json::to_writer_pretty(
             &mut out,
             &Report {
-                environment: env,
-                plan: &plan,
+                environment: *env,
+                plan,
+                verifier: verdicts,
             },
-        )
-        .map_err(anyhow::Error::from)?;
-        writeln!(out).map_err(anyhow::Error::from)?;
-        return Ok(());
+        )?;
+        return writeln!(out);
     }
     let w = |out: &mut std::io::StdoutLock<'_>, s: String| {
         let _ = writeln!(out, "{s}");
@@ -114,6 +151,23 @@ pub fn run(root: Option<&Path>, json: bool) -> Result<(), Failure> {
                 f.reason
             ),
         );
+    }
+    if let Some(verdicts) = verdicts {
+        let ok = verdicts.iter().filter(|v| v.accepted).count();
+        w(
+            &mut out,
+            format!("\nverifier: {ok}/{} programs accepted", verdicts.len()),
+        );
+        for v in verdicts.iter().filter(|v| !v.accepted) {
+            w(
+                &mut out,
+                format!(
+                    "  {:<28} REJECTED {}",
+                    v.program,
+                    v.error.as_deref().unwrap_or("")
+                ),
+            );
+        }
     }
     if !env.root {
         w(

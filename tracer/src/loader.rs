@@ -32,7 +32,7 @@ pub struct AttachFailure {
 pub struct Session {
     ebpf: Ebpf,
     /// Kept alive and drained: dropping it closes the log map.
-    pub logger: Option<EbpfLogger<&'static dyn log::Log>>,
+    pub logger: Option<Logger>,
     pub attached: Vec<(ProbeId, AttachKind, String)>,
     pub failures: Vec<AttachFailure>,
     /// From the start of `load` to the last attach.
@@ -66,26 +66,71 @@ fn raise_memlock() {
     }
 }
 
+type Logger = EbpfLogger<&'static dyn log::Log>;
+
+/// Creates the maps and sets the plan's globals; loads no program yet.
+fn open(plan: &AttachPlan, ringbuf_bytes: u32) -> Result<(Ebpf, Option<Logger>)> {
+    raise_memlock();
+    let mut ebpf = EbpfLoader::new()
+        .override_global("OFFSETS", &plan.offsets, true)
+        .override_global("PROBE_CONFIG", &plan.config, true)
+        .map_max_entries("EVENTS", ringbuf_bytes)
+        .load(PROBES)
+        .context("failed to load the eBPF object")?;
+    let logger = match EbpfLogger::init(&mut ebpf) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            log::warn!("eBPF program logs are unavailable: {e}");
+            None
+        }
+    };
+    Ok((ebpf, logger))
+}
+
+/// The verifier's verdict on one program.
+#[derive(Clone, Debug, Serialize)]
+pub struct Verdict {
+    pub program: &'static str,
+    pub accepted: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Loads every program, attached or not, so the kernel's verifier checks
+/// each one with this kernel's offsets. Attaches nothing.
+pub fn verify_all(plan: &AttachPlan) -> Result<Vec<Verdict>> {
+    let (mut ebpf, _logger) = open(plan, 4096)?;
+    let mut verdicts = Vec::new();
+    for id in ProbeId::ALL {
+        let name = id.program_name();
+        let prog = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} is missing from the eBPF object"))?;
+        let result = match prog {
+            aya::programs::Program::KProbe(p) => p.load(),
+            aya::programs::Program::RawTracePoint(p) => p.load(),
+            _ => {
+                return Err(anyhow!(
+                    "program {name} is neither a kprobe nor a raw tracepoint"
+                ));
+            }
+        };
+        verdicts.push(Verdict {
+            program: name,
+            accepted: result.is_ok(),
+            error: result.err().map(|e| format!("{:#}", anyhow::Error::new(e))),
+        });
+    }
+    Ok(verdicts)
+}
+
 impl Session {
     /// Loads the object and attaches every probe of `plan` that is not off.
     /// A probe that fails to load or attach is recorded, not fatal: the rest
     /// keep working, and the failure is reported.
     pub fn start(plan: &AttachPlan, ringbuf_bytes: u32) -> Result<Self> {
         let started = Instant::now();
-        raise_memlock();
-        let mut ebpf = EbpfLoader::new()
-            .override_global("OFFSETS", &plan.offsets, true)
-            .override_global("PROBE_CONFIG", &plan.config, true)
-            .map_max_entries("EVENTS", ringbuf_bytes)
-            .load(PROBES)
-            .context("failed to load the eBPF object")?;
-        let logger = match EbpfLogger::init(&mut ebpf) {
-            Ok(l) => Some(l),
-            Err(e) => {
-                log::warn!("eBPF program logs are unavailable: {e}");
-                None
-            }
-        };
+        let (mut ebpf, logger) = open(plan, ringbuf_bytes)?;
         let mut attached = Vec::new();
         let mut failures = Vec::new();
         for p in plan.attached() {

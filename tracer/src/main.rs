@@ -40,6 +40,10 @@ struct DoctorArgs {
     /// Print the plan as JSON.
     #[arg(long)]
     json: bool,
+    /// Also load every eBPF program, without attaching it, so this kernel's
+    /// verifier checks each one (needs root).
+    #[arg(long)]
+    verify: bool,
     /// Inspect the kernel files below this directory instead of `/` (for
     /// captured kernels; see tracer/tests/data/kernels).
     #[arg(long, value_name = "DIR", hide = true)]
@@ -94,13 +98,15 @@ fn parse_ringbuf(s: &str) -> Result<u32, String> {
 }
 
 fn main() -> ExitCode {
+    let launched = std::time::Instant::now();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_timestamp(None)
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Doctor(args) => doctor::run(args.root.as_deref(), args.json),
+        Command::Doctor(args) => doctor::run(args.root.as_deref(), args.json, args.verify),
         Command::Watch(args) => watch::run(&watch::WatchOptions {
+            launched,
             json: args.json,
             duration: args.duration,
             ringbuf_bytes: args.ringbuf_size,

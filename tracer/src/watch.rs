@@ -21,6 +21,8 @@ use crate::{
 };
 
 pub struct WatchOptions {
+    /// When the process started, for the time-to-attached figure.
+    pub launched: Instant,
     pub json: bool,
     pub duration: Option<Duration>,
     pub ringbuf_bytes: u32,
@@ -137,9 +139,10 @@ async fn watch(plan: &kernel::AttachPlan, opts: &WatchOptions) -> Result<(), Fai
         eprintln!("tracer: off      {:<28} {}", p.program, p.reason);
     }
     eprintln!(
-        "tracer: attached {} probe(s) in {} ms; streaming{}",
+        "tracer: attached {} probe(s) in {} ms ({} ms since launch); streaming{}",
         session.attached.len(),
         session.attach_time.as_millis(),
+        opts.launched.elapsed().as_millis(),
         opts.duration
             .map_or(", Ctrl-C to stop".to_owned(), |d| format!(" for {d:?}"))
     );

@@ -288,3 +288,27 @@ fn doctor_reports_this_hosts_kprobe_support_and_fallbacks() {
     }
     assert_eq!(v["environment"]["dev_kvm"], true);
 }
+
+#[test]
+fn verifier_accepts_every_program_with_this_kernels_offsets() {
+    if !live_or_skip("verifier_accepts_every_program_with_this_kernels_offsets") {
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_tracer"))
+        .args(["doctor", "--verify", "--json"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_str(&stdout).unwrap();
+    let verdicts = v["verifier"].as_array().expect("verifier verdicts");
+    assert_eq!(verdicts.len(), 10, "every program, attached or not");
+    for verdict in verdicts {
+        assert_eq!(verdict["accepted"], true, "{verdict}");
+    }
+    eprintln!("live: verifier accepted {} programs", verdicts.len());
+}
