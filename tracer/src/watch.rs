@@ -111,8 +111,12 @@ fn drain(rb: &mut RingBuf<MapData>, tally: &mut Tally, out: &mut Output) {
     out.flush();
 }
 
-async fn watch(plan: &kernel::AttachPlan, opts: &WatchOptions) -> Result<(), Failure> {
-    let mut session = Session::start(plan, opts.ringbuf_bytes).map_err(Failure::from)?;
+/// Says on stderr what attached, what failed and what is off.
+fn report_attach(
+    session: &Session,
+    plan: &kernel::AttachPlan,
+    opts: &WatchOptions,
+) -> Result<(), Failure> {
     for (probe, kind, target) in &session.attached {
         eprintln!(
             "tracer: attached {kind:<14} {:<28} -> {target}",
@@ -146,6 +150,12 @@ async fn watch(plan: &kernel::AttachPlan, opts: &WatchOptions) -> Result<(), Fai
         opts.duration
             .map_or(", Ctrl-C to stop".to_owned(), |d| format!(" for {d:?}"))
     );
+    Ok(())
+}
+
+async fn watch(plan: &kernel::AttachPlan, opts: &WatchOptions) -> Result<(), Failure> {
+    let mut session = Session::start(plan, opts.ringbuf_bytes).map_err(Failure::from)?;
+    report_attach(&session, plan, opts)?;
 
     let rb = session.take_events().map_err(Failure::from)?;
     // SAFETY: the ring buffer owns its map fd (an OwnedFd inside MapData),
