@@ -11,6 +11,14 @@
 //! it saw and leaves at once when nothing changed.
 #![no_std]
 #![no_main]
+#![expect(
+    clippy::inline_always,
+    reason = "eBPF: inlining keeps each program one verifier-friendly function, with no BPF-to-BPF calls"
+)]
+#![expect(
+    clippy::needless_pass_by_value,
+    reason = "aya's program macros hand the context over by value"
+)]
 
 use aya_ebpf::{
     helpers::{
@@ -66,13 +74,13 @@ static PENDING_CALLS: LruHashMap<u64, PendingCall> = LruHashMap::with_max_entrie
 fn offsets() -> KernelOffsets {
     // SAFETY: OFFSETS is a valid static; the volatile read stops the compiler
     // from folding the placeholder value the tracer overwrites at load time.
-    unsafe { core::ptr::read_volatile(&OFFSETS) }
+    unsafe { core::ptr::read_volatile(&raw const OFFSETS) }
 }
 
 #[inline(always)]
 fn config() -> ProbeConfig {
     // SAFETY: as for `offsets`.
-    unsafe { core::ptr::read_volatile(&PROBE_CONFIG) }
+    unsafe { core::ptr::read_volatile(&raw const PROBE_CONFIG) }
 }
 
 #[inline(always)]
@@ -237,7 +245,7 @@ fn pending_key(probe: ProbeId) -> u64 {
 fn stash(probe: ProbeId, call: &PendingCall) {
     // An LRU map never fails for lack of room; a failure here means the
     // return probe will count the call as unpaired.
-    let _ = PENDING_CALLS.insert(&pending_key(probe), call, 0);
+    let _ = PENDING_CALLS.insert(pending_key(probe), call, 0);
 }
 
 /// Takes the entry state saved by [`stash`], counting a miss as unpaired.
@@ -245,9 +253,9 @@ fn stash(probe: ProbeId, call: &PendingCall) {
 fn unstash(entry_probe: ProbeId, ret_probe: ProbeId) -> Option<PendingCall> {
     let key = pending_key(entry_probe);
     // SAFETY: the value is copied out before the entry is removed.
-    let call = unsafe { PENDING_CALLS.get(&key) }.copied();
+    let call = unsafe { PENDING_CALLS.get(key) }.copied();
     if call.is_some() {
-        let _ = PENDING_CALLS.remove(&key);
+        let _ = PENDING_CALLS.remove(key);
     } else if let Some(c) = counters(ret_probe) {
         c.unpaired += 1;
     }
@@ -493,14 +501,14 @@ pub fn kvm_entry_gate(ctx: RawTracePointContext) -> u32 {
     // A vCPU that moved to this CPU with roots it already entered with is
     // not news.
     // SAFETY: the value is copied out at once.
-    let known = unsafe { VCPU_ROOTS.get(&vcpu) }.copied();
+    let known = unsafe { VCPU_ROOTS.get(vcpu) }.copied();
     if let Some(k) = known
         && k.root_hpa == root
         && k.mirror_root_hpa == mirror
     {
         return 0;
     }
-    let _ = VCPU_ROOTS.insert(&vcpu, &seen, 0);
+    let _ = VCPU_ROOTS.insert(vcpu, seen, 0);
 
     if forbidden {
         hit(ProbeId::KvmEntry);

@@ -57,9 +57,33 @@ fn main() -> Result<()> {
             setup(&root)?;
             cargo(&root, &["fmt", "--all", "--", "--check"])?;
             cargo(&root, &["clippy", "--all-targets", "--", "-D", "warnings"])?;
+            clippy_ebpf(&root)?;
             cargo(&root, &["test"])
         }
     }
+}
+
+/// Clippy on the eBPF crate, which only builds for the bpfel target with
+/// nightly and `-Z build-std=core`.
+fn clippy_ebpf(root: &Path) -> Result<()> {
+    eprintln!("xtask: cargo +nightly clippy (probe-ebpf, bpfel-unknown-none)");
+    let path = std::env::join_paths(std::iter::once(root.join(".tools/bin")).chain(
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
+    ))?;
+    let status = Command::new("rustup")
+        .args(["run", "nightly", "cargo", "clippy", "--release"])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .args(["--", "-D", "warnings"])
+        .current_dir(root.join("probe-ebpf"))
+        .env("PATH", path)
+        .env_remove("RUSTC")
+        .env_remove("CARGO")
+        .status()
+        .context("failed to start rustup")?;
+    if !status.success() {
+        bail!("clippy on probe-ebpf failed ({status})");
+    }
+    Ok(())
 }
 
 /// Runs cargo (the toolchain that runs xtask) in the repository.
