@@ -131,11 +131,13 @@ pub enum ProbeId {
     InvalidateRoots = 7,
     KvmEntry = 8,
     KvmRunExit = 9,
+    VcpuDestroy = 10,
+    VmDestroy = 11,
 }
 
 impl ProbeId {
     /// Number of probe ids, the size of the counter arrays.
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 12;
 
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::MmuLoad,
@@ -148,6 +150,8 @@ impl ProbeId {
         Self::InvalidateRoots,
         Self::KvmEntry,
         Self::KvmRunExit,
+        Self::VcpuDestroy,
+        Self::VmDestroy,
     ];
 
     pub const fn from_u32(v: u32) -> Option<Self> {
@@ -171,6 +175,8 @@ impl ProbeId {
             Self::InvalidateRoots => "kvm_tdp_mmu_invalidate_roots",
             Self::KvmEntry => "kvm_entry_gate",
             Self::KvmRunExit => "kvm_run_exit",
+            Self::VcpuDestroy => "kvm_mmu_destroy",
+            Self::VmDestroy => "kvm_arch_destroy_vm",
         }
     }
 }
@@ -203,6 +209,10 @@ pub enum EventKind {
     /// observation point where kprobes are unavailable; `ret` is the
     /// syscall's return value.
     RunExit = 9,
+    /// `kvm_mmu_destroy(vcpu)`: vCPU teardown; its mirror root is freed.
+    VcpuDestroy = 10,
+    /// `kvm_arch_destroy_vm(kvm)`: VM teardown.
+    VmDestroy = 11,
 }
 
 impl EventKind {
@@ -217,6 +227,8 @@ impl EventKind {
             7 => Self::EntryTransition,
             8 => Self::EntryForbidden,
             9 => Self::RunExit,
+            10 => Self::VcpuDestroy,
+            11 => Self::VmDestroy,
             _ => return None,
         })
     }

@@ -529,6 +529,35 @@ pub fn kvm_entry_gate(ctx: RawTracePointContext) -> u32 {
 }
 
 // ---------------------------------------------------------------------------
+// Teardown: kvm_mmu_destroy(vcpu) and kvm_arch_destroy_vm(kvm).
+
+#[kprobe]
+pub fn kvm_mmu_destroy(ctx: ProbeContext) -> u32 {
+    hit(ProbeId::VcpuDestroy);
+    let Some(vcpu) = ctx.arg::<u64>(0) else {
+        return 0;
+    };
+    let off = offsets();
+    emit(ProbeId::VcpuDestroy, EventKind::VcpuDestroy, |ev, r| {
+        fill_vcpu(ev, r, &off, vcpu);
+    });
+    0
+}
+
+#[kprobe]
+pub fn kvm_arch_destroy_vm(ctx: ProbeContext) -> u32 {
+    hit(ProbeId::VmDestroy);
+    let Some(kvm) = ctx.arg::<u64>(0) else {
+        return 0;
+    };
+    let off = offsets();
+    emit(ProbeId::VmDestroy, EventKind::VmDestroy, |ev, r| {
+        fill_kvm(ev, r, &off, kvm);
+    });
+    0
+}
+
+// ---------------------------------------------------------------------------
 // sys_exit of ioctl(KVM_RUN): the roots a vCPU ran with. The fallback where
 // kprobes are unavailable, and the one observation point that works for
 // every KVM backend (VMX, SVM, TDX, PVM), since it needs no KVM tracepoint.

@@ -4,7 +4,7 @@
 //! Kernel pointers and physical addresses are hex strings in JSON (`"0x…"`),
 //! because JSON numbers above 2^53 lose precision in most readers.
 
-use std::fmt::Write as _;
+use std::{borrow::Cow, fmt::Write as _};
 
 use serde::{Deserialize, Serialize};
 
@@ -23,10 +23,12 @@ pub enum Kind {
     EntryTransition,
     EntryForbidden,
     RunExit,
+    VcpuDestroy,
+    VmDestroy,
 }
 
 impl Kind {
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 11] = [
         Self::LoadEnter,
         Self::LoadReturn,
         Self::AllocDirectRoots,
@@ -36,6 +38,8 @@ impl Kind {
         Self::EntryTransition,
         Self::EntryForbidden,
         Self::RunExit,
+        Self::VcpuDestroy,
+        Self::VmDestroy,
     ];
 
     pub fn name(self) -> &'static str {
@@ -49,6 +53,8 @@ impl Kind {
             Self::EntryTransition => "entry_transition",
             Self::EntryForbidden => "entry_forbidden",
             Self::RunExit => "run_exit",
+            Self::VcpuDestroy => "vcpu_destroy",
+            Self::VmDestroy => "vm_destroy",
         }
     }
 
@@ -63,6 +69,8 @@ impl Kind {
             EventKind::EntryTransition => Self::EntryTransition,
             EventKind::EntryForbidden => Self::EntryForbidden,
             EventKind::RunExit => Self::RunExit,
+            EventKind::VcpuDestroy => Self::VcpuDestroy,
+            EventKind::VmDestroy => Self::VmDestroy,
         }
     }
 }
@@ -74,12 +82,12 @@ pub struct Event {
     /// `CLOCK_MONOTONIC` nanoseconds.
     pub ts_ns: u64,
     pub kind: Kind,
-    /// The eBPF program that saw it.
-    pub probe: String,
+    /// The eBPF program that saw it (or `model` for simulated events).
+    pub probe: Cow<'static, str>,
     pub cpu: u32,
     pub pid: u32,
     pub tid: u32,
-    pub comm: String,
+    pub comm: Comm,
     #[serde(default, with = "hex", skip_serializing_if = "Option::is_none")]
     pub kvm: Option<u64>,
     #[serde(default, with = "hex", skip_serializing_if = "Option::is_none")]
@@ -135,15 +143,14 @@ impl Event {
         let probe = ProbeId::from_u32(raw.probe).ok_or(DecodeError::Probe(raw.probe))?;
         let has = |bit: u32| raw.valid & bit != 0;
         let opt = |bit: u32, v: u64| has(bit).then_some(v);
-        let comm_len = raw.comm.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
         Ok(Self {
             ts_ns: raw.ts_ns,
             kind: Kind::from_raw(kind),
-            probe: probe.program_name().to_owned(),
+            probe: Cow::Borrowed(probe.program_name()),
             cpu: raw.cpu,
             pid: raw.pid,
             tid: raw.tid,
-            comm: String::from_utf8_lossy(&raw.comm[..comm_len]).into_owned(),
+            comm: Comm::from_kernel(raw.comm),
             kvm: opt(field::KVM, raw.kvm),
             vcpu: opt(field::VCPU, raw.vcpu),
             vcpu_id: has(field::VCPU_ID).then_some(raw.vcpu_id),
@@ -222,6 +229,68 @@ impl Event {
             kv("took", format!("{v}ns"));
         }
         s
+    }
+}
+
+/// A task's `comm`, stored inline (no allocation per event): up to 16
+/// bytes, NUL-padded, shown as (lossy) UTF-8.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Comm([u8; COMM_LEN]);
+
+impl Comm {
+    /// From the kernel's NUL-padded bytes.
+    pub fn from_kernel(bytes: [u8; COMM_LEN]) -> Self {
+        Self(bytes)
+    }
+
+    /// From a string of at most 16 bytes.
+    pub fn new(s: &str) -> Result<Self, String> {
+        let b = s.as_bytes();
+        if b.len() > COMM_LEN {
+            return Err(format!("comm {s:?} is longer than {COMM_LEN} bytes"));
+        }
+        let mut out = [0; COMM_LEN];
+        out[..b.len()].copy_from_slice(b);
+        Ok(Self(out))
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        let len = self.0.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
+        &self.0[..len]
+    }
+}
+
+impl std::fmt::Display for Comm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&String::from_utf8_lossy(self.as_bytes()))
+    }
+}
+
+impl std::fmt::Debug for Comm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.to_string())
+    }
+}
+
+impl Serialize for Comm {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match std::str::from_utf8(self.as_bytes()) {
+            Ok(v) => s.serialize_str(v),
+            Err(_) => s.serialize_str(&self.to_string()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Comm {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = Cow::<str>::deserialize(d)?;
+        Self::new(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl PartialEq<&str> for Comm {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_bytes() == other.as_bytes()
     }
 }
 

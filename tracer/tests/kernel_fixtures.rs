@@ -52,6 +52,8 @@ fn host_6_18_builtin_kvm_without_kprobes_falls_back_to_tracepoints() {
         ProbeId::TdpMmuAllocRootRet,
         ProbeId::ZapAllFastKprobe,
         ProbeId::InvalidateRoots,
+        ProbeId::VcpuDestroy,
+        ProbeId::VmDestroy,
     ] {
         assert_eq!(attach(&p, id), AttachKind::Off, "{id:?}");
         assert!(p.probe(id).reason.contains("kprobes unavailable"), "{id:?}");

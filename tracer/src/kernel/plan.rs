@@ -351,6 +351,24 @@ impl Planner<'_> {
         self.push(ProbeId::KvmRunExit, target, attach, reason);
     }
 
+    /// Teardown probes: without them the detector relies on its caps.
+    fn teardown(&mut self) {
+        for (id, func) in [
+            (ProbeId::VcpuDestroy, "kvm_mmu_destroy"),
+            (ProbeId::VmDestroy, "kvm_arch_destroy_vm"),
+        ] {
+            match self.kprobe(func) {
+                Ok(why) => self.push(id, func, AttachKind::Kprobe, why),
+                Err(why) => self.push(
+                    id,
+                    func,
+                    AttachKind::Off,
+                    format!("{why}; teardown is not seen, the detector's state caps bound memory"),
+                ),
+            }
+        }
+    }
+
     fn features(&self, opts: PlanOptions) -> Vec<Feature> {
         let mirror = self.has("kvm_mmu.mirror_root_hpa");
         let vm_type = self.has("kvm.arch.vm_type");
@@ -434,6 +452,7 @@ pub fn plan(k: &KernelInfo, opts: PlanOptions) -> AttachPlan {
     p.invalidate();
     p.entry_gate();
     p.run_exit(load.is_ok());
+    p.teardown();
     let features = p.features(opts);
     AttachPlan {
         kernel_release: k.release.clone(),
