@@ -88,9 +88,17 @@ pub struct Event {
     pub pid: u32,
     pub tid: u32,
     pub comm: Comm,
-    #[serde(default, with = "hex", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "crate::hexfmt::opt",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub kvm: Option<u64>,
-    #[serde(default, with = "hex", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "crate::hexfmt::opt",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub vcpu: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vcpu_id: Option<i32>,
@@ -98,11 +106,23 @@ pub struct Event {
     pub userspace_pid: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm_type: Option<u8>,
-    #[serde(default, with = "hex", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "crate::hexfmt::opt",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub root_hpa: Option<u64>,
-    #[serde(default, with = "hex", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "crate::hexfmt::opt",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub root_pgd: Option<u64>,
-    #[serde(default, with = "hex", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "crate::hexfmt::opt",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub mirror_root_hpa: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root_role: Option<u32>,
@@ -114,7 +134,11 @@ pub struct Event {
     pub ret: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub arg: Option<u64>,
-    #[serde(default, with = "hex", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "crate::hexfmt::opt",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub before_hpa: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_ns: Option<u64>,
@@ -167,6 +191,13 @@ impl Event {
             before_hpa: opt(field::BEFORE_HPA, raw.before_hpa),
             duration_ns: opt(field::DURATION, raw.duration_ns),
         })
+    }
+
+    /// The event as one JSON line of the event log and of `watch --json`:
+    /// `{"record":"event", …fields}` (no trailing newline).
+    pub fn to_json_record(&self) -> String {
+        let body = serde_json::to_string(self).expect("events always serialize");
+        format!("{{\"record\":\"event\",{}", &body[1..])
     }
 
     /// One readable line (no trailing newline).
@@ -328,31 +359,6 @@ pub fn vm_type_name(v: u8) -> &'static str {
         4 => "sev-snp",
         5 => "tdx",
         _ => "unknown",
-    }
-}
-
-/// `Option<u64>` as a `"0x…"` string.
-mod hex {
-    use serde::{Deserialize, Deserializer, Serializer, de::Error};
-
-    #[expect(clippy::ref_option, reason = "serde's `with` passes &Option")]
-    pub fn serialize<S: Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
-        match v {
-            Some(v) => s.serialize_str(&format!("{v:#x}")),
-            None => s.serialize_none(),
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-        let Some(s) = Option::<String>::deserialize(d)? else {
-            return Ok(None);
-        };
-        let digits = s.strip_prefix("0x").ok_or_else(|| {
-            D::Error::custom(format!("expected a 0x-prefixed hex string, got {s:?}"))
-        })?;
-        u64::from_str_radix(digits, 16)
-            .map(Some)
-            .map_err(|e| D::Error::custom(format!("bad hex {s:?}: {e}")))
     }
 }
 

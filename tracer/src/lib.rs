@@ -2,10 +2,14 @@
 //! loader, event decoding, and the `doctor` and `watch` commands. The
 //! `tracer` binary is a thin CLI over it; tests use it directly.
 
+pub mod detector;
 pub mod doctor;
 pub mod event;
+pub mod hexfmt;
 pub mod kernel;
 pub mod loader;
+pub mod model;
+pub mod replay;
 pub mod watch;
 
 /// Exit code for a usage or runtime error.

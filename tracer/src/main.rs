@@ -16,8 +16,8 @@ use tracer::{Failure, doctor, watch};
     name = "tracer",
     version,
     about = "Trace KVM MMU root lifecycles with eBPF and catch vCPUs running with an invalid TDX mirror root",
-    after_help = "Exit codes: 0 ok; 2 usage or runtime error; 3 unsupported environment \
-                  (not root, no BTF, no KVM)."
+    after_help = "Exit codes: 0 ok; 1 findings (replay); 2 usage or runtime error; \
+                  3 unsupported environment (not root, no BTF, no KVM)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -33,6 +33,44 @@ enum Command {
     /// Attach the probes and stream root events until Ctrl-C or --duration,
     /// then detach and print a summary with drop counts (needs root).
     Watch(WatchArgs),
+    /// Run the detector over recorded events (JSON lines from `watch
+    /// --json` or `simulate`; files, or `-` for stdin) and print the
+    /// findings. Exits 1 when there are findings, 0 when there are none.
+    Replay(ReplayArgs),
+    /// Generate the events of a model of KVM's root lifecycle, with a
+    /// chosen kernel behaviour, as JSON lines on stdout. Pipe them into
+    /// `tracer replay -` to see what the detector finds, or into your alert
+    /// routing, without a TDX host.
+    Simulate(SimulateArgs),
+}
+
+#[derive(Args)]
+struct ReplayArgs {
+    /// Event logs to read, in order; `-` (the default) is stdin.
+    #[arg(value_name = "FILE")]
+    inputs: Vec<std::path::PathBuf>,
+    /// Print findings as JSON lines.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct SimulateArgs {
+    /// The kernel behaviour to model.
+    #[arg(long, value_enum, default_value = "mainline")]
+    kernel: tracer::model::Behaviour,
+    /// The workload.
+    #[arg(long, value_enum, default_value = "steady")]
+    scenario: tracer::model::Scenario,
+    /// vCPUs per VM.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=4096))]
+    vcpus: u16,
+    /// Rounds of the workload.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    rounds: u32,
+    /// Seed: the same seed gives the same events.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
 }
 
 #[derive(Args)]
@@ -105,6 +143,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Doctor(args) => doctor::run(args.root.as_deref(), args.json, args.verify),
+        Command::Replay(args) => match tracer::replay::run(&args.inputs, args.json) {
+            Ok(code) => return ExitCode::from(code),
+            Err(e) => Err(e),
+        },
+        Command::Simulate(args) => simulate(&args),
         Command::Watch(args) => watch::run(&watch::WatchOptions {
             launched,
             json: args.json,
@@ -120,6 +163,26 @@ fn main() -> ExitCode {
             ExitCode::from(code)
         }
     }
+}
+
+fn simulate(args: &SimulateArgs) -> Result<(), Failure> {
+    use std::io::Write as _;
+    let mut model = tracer::model::Model::new(args.kernel, args.seed);
+    tracer::model::run_scenario(
+        &mut model,
+        args.scenario,
+        usize::from(args.vcpus),
+        args.rounds as usize,
+    );
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for ev in model.take_events() {
+        if writeln!(out, "{}", ev.to_json_record()).is_err() {
+            // stdout closed (e.g. `| head`): nothing more to do.
+            return Ok(());
+        }
+    }
+    let _ = out.flush();
+    Ok(())
 }
 
 #[cfg(test)]

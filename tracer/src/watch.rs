@@ -76,10 +76,7 @@ impl Output {
             return;
         }
         let r = if self.json {
-            match serde_json::to_string(ev) {
-                Ok(s) => writeln!(self.out, "{{\"record\":\"event\",{}", &s[1..]),
-                Err(e) => Err(io::Error::other(e)),
-            }
+            writeln!(self.out, "{}", ev.to_json_record())
         } else {
             writeln!(self.out, "{}", ev.to_line())
         };

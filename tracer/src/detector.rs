@@ -1,0 +1,712 @@
+//! The root-lifecycle detector: per-VM and per-vCPU state, and findings.
+//!
+//! Pure: it takes decoded events (their timestamps are its only clock) and
+//! returns findings. No I/O, no tokio, no aya. Live tracing, replay, the
+//! model and the tests all run this same code.
+//!
+//! State is bounded: VM and vCPU teardown events remove it, and caps with
+//! counted eviction (least recently seen first) protect against unbounded
+//! growth when teardown events are missed (kernels without kprobes).
+
+use std::collections::{HashMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use common::{INVALID_PAGE, KVM_X86_TDX_VM};
+
+use crate::event::{Event, Kind};
+
+/// `KVM_MIRROR_ROOTS` in `enum kvm_tdp_mmu_root_types`.
+pub const KVM_MIRROR_ROOTS: u64 = 4;
+
+/// What a finding says happened. The names are stable: alert routing keys
+/// on them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FindingKind {
+    MirrorRootInvalidAtEntry,
+    MirrorRootInvalidAfterLoad,
+    MirrorRootReallocWhileValid,
+    MirrorRootChangedWithoutTeardown,
+    MirrorRootsInvalidatedLive,
+    MmuLoadFailed,
+    ZapStorm,
+}
+
+impl FindingKind {
+    pub const ALL: [Self; 7] = [
+        Self::MirrorRootInvalidAtEntry,
+        Self::MirrorRootInvalidAfterLoad,
+        Self::MirrorRootReallocWhileValid,
+        Self::MirrorRootChangedWithoutTeardown,
+        Self::MirrorRootsInvalidatedLive,
+        Self::MmuLoadFailed,
+        Self::ZapStorm,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::MirrorRootInvalidAtEntry => "mirror_root_invalid_at_entry",
+            Self::MirrorRootInvalidAfterLoad => "mirror_root_invalid_after_load",
+            Self::MirrorRootReallocWhileValid => "mirror_root_realloc_while_valid",
+            Self::MirrorRootChangedWithoutTeardown => "mirror_root_changed_without_teardown",
+            Self::MirrorRootsInvalidatedLive => "mirror_roots_invalidated_live",
+            Self::MmuLoadFailed => "mmu_load_failed",
+            Self::ZapStorm => "zap_storm",
+        }
+    }
+
+    pub fn severity(self) -> Severity {
+        match self {
+            Self::MirrorRootInvalidAtEntry | Self::MirrorRootInvalidAfterLoad => Severity::Critical,
+            Self::MirrorRootReallocWhileValid
+            | Self::MirrorRootChangedWithoutTeardown
+            | Self::MirrorRootsInvalidatedLive => Severity::Error,
+            Self::MmuLoadFailed => Severity::Warning,
+            Self::ZapStorm => Severity::Info,
+        }
+    }
+
+    /// Whether the kind is about TDX mirror roots (never raised for other
+    /// VM types).
+    pub fn is_mirror(self) -> bool {
+        !matches!(self, Self::MmuLoadFailed | Self::ZapStorm)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    Info,
+    Warning,
+    Error,
+    Critical,
+}
+
+impl Severity {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Info => "info",
+            Self::Warning => "warning",
+            Self::Error => "error",
+            Self::Critical => "critical",
+        }
+    }
+}
+
+/// One finding: what, where, the events that prove it, and what to do.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Finding {
+    pub kind: FindingKind,
+    pub severity: Severity,
+    /// Timestamp of the event that raised it.
+    pub ts_ns: u64,
+    #[serde(with = "crate::hexfmt")]
+    pub kvm: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub userspace_pid: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpu_id: Option<i32>,
+    #[serde(
+        default,
+        with = "crate::hexfmt::opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub vcpu: Option<u64>,
+    /// The events that prove it, oldest first.
+    pub evidence: Vec<Event>,
+    /// A paragraph a host engineer can act on.
+    pub explanation: String,
+}
+
+impl Finding {
+    /// `{"record":"finding", …}` (no trailing newline).
+    pub fn to_json_record(&self) -> String {
+        let body = serde_json::to_string(self).expect("findings always serialize");
+        format!("{{\"record\":\"finding\",{}", &body[1..])
+    }
+
+    /// A readable block: a headline, the explanation, the evidence.
+    pub fn to_text(&self) -> String {
+        let mut s = format!(
+            "FINDING {} {} at {}.{:06}: vmm={} kvm={:#x}",
+            self.severity.name().to_uppercase(),
+            self.kind.name(),
+            self.ts_ns / 1_000_000_000,
+            (self.ts_ns % 1_000_000_000) / 1000,
+            self.userspace_pid
+                .map_or_else(|| "?".into(), |p| p.to_string()),
+            self.kvm
+        );
+        if let Some(v) = self.vcpu_id {
+            s.push_str(&format!(" vcpu={v}"));
+        }
+        s.push('\n');
+        for line in wrap(&self.explanation, 96) {
+            s.push_str("    ");
+            s.push_str(&line);
+            s.push('\n');
+        }
+        s.push_str("    evidence:\n");
+        for ev in &self.evidence {
+            s.push_str("      ");
+            s.push_str(ev.to_line().trim_start());
+            s.push('\n');
+        }
+        s
+    }
+}
+
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut cur = String::new();
+    for word in text.split_whitespace() {
+        if !cur.is_empty() && cur.len() + 1 + word.len() > width {
+            lines.push(std::mem::take(&mut cur));
+        }
+        if !cur.is_empty() {
+            cur.push(' ');
+        }
+        cur.push_str(word);
+    }
+    if !cur.is_empty() {
+        lines.push(cur);
+    }
+    lines
+}
+
+/// Tunables. The defaults suit a host with hundreds of VMs.
+#[derive(Clone, Copy, Debug)]
+pub struct DetectorConfig {
+    /// VMs tracked at most; the least recently seen are evicted beyond it.
+    pub max_vms: usize,
+    /// vCPUs tracked at most.
+    pub max_vcpus: usize,
+    /// Fast zaps on one VM within `zap_storm_window_ns` that make a storm.
+    pub zap_storm_count: usize,
+    pub zap_storm_window_ns: u64,
+}
+
+impl Default for DetectorConfig {
+    fn default() -> Self {
+        Self {
+            max_vms: 4096,
+            max_vcpus: 65_536,
+            zap_storm_count: 50,
+            zap_storm_window_ns: 10_000_000_000,
+        }
+    }
+}
+
+/// Counters about the detector itself.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct DetectorStats {
+    pub events: u64,
+    pub findings: u64,
+    pub vms_torn_down: u64,
+    pub vcpus_torn_down: u64,
+    /// State dropped by the caps, not by teardown.
+    pub vms_evicted: u64,
+    pub vcpus_evicted: u64,
+}
+
+#[derive(Debug)]
+struct VmState {
+    userspace_pid: Option<i32>,
+    vm_type: Option<u8>,
+    mmu_valid_gen: Option<u8>,
+    vcpus: Vec<u64>,
+    /// Timestamps of recent fast zaps, within the storm window.
+    zaps: VecDeque<u64>,
+    /// End of the window of the last storm reported (one per window).
+    storm_reported_until: u64,
+    last_seen: u64,
+}
+
+#[derive(Debug)]
+struct VcpuState {
+    kvm: u64,
+    vcpu_id: Option<i32>,
+    root_hpa: Option<u64>,
+    mirror_root_hpa: Option<u64>,
+    /// The event that last set a valid mirror root (evidence).
+    mirror_set_by: Option<Box<Event>>,
+    last_load: Option<(u64, i64)>,
+    mmu_valid_gen: Option<u8>,
+    /// Seen entering the guest (entry or KVM_RUN exit) since creation.
+    running: bool,
+    /// The (root, mirror) pair last reported as forbidden, so a vCPU stuck
+    /// in that state raises one finding, not one per entry.
+    reported_forbidden: Option<(u64, u64)>,
+    last_seen: u64,
+}
+
+fn valid(hpa: Option<u64>) -> bool {
+    hpa.is_some_and(|h| h != INVALID_PAGE)
+}
+
+/// The detector.
+#[derive(Debug, Default)]
+pub struct Detector {
+    cfg: DetectorConfig,
+    vms: HashMap<u64, VmState>,
+    vcpus: HashMap<u64, VcpuState>,
+    stats: DetectorStats,
+}
+
+impl Detector {
+    pub fn new(cfg: DetectorConfig) -> Self {
+        Self {
+            cfg,
+            ..Self::default()
+        }
+    }
+
+    pub fn stats(&self) -> DetectorStats {
+        self.stats
+    }
+
+    pub fn tracked_vms(&self) -> usize {
+        self.vms.len()
+    }
+
+    pub fn tracked_vcpus(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    /// VMs whose `vm_type` is TDX.
+    pub fn tdx_vms(&self) -> usize {
+        self.vms
+            .values()
+            .filter(|v| v.vm_type == Some(KVM_X86_TDX_VM))
+            .count()
+    }
+
+    /// An estimate of the heap the state takes (tables and evidence).
+    pub fn approx_bytes(&self) -> usize {
+        let vm = size_of::<(u64, VmState)>() + 8;
+        let vcpu = size_of::<(u64, VcpuState)>() + 8;
+        let vm_extra: usize = self
+            .vms
+            .values()
+            .map(|v| v.vcpus.capacity() * 8 + v.zaps.capacity() * 8)
+            .sum();
+        let evidence = self
+            .vcpus
+            .values()
+            .filter(|v| v.mirror_set_by.is_some())
+            .count()
+            * size_of::<Event>();
+        self.vms.capacity() * vm + self.vcpus.capacity() * vcpu + vm_extra + evidence
+    }
+
+    /// Feeds one event; findings it proves are pushed to `out`.
+    pub fn observe(&mut self, ev: &Event, out: &mut Vec<Finding>) {
+        self.stats.events += 1;
+        let before = out.len();
+        match ev.kind {
+            Kind::VmDestroy => {
+                if let Some(kvm) = ev.kvm {
+                    self.remove_vm(kvm);
+                }
+            }
+            Kind::VcpuDestroy => {
+                if let Some(vcpu) = ev.vcpu {
+                    self.remove_vcpu(vcpu, true);
+                }
+            }
+            _ => self.observe_live(ev, out),
+        }
+        self.stats.findings += (out.len() - before) as u64;
+    }
+
+    fn observe_live(&mut self, ev: &Event, out: &mut Vec<Finding>) {
+        let Some(kvm) = ev.kvm else {
+            return;
+        };
+        // A root invalidation is no sign of life: at VM teardown it comes
+        // after the VM's own teardown event.
+        if ev.kind == Kind::InvalidateRoots && !self.vms.contains_key(&kvm) {
+            return;
+        }
+        self.touch_vm(kvm, ev);
+        if let Some(vcpu) = ev.vcpu {
+            self.touch_vcpu(vcpu, kvm, ev);
+        }
+        let vm = &self.vms[&kvm];
+        let tdx = vm.vm_type == Some(KVM_X86_TDX_VM);
+        match ev.kind {
+            Kind::ZapAllFast => self.zap(kvm, ev, out),
+            Kind::InvalidateRoots => {
+                if tdx && ev.arg.is_some_and(|t| t & KVM_MIRROR_ROOTS != 0) {
+                    self.invalidated_live(kvm, ev, out);
+                }
+            }
+            _ => {}
+        }
+        let Some(vcpu) = ev.vcpu else {
+            return;
+        };
+        self.vcpu_event(vcpu, tdx, ev, out);
+    }
+
+    fn vcpu_event(&mut self, vcpu: u64, tdx: bool, ev: &Event, out: &mut Vec<Finding>) {
+        let vm_pid = self
+            .vms
+            .get(&self.vcpus[&vcpu].kvm)
+            .and_then(|v| v.userspace_pid);
+        let vc = self.vcpus.get_mut(&vcpu).expect("touch_vcpu inserted it");
+        let mk = |kind: FindingKind, evidence: Vec<Event>, explanation: String| Finding {
+            kind,
+            severity: kind.severity(),
+            ts_ns: ev.ts_ns,
+            kvm: vc_kvm(ev),
+            userspace_pid: vm_pid,
+            vcpu_id: ev.vcpu_id,
+            vcpu: Some(vcpu),
+            evidence,
+            explanation,
+        };
+
+        // Allocation of a mirror root while the vCPU holds a valid one.
+        if ev.kind == Kind::AllocRoot && ev.arg == Some(1) {
+            let held = ev.before_hpa.or(vc.mirror_root_hpa);
+            if valid(held) {
+                let mut evidence: Vec<Event> =
+                    vc.mirror_set_by.iter().map(|e| (**e).clone()).collect();
+                evidence.push(ev.clone());
+                out.push(mk(
+                    FindingKind::MirrorRootReallocWhileValid,
+                    evidence,
+                    format!(
+                        "kvm_tdp_mmu_alloc_root(vcpu, mirror=true) ran while vCPU {} already \
+                         held the valid mirror root {:#x}. Each allocation takes a reference on \
+                         the root; the one taken here is never put, so the mirror root (and its \
+                         secure-EPT pages) leaks. This is the bug found in review of v3 of the TDX \
+                         MMU series: mmu_alloc_direct_roots() must allocate the mirror root only \
+                         when !VALID_PAGE(mmu->mirror_root_hpa). Check the host kernel for that \
+                         guard; expect memory to grow with every fast zap on TDX VMs.",
+                        id(ev.vcpu_id),
+                        held.unwrap_or(INVALID_PAGE)
+                    ),
+                ));
+            }
+        }
+
+        // A mirror root that changes while the vCPU lives.
+        if let Some(new) = ev.mirror_root_hpa
+            && tdx
+            && valid(vc.mirror_root_hpa)
+            && vc.mirror_root_hpa != Some(new)
+        {
+            let old = vc.mirror_root_hpa.unwrap_or(INVALID_PAGE);
+            let mut evidence: Vec<Event> = vc.mirror_set_by.iter().map(|e| (**e).clone()).collect();
+            evidence.push(ev.clone());
+            out.push(mk(
+                FindingKind::MirrorRootChangedWithoutTeardown,
+                evidence,
+                format!(
+                    "The mirror root of TDX vCPU {} changed from {old:#x} to {} while the vCPU \
+                     stayed alive. In the merged code the mirror root is set once and freed only \
+                     in kvm_mmu_destroy() at vCPU teardown; kvm_mmu_unload() and fast zaps never \
+                     touch it. A change means something dropped or replaced the root the TDX \
+                     module's private page tables hang off: the vCPU's private memory mapping \
+                     is no longer the one KVM tracks. Capture the event log and the kernel \
+                     version; the VM should be considered suspect.",
+                    id(ev.vcpu_id),
+                    crate::event::hpa(new)
+                ),
+            ));
+        }
+
+        if let Some(r) = ev.root_hpa {
+            vc.root_hpa = Some(r);
+        }
+        if let Some(m) = ev.mirror_root_hpa {
+            if valid(Some(m)) && vc.mirror_root_hpa != Some(m) {
+                vc.mirror_set_by = Some(Box::new(ev.clone()));
+            }
+            vc.mirror_root_hpa = Some(m);
+        }
+        if ev.mmu_valid_gen.is_some() {
+            vc.mmu_valid_gen = ev.mmu_valid_gen;
+        }
+        let forbidden = tdx && valid(vc.root_hpa) && vc.mirror_root_hpa == Some(INVALID_PAGE);
+        let pair = (
+            vc.root_hpa.unwrap_or(INVALID_PAGE),
+            vc.mirror_root_hpa.unwrap_or(INVALID_PAGE),
+        );
+
+        match ev.kind {
+            Kind::LoadReturn => {
+                let ret = ev.ret.unwrap_or(0);
+                vc.last_load = Some((ev.ts_ns, ret));
+                if ret < 0 {
+                    out.push(mk(
+                        FindingKind::MmuLoadFailed,
+                        vec![ev.clone()],
+                        format!(
+                            "kvm_mmu_load() failed on vCPU {} with {} ({ret}). The vCPU can't \
+                             enter the guest until its roots load; KVM_RUN returns the error to \
+                             the VMM, which usually stops the VM. -ENOMEM points at host memory \
+                             pressure (root and page-table allocation); -EIO or others at a \
+                             kernel bug. Check the host's memory and dmesg.",
+                            id(ev.vcpu_id),
+                            errno_name(ret)
+                        ),
+                    ));
+                } else if forbidden && vc.reported_forbidden != Some(pair) {
+                    vc.reported_forbidden = Some(pair);
+                    out.push(mk(
+                        FindingKind::MirrorRootInvalidAfterLoad,
+                        vec![ev.clone()],
+                        format!(
+                            "kvm_mmu_load() returned 0 on TDX vCPU {} leaving root.hpa = {:#x} \
+                             valid but mirror_root_hpa = INVALID_PAGE. kvm_mmu_reload() checks \
+                             only root.hpa, so the vCPU will enter the guest without a mirror \
+                             root: the state kvm_mmu_reload()'s comment says never happens. \
+                             Private (secure-EPT) faults have no root to map into. Stop the VM \
+                             (or migrate it away) and report the kernel build.",
+                            id(ev.vcpu_id),
+                            pair.0
+                        ),
+                    ));
+                }
+            }
+            Kind::EntryForbidden | Kind::EntryTransition | Kind::RunExit => {
+                let ok_run = ev.kind != Kind::RunExit || ev.ret.is_some_and(|r| r >= 0);
+                if ok_run {
+                    vc.running = true;
+                }
+                let proven = ev.kind == Kind::EntryForbidden || (forbidden && ok_run);
+                if proven && tdx && vc.reported_forbidden != Some(pair) {
+                    vc.reported_forbidden = Some(pair);
+                    out.push(mk(
+                        FindingKind::MirrorRootInvalidAtEntry,
+                        vec![ev.clone()],
+                        format!(
+                            "TDX vCPU {} entered the guest with a valid direct root ({:#x}) and \
+                             an INVALID mirror root. kvm_mmu_reload() returned early because \
+                             root.hpa was valid, so the vCPU runs without the root of its private \
+                             (secure-EPT) page tables. This is the forbidden state of \
+                             kvm_mmu_reload()'s invariant; it follows a mirror root being \
+                             invalidated or freed while the vCPU lived. Stop or migrate the VM, \
+                             keep the event log, and check the kernel for changes to fast zaps \
+                             and root invalidation.",
+                            id(ev.vcpu_id),
+                            pair.0
+                        ),
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn zap(&mut self, kvm: u64, ev: &Event, out: &mut Vec<Finding>) {
+        let cfg = self.cfg;
+        let vm = self.vms.get_mut(&kvm).expect("touch_vm inserted it");
+        vm.zaps.push_back(ev.ts_ns);
+        while vm
+            .zaps
+            .front()
+            .is_some_and(|&t| t + cfg.zap_storm_window_ns < ev.ts_ns)
+        {
+            vm.zaps.pop_front();
+        }
+        if vm.zaps.len() >= cfg.zap_storm_count && ev.ts_ns >= vm.storm_reported_until {
+            vm.storm_reported_until = ev.ts_ns + cfg.zap_storm_window_ns;
+            let n = vm.zaps.len();
+            out.push(Finding {
+                kind: FindingKind::ZapStorm,
+                severity: FindingKind::ZapStorm.severity(),
+                ts_ns: ev.ts_ns,
+                kvm,
+                userspace_pid: vm.userspace_pid,
+                vcpu_id: None,
+                vcpu: None,
+                evidence: vec![ev.clone()],
+                explanation: format!(
+                    "{n} fast zaps (kvm_mmu_zap_all_fast) on this VM within {:.0} s. Each one \
+                     invalidates every direct root, so every vCPU reloads its roots and refaults \
+                     its memory. The usual causes are memory hot-plug/unplug or memslot churn by \
+                     the VMM, MMIO-generation wraps, or writes to the nx_huge_pages parameter. \
+                     Informational: expect latency spikes in the guest; on TDX VMs each reload is \
+                     also where mirror-root bugs show.",
+                    cfg.zap_storm_window_ns as f64 / 1e9
+                ),
+            });
+        }
+    }
+
+    fn invalidated_live(&mut self, kvm: u64, ev: &Event, out: &mut Vec<Finding>) {
+        let vm = &self.vms[&kvm];
+        let running: Vec<u64> = vm
+            .vcpus
+            .iter()
+            .copied()
+            .filter(|v| self.vcpus.get(v).is_some_and(|s| s.running))
+            .collect();
+        if running.is_empty() {
+            return;
+        }
+        out.push(Finding {
+            kind: FindingKind::MirrorRootsInvalidatedLive,
+            severity: FindingKind::MirrorRootsInvalidatedLive.severity(),
+            ts_ns: ev.ts_ns,
+            kvm,
+            userspace_pid: vm.userspace_pid,
+            vcpu_id: None,
+            vcpu: None,
+            evidence: vec![ev.clone()],
+            explanation: format!(
+                "kvm_tdp_mmu_invalidate_roots() was called with root_types {:#x}, which \
+                 includes KVM_MIRROR_ROOTS, while {} vCPU(s) of this TDX VM were running. In \
+                 the merged code mirror roots are invalidated only at VM teardown (root_types \
+                 6, after the vCPUs are gone); a live VM's fast zap passes KVM_DIRECT_ROOTS only. \
+                 Invalidating mirror roots under running vCPUs is how a vCPU ends up entering \
+                 with an invalid mirror root. Watch for mirror_root_invalid_at_entry on this VM \
+                 and check the kernel's zap paths.",
+                ev.arg.unwrap_or(0),
+                running.len()
+            ),
+        });
+    }
+
+    fn touch_vm(&mut self, kvm: u64, ev: &Event) {
+        if !self.vms.contains_key(&kvm) && self.vms.len() >= self.cfg.max_vms {
+            self.evict_vms();
+        }
+        let vm = self.vms.entry(kvm).or_insert_with(|| VmState {
+            userspace_pid: None,
+            vm_type: None,
+            mmu_valid_gen: None,
+            vcpus: Vec::new(),
+            zaps: VecDeque::new(),
+            storm_reported_until: 0,
+            last_seen: 0,
+        });
+        vm.last_seen = ev.ts_ns;
+        if ev.userspace_pid.is_some() {
+            vm.userspace_pid = ev.userspace_pid;
+        }
+        if ev.vm_type.is_some() {
+            vm.vm_type = ev.vm_type;
+        }
+        if ev.mmu_valid_gen.is_some() {
+            vm.mmu_valid_gen = ev.mmu_valid_gen;
+        }
+    }
+
+    fn touch_vcpu(&mut self, vcpu: u64, kvm: u64, ev: &Event) {
+        if let Some(vc) = self.vcpus.get_mut(&vcpu) {
+            vc.last_seen = ev.ts_ns;
+            if vc.kvm == kvm {
+                if ev.vcpu_id.is_some() {
+                    vc.vcpu_id = ev.vcpu_id;
+                }
+                return;
+            }
+            // The same address now belongs to another VM's vCPU: the old
+            // one was torn down unseen.
+            self.remove_vcpu(vcpu, false);
+            self.stats.vcpus_evicted += 1;
+        }
+        if self.vcpus.len() >= self.cfg.max_vcpus {
+            self.evict_vcpus();
+        }
+        self.vcpus.insert(
+            vcpu,
+            VcpuState {
+                kvm,
+                vcpu_id: ev.vcpu_id,
+                root_hpa: None,
+                mirror_root_hpa: None,
+                mirror_set_by: None,
+                last_load: None,
+                mmu_valid_gen: None,
+                running: false,
+                reported_forbidden: None,
+                last_seen: ev.ts_ns,
+            },
+        );
+        if let Some(vm) = self.vms.get_mut(&kvm) {
+            vm.vcpus.push(vcpu);
+        }
+    }
+
+    fn remove_vcpu(&mut self, vcpu: u64, teardown: bool) {
+        if let Some(vc) = self.vcpus.remove(&vcpu) {
+            if teardown {
+                self.stats.vcpus_torn_down += 1;
+            }
+            if let Some(vm) = self.vms.get_mut(&vc.kvm) {
+                vm.vcpus.retain(|&v| v != vcpu);
+            }
+        }
+    }
+
+    fn remove_vm(&mut self, kvm: u64) {
+        if let Some(vm) = self.vms.remove(&kvm) {
+            self.stats.vms_torn_down += 1;
+            for v in vm.vcpus {
+                if self.vcpus.remove(&v).is_some() {
+                    self.stats.vcpus_torn_down += 1;
+                }
+            }
+        }
+    }
+
+    /// Drops the least recently seen 1/16 of the vCPUs (at least one), so
+    /// eviction costs O(log n) per insertion, amortized.
+    fn evict_vcpus(&mut self) {
+        let n = (self.vcpus.len() / 16).max(1);
+        let mut by_age: Vec<(u64, u64)> =
+            self.vcpus.iter().map(|(k, v)| (v.last_seen, *k)).collect();
+        by_age.select_nth_unstable(n - 1);
+        for &(_, vcpu) in &by_age[..n] {
+            self.remove_vcpu(vcpu, false);
+            self.stats.vcpus_evicted += 1;
+        }
+    }
+
+    fn evict_vms(&mut self) {
+        let n = (self.vms.len() / 16).max(1);
+        let mut by_age: Vec<(u64, u64)> = self.vms.iter().map(|(k, v)| (v.last_seen, *k)).collect();
+        by_age.select_nth_unstable(n - 1);
+        for &(_, kvm) in &by_age[..n] {
+            if let Some(vm) = self.vms.remove(&kvm) {
+                self.stats.vms_evicted += 1;
+                for v in vm.vcpus {
+                    if self.vcpus.remove(&v).is_some() {
+                        self.stats.vcpus_evicted += 1;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn vc_kvm(ev: &Event) -> u64 {
+    ev.kvm.unwrap_or(0)
+}
+
+fn id(vcpu_id: Option<i32>) -> String {
+    vcpu_id.map_or_else(|| "?".into(), |v| v.to_string())
+}
+
+/// Symbolic name of a negative errno.
+pub fn errno_name(ret: i64) -> &'static str {
+    match -ret {
+        1 => "-EPERM",
+        4 => "-EINTR",
+        5 => "-EIO",
+        11 => "-EAGAIN",
+        12 => "-ENOMEM",
+        14 => "-EFAULT",
+        16 => "-EBUSY",
+        22 => "-EINVAL",
+        28 => "-ENOSPC",
+        _ => "an error",
+    }
+}
