@@ -369,7 +369,7 @@ impl Detector {
         };
 
         // Allocation of a mirror root while the vCPU holds a valid one.
-        if ev.kind == Kind::AllocRoot && ev.arg == Some(1) {
+        if tdx && ev.kind == Kind::AllocRoot && ev.arg == Some(1) {
             let held = ev.before_hpa.or(vc.mirror_root_hpa);
             if valid(held) {
                 let mut evidence: Vec<Event> =
@@ -474,7 +474,7 @@ impl Detector {
                 }
             }
             Kind::EntryForbidden | Kind::EntryTransition | Kind::RunExit => {
-                let ok_run = ev.kind != Kind::RunExit || ev.ret.is_some_and(|r| r >= 0);
+                let ok_run = ev.kind != Kind::RunExit || ev.ret.is_none_or(|r| r >= 0);
                 if ok_run {
                     vc.running = true;
                 }

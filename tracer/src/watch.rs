@@ -14,6 +14,7 @@ use common::ProbeId;
 
 use crate::{
     Failure,
+    detector::{Detector, DetectorConfig, Finding, FindingKind},
     doctor::kernel_failure,
     event::{Event, Kind},
     kernel::{self, KernelInfo, PlanOptions},
@@ -61,6 +62,27 @@ pub fn run(opts: &WatchOptions) -> Result<(), Failure> {
 struct Tally {
     by_kind: BTreeMap<Kind, u64>,
     decode_errors: u64,
+    findings: BTreeMap<FindingKind, u64>,
+}
+
+/// The live pipeline after decoding: detector, counts, output.
+struct Pipeline {
+    detector: Detector,
+    findings: Vec<Finding>,
+    tally: Tally,
+    out: Output,
+}
+
+impl Pipeline {
+    fn event(&mut self, ev: &Event) {
+        *self.tally.by_kind.entry(ev.kind).or_default() += 1;
+        self.out.event(ev);
+        self.detector.observe(ev, &mut self.findings);
+        for f in self.findings.drain(..) {
+            *self.tally.findings.entry(f.kind).or_default() += 1;
+            self.out.finding(&f);
+        }
+    }
 }
 
 struct Output {
@@ -85,6 +107,20 @@ impl Output {
         }
     }
 
+    fn finding(&mut self, f: &Finding) {
+        if self.closed {
+            return;
+        }
+        let r = if self.json {
+            writeln!(self.out, "{}", f.to_json_record())
+        } else {
+            write!(self.out, "{}", f.to_text())
+        };
+        if r.is_err() {
+            self.closed = true;
+        }
+    }
+
     fn flush(&mut self) {
         if !self.closed && self.out.flush().is_err() {
             self.closed = true;
@@ -92,20 +128,17 @@ impl Output {
     }
 }
 
-fn drain(rb: &mut RingBuf<MapData>, tally: &mut Tally, out: &mut Output) {
+fn drain(rb: &mut RingBuf<MapData>, p: &mut Pipeline) {
     while let Some(item) = rb.next() {
         match Event::decode(&item) {
-            Ok(ev) => {
-                *tally.by_kind.entry(ev.kind).or_default() += 1;
-                out.event(&ev);
-            }
+            Ok(ev) => p.event(&ev),
             Err(e) => {
-                tally.decode_errors += 1;
+                p.tally.decode_errors += 1;
                 log::warn!("undecodable ring-buffer record: {e}");
             }
         }
     }
-    out.flush();
+    p.out.flush();
 }
 
 /// Says on stderr what attached, what failed and what is off.
@@ -167,11 +200,15 @@ async fn watch(plan: &kernel::AttachPlan, opts: &WatchOptions) -> Result<(), Fai
         ),
         None => None,
     };
-    let mut tally = Tally::default();
-    let mut out = Output {
-        out: io::BufWriter::with_capacity(64 * 1024, io::stdout()),
-        json: opts.json,
-        closed: false,
+    let mut p = Pipeline {
+        detector: Detector::new(DetectorConfig::default()),
+        findings: Vec::new(),
+        tally: Tally::default(),
+        out: Output {
+            out: io::BufWriter::with_capacity(64 * 1024, io::stdout()),
+            json: opts.json,
+            closed: false,
+        },
     };
     let started = Instant::now();
     let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
@@ -189,7 +226,7 @@ async fn watch(plan: &kernel::AttachPlan, opts: &WatchOptions) -> Result<(), Fai
         tokio::select! {
             guard = events.readable_mut() => {
                 let mut guard = guard.context("ring buffer poll")?;
-                drain(guard.get_inner_mut(), &mut tally, &mut out);
+                drain(guard.get_inner_mut(), &mut p);
                 guard.clear_ready();
             }
             guard = async {
@@ -206,12 +243,12 @@ async fn watch(plan: &kernel::AttachPlan, opts: &WatchOptions) -> Result<(), Fai
             _ = sigterm.recv() => break,
             () = &mut sleep => break,
         }
-        if out.closed {
+        if p.out.closed {
             break;
         }
     }
     // Nothing recorded is lost: drain what is left before detaching.
-    drain(events.get_mut(), &mut tally, &mut out);
+    drain(events.get_mut(), &mut p);
     let counters = session.counters().map_err(Failure::from)?;
     let elapsed = started.elapsed();
     let gate_attached = session
@@ -219,7 +256,7 @@ async fn watch(plan: &kernel::AttachPlan, opts: &WatchOptions) -> Result<(), Fai
         .iter()
         .any(|(p, _, _)| *p == ProbeId::KvmEntry);
     drop(session);
-    summarize(&mut out, &tally, &counters, elapsed);
+    summarize(&mut p.out, &p.tally, &counters, elapsed);
     if let Some(warning) = blind_gate(gate_attached, &counters) {
         eprintln!("tracer: warning: {warning}");
     }
@@ -253,6 +290,7 @@ fn summarize(out: &mut Output, tally: &Tally, counters: &Counters, elapsed: Dura
             "events": tally.by_kind.iter().map(|(k, v)| (k.name(), v)).collect::<BTreeMap<_, _>>(),
             "events_total": total,
             "decode_errors": tally.decode_errors,
+            "findings": tally.findings.iter().map(|(k, v)| (k.name(), v)).collect::<BTreeMap<_, _>>(),
             "dropped": dropped,
             "probes": counters.probes.iter().map(|(name, c)| serde_json::json!({
                 "program": name,
@@ -283,6 +321,11 @@ fn summarize(out: &mut Output, tally: &Tally, counters: &Counters, elapsed: Dura
     );
     for (k, v) in &tally.by_kind {
         let _ = writeln!(e, "  {:<20} {v}", k.name());
+    }
+    let nfindings: u64 = tally.findings.values().sum();
+    let _ = writeln!(e, "  findings: {nfindings}");
+    for (k, v) in &tally.findings {
+        let _ = writeln!(e, "    {:<36} {v}", k.name());
     }
     let _ = writeln!(
         e,
