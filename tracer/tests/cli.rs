@@ -129,3 +129,132 @@ fn watch_as_non_root_exits_3() {
     assert_eq!(r.code, Some(3), "{}", r.stderr);
     assert!(r.stderr.contains("must run as root"), "{}", r.stderr);
 }
+
+/// `tracer simulate --kernel K --scenario S | tracer replay --json -`,
+/// through the real binaries and a real pipe.
+fn simulate_then_replay(kernel: &str, scenario: &str) -> (Option<i32>, Vec<serde_json::Value>) {
+    let sim = tracer()
+        .args(["simulate", "--kernel", kernel, "--scenario", scenario])
+        .args(["--vcpus", "3", "--rounds", "30", "--seed", "9"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let replay = tracer()
+        .args(["replay", "--json", "-"])
+        .stdin(sim.stdout.unwrap())
+        .output()
+        .unwrap();
+    let findings = String::from_utf8_lossy(&replay.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (replay.status.code(), findings)
+}
+
+fn count(findings: &[serde_json::Value], kind: &str) -> usize {
+    findings.iter().filter(|f| f["kind"] == kind).count()
+}
+
+#[test]
+fn simulate_piped_into_replay_gives_each_behaviours_findings() {
+    for scenario in ["steady", "hotplug", "churn"] {
+        let (code, f) = simulate_then_replay("mainline", scenario);
+        assert_eq!(code, Some(0), "mainline {scenario}: {f:?}");
+        assert!(f.is_empty(), "mainline {scenario}: {f:?}");
+    }
+
+    let (code, f) = simulate_then_replay("v3-unconditional-mirror-alloc", "hotplug");
+    assert_eq!(code, Some(1), "findings exit 1");
+    assert!(count(&f, "mirror_root_realloc_while_valid") > 0, "{f:?}");
+    assert_eq!(count(&f, "mirror_root_invalid_at_entry"), 0);
+    for finding in &f {
+        assert_eq!(finding["record"], "finding");
+        assert!(finding["vcpu_id"].is_i64(), "{finding}");
+        assert!(!finding["explanation"].as_str().unwrap().is_empty());
+        assert!(!finding["evidence"].as_array().unwrap().is_empty());
+    }
+
+    let (code, f) = simulate_then_replay("mirror-invalidated-by-zap", "steady");
+    assert_eq!(code, Some(1));
+    assert!(count(&f, "mirror_root_invalid_at_entry") > 0, "{f:?}");
+    assert!(count(&f, "mirror_roots_invalidated_live") > 0, "{f:?}");
+    assert!(
+        count(&f, "mirror_root_changed_without_teardown") > 0,
+        "{f:?}"
+    );
+    let critical = f
+        .iter()
+        .find(|x| x["kind"] == "mirror_root_invalid_at_entry")
+        .unwrap();
+    assert_eq!(critical["severity"], "critical");
+
+    let (_, f) = simulate_then_replay("mainline", "zap-storm");
+    assert_eq!(count(&f, "zap_storm"), 1, "{f:?}");
+    assert_eq!(f[0]["severity"], "info");
+
+    let (_, f) = simulate_then_replay("mainline", "load-failure");
+    assert!(count(&f, "mmu_load_failed") > 0, "{f:?}");
+}
+
+#[test]
+fn simulate_is_deterministic_per_seed() {
+    let a = run(tracer().args(["simulate", "--seed", "3", "--scenario", "churn"]));
+    let b = run(tracer().args(["simulate", "--seed", "3", "--scenario", "churn"]));
+    let c = run(tracer().args(["simulate", "--seed", "4", "--scenario", "churn"]));
+    assert_eq!(a.code, Some(0));
+    assert_eq!(a.stdout, b.stdout);
+    assert_ne!(a.stdout, c.stdout);
+}
+
+#[test]
+fn simulate_rejects_unknown_behaviours_with_the_list() {
+    let r = run(tracer().args(["simulate", "--kernel", "v4"]));
+    assert_eq!(r.code, Some(2));
+    assert!(
+        r.stderr.contains("mirror-invalidated-by-zap"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn replay_skips_bad_lines_naming_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("events.jsonl");
+    let good = run(tracer().args([
+        "simulate",
+        "--kernel",
+        "mirror-invalidated-by-zap",
+        "--scenario",
+        "hotplug",
+    ]))
+    .stdout;
+    let mut lines: Vec<&str> = good.lines().collect();
+    lines.insert(3, "{not json");
+    lines.insert(5, r#"{"record":"event","kind":"warp_drive"}"#);
+    std::fs::write(&log, lines.join("\n")).unwrap();
+    let r = run(tracer().arg("replay").arg(&log));
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("events.jsonl:4: skipped: not a JSON record"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("events.jsonl:6: skipped: bad event"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("2 bad line(s) skipped"), "{}", r.stderr);
+    assert!(
+        r.stdout
+            .contains("FINDING CRITICAL mirror_root_invalid_at_entry"),
+        "{}",
+        r.stdout
+    );
+
+    let r = run(tracer().arg("replay").arg(dir.path().join("missing.jsonl")));
+    assert_eq!(r.code, Some(2));
+    assert!(r.stderr.contains("can't open"), "{}", r.stderr);
+}

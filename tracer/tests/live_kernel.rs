@@ -312,3 +312,40 @@ fn verifier_accepts_every_program_with_this_kernels_offsets() {
     }
     eprintln!("live: verifier accepted {} programs", verdicts.len());
 }
+
+#[test]
+fn watch_raises_a_zap_storm_finding_live_on_real_memslot_churn() {
+    if !live_or_skip("watch_raises_a_zap_storm_finding_live_on_real_memslot_churn") {
+        return;
+    }
+    let watch = Watch::start();
+    // SAFETY: gettid has no preconditions.
+    let me = i64::from(unsafe { libc::gettid() });
+    let mut guest = kvm::Guest::new(1).expect("VM");
+    guest.run_to_hlt().unwrap();
+    // The default storm threshold is 50 fast zaps within 10 s.
+    for _ in 0..60 {
+        guest.churn_slot().unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let (records, stderr) = watch.stop();
+    let ours = |r: &&Value| r["userspace_pid"].as_i64() == Some(me);
+    let zaps = records
+        .iter()
+        .filter(|r| r["record"] == "event" && r["kind"] == "zap_all_fast")
+        .filter(ours)
+        .count();
+    assert_eq!(zaps, 60, "{stderr}");
+    let storms: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["record"] == "finding" && r["kind"] == "zap_storm")
+        .filter(ours)
+        .collect();
+    assert_eq!(storms.len(), 1, "one storm finding per window\n{stderr}");
+    assert_eq!(storms[0]["severity"], "info");
+    // Findings come in the stream right after the event that proved them.
+    let pos = records.iter().position(|r| r == storms[0]).unwrap();
+    assert_eq!(records[pos - 1]["kind"], "zap_all_fast");
+    assert!(stderr.contains("zap_storm"), "summary lists findings: {stderr}");
+    eprintln!("live: {zaps} real zaps raised {} zap_storm finding", storms.len());
+}
