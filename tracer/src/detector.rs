@@ -8,7 +8,10 @@
 //! counted eviction (least recently seen first) protect against unbounded
 //! growth when teardown events are missed (kernels without kprobes).
 
-use std::collections::{HashMap, VecDeque};
+use std::{
+    collections::{HashMap, VecDeque},
+    fmt::Write as _,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -139,7 +142,7 @@ impl Finding {
             self.kvm
         );
         if let Some(v) = self.vcpu_id {
-            s.push_str(&format!(" vcpu={v}"));
+            let _ = write!(s, " vcpu={v}");
         }
         s.push('\n');
         for line in wrap(&self.explanation, 96) {
@@ -337,10 +340,8 @@ impl Detector {
         let tdx = vm.vm_type == Some(KVM_X86_TDX_VM);
         match ev.kind {
             Kind::ZapAllFast => self.zap(kvm, ev, out),
-            Kind::InvalidateRoots => {
-                if tdx && ev.arg.is_some_and(|t| t & KVM_MIRROR_ROOTS != 0) {
-                    self.invalidated_live(kvm, ev, out);
-                }
+            Kind::InvalidateRoots if tdx && ev.arg.is_some_and(|t| t & KVM_MIRROR_ROOTS != 0) => {
+                self.invalidated_live(kvm, ev, out);
             }
             _ => {}
         }
@@ -351,153 +352,24 @@ impl Detector {
     }
 
     fn vcpu_event(&mut self, vcpu: u64, tdx: bool, ev: &Event, out: &mut Vec<Finding>) {
-        let vm_pid = self
-            .vms
-            .get(&self.vcpus[&vcpu].kvm)
-            .and_then(|v| v.userspace_pid);
-        let vc = self.vcpus.get_mut(&vcpu).expect("touch_vcpu inserted it");
-        let mk = |kind: FindingKind, evidence: Vec<Event>, explanation: String| Finding {
-            kind,
-            severity: kind.severity(),
-            ts_ns: ev.ts_ns,
-            kvm: vc_kvm(ev),
-            userspace_pid: vm_pid,
-            vcpu_id: ev.vcpu_id,
-            vcpu: Some(vcpu),
-            evidence,
-            explanation,
+        let raise = Raise {
+            ev,
+            vcpu,
+            pid: self
+                .vms
+                .get(&self.vcpus[&vcpu].kvm)
+                .and_then(|v| v.userspace_pid),
         };
-
-        // Allocation of a mirror root while the vCPU holds a valid one.
-        if tdx && ev.kind == Kind::AllocRoot && ev.arg == Some(1) {
-            let held = ev.before_hpa.or(vc.mirror_root_hpa);
-            if valid(held) {
-                let mut evidence: Vec<Event> =
-                    vc.mirror_set_by.iter().map(|e| (**e).clone()).collect();
-                evidence.push(ev.clone());
-                out.push(mk(
-                    FindingKind::MirrorRootReallocWhileValid,
-                    evidence,
-                    format!(
-                        "kvm_tdp_mmu_alloc_root(vcpu, mirror=true) ran while vCPU {} already \
-                         held the valid mirror root {:#x}. Each allocation takes a reference on \
-                         the root; the one taken here is never put, so the mirror root (and its \
-                         secure-EPT pages) leaks. This is the bug found in review of v3 of the TDX \
-                         MMU series: mmu_alloc_direct_roots() must allocate the mirror root only \
-                         when !VALID_PAGE(mmu->mirror_root_hpa). Check the host kernel for that \
-                         guard; expect memory to grow with every fast zap on TDX VMs.",
-                        id(ev.vcpu_id),
-                        held.unwrap_or(INVALID_PAGE)
-                    ),
-                ));
-            }
+        let vc = self.vcpus.get_mut(&vcpu).expect("touch_vcpu inserted it");
+        if tdx {
+            check_realloc(vc, &raise, out);
+            check_mirror_change(vc, &raise, out);
         }
-
-        // A mirror root that changes while the vCPU lives.
-        if let Some(new) = ev.mirror_root_hpa
-            && tdx
-            && valid(vc.mirror_root_hpa)
-            && vc.mirror_root_hpa != Some(new)
-        {
-            let old = vc.mirror_root_hpa.unwrap_or(INVALID_PAGE);
-            let mut evidence: Vec<Event> = vc.mirror_set_by.iter().map(|e| (**e).clone()).collect();
-            evidence.push(ev.clone());
-            out.push(mk(
-                FindingKind::MirrorRootChangedWithoutTeardown,
-                evidence,
-                format!(
-                    "The mirror root of TDX vCPU {} changed from {old:#x} to {} while the vCPU \
-                     stayed alive. In the merged code the mirror root is set once and freed only \
-                     in kvm_mmu_destroy() at vCPU teardown; kvm_mmu_unload() and fast zaps never \
-                     touch it. A change means something dropped or replaced the root the TDX \
-                     module's private page tables hang off: the vCPU's private memory mapping \
-                     is no longer the one KVM tracks. Capture the event log and the kernel \
-                     version; the VM should be considered suspect.",
-                    id(ev.vcpu_id),
-                    crate::event::hpa(new)
-                ),
-            ));
-        }
-
-        if let Some(r) = ev.root_hpa {
-            vc.root_hpa = Some(r);
-        }
-        if let Some(m) = ev.mirror_root_hpa {
-            if valid(Some(m)) && vc.mirror_root_hpa != Some(m) {
-                vc.mirror_set_by = Some(Box::new(ev.clone()));
-            }
-            vc.mirror_root_hpa = Some(m);
-        }
-        if ev.mmu_valid_gen.is_some() {
-            vc.mmu_valid_gen = ev.mmu_valid_gen;
-        }
-        let forbidden = tdx && valid(vc.root_hpa) && vc.mirror_root_hpa == Some(INVALID_PAGE);
-        let pair = (
-            vc.root_hpa.unwrap_or(INVALID_PAGE),
-            vc.mirror_root_hpa.unwrap_or(INVALID_PAGE),
-        );
-
+        vc.update_roots(ev);
         match ev.kind {
-            Kind::LoadReturn => {
-                let ret = ev.ret.unwrap_or(0);
-                vc.last_load = Some((ev.ts_ns, ret));
-                if ret < 0 {
-                    out.push(mk(
-                        FindingKind::MmuLoadFailed,
-                        vec![ev.clone()],
-                        format!(
-                            "kvm_mmu_load() failed on vCPU {} with {} ({ret}). The vCPU can't \
-                             enter the guest until its roots load; KVM_RUN returns the error to \
-                             the VMM, which usually stops the VM. -ENOMEM points at host memory \
-                             pressure (root and page-table allocation); -EIO or others at a \
-                             kernel bug. Check the host's memory and dmesg.",
-                            id(ev.vcpu_id),
-                            errno_name(ret)
-                        ),
-                    ));
-                } else if forbidden && vc.reported_forbidden != Some(pair) {
-                    vc.reported_forbidden = Some(pair);
-                    out.push(mk(
-                        FindingKind::MirrorRootInvalidAfterLoad,
-                        vec![ev.clone()],
-                        format!(
-                            "kvm_mmu_load() returned 0 on TDX vCPU {} leaving root.hpa = {:#x} \
-                             valid but mirror_root_hpa = INVALID_PAGE. kvm_mmu_reload() checks \
-                             only root.hpa, so the vCPU will enter the guest without a mirror \
-                             root: the state kvm_mmu_reload()'s comment says never happens. \
-                             Private (secure-EPT) faults have no root to map into. Stop the VM \
-                             (or migrate it away) and report the kernel build.",
-                            id(ev.vcpu_id),
-                            pair.0
-                        ),
-                    ));
-                }
-            }
+            Kind::LoadReturn => check_load(vc, tdx, &raise, out),
             Kind::EntryForbidden | Kind::EntryTransition | Kind::RunExit => {
-                let ok_run = ev.kind != Kind::RunExit || ev.ret.is_none_or(|r| r >= 0);
-                if ok_run {
-                    vc.running = true;
-                }
-                let proven = ev.kind == Kind::EntryForbidden || (forbidden && ok_run);
-                if proven && tdx && vc.reported_forbidden != Some(pair) {
-                    vc.reported_forbidden = Some(pair);
-                    out.push(mk(
-                        FindingKind::MirrorRootInvalidAtEntry,
-                        vec![ev.clone()],
-                        format!(
-                            "TDX vCPU {} entered the guest with a valid direct root ({:#x}) and \
-                             an INVALID mirror root. kvm_mmu_reload() returned early because \
-                             root.hpa was valid, so the vCPU runs without the root of its private \
-                             (secure-EPT) page tables. This is the forbidden state of \
-                             kvm_mmu_reload()'s invariant; it follows a mirror root being \
-                             invalidated or freed while the vCPU lived. Stop or migrate the VM, \
-                             keep the event log, and check the kernel for changes to fast zaps \
-                             and root invalidation.",
-                            id(ev.vcpu_id),
-                            pair.0
-                        ),
-                    ));
-                }
+                check_entry(vc, tdx, &raise, out);
             }
             _ => {}
         }
@@ -533,7 +405,7 @@ impl Detector {
                      the VMM, MMIO-generation wraps, or writes to the nx_huge_pages parameter. \
                      Informational: expect latency spikes in the guest; on TDX VMs each reload is \
                      also where mirror-root bugs show.",
-                    cfg.zap_storm_window_ns as f64 / 1e9
+                    std::time::Duration::from_nanos(cfg.zap_storm_window_ns).as_secs_f64()
                 ),
             });
         }
@@ -687,8 +559,188 @@ impl Detector {
     }
 }
 
-fn vc_kvm(ev: &Event) -> u64 {
-    ev.kvm.unwrap_or(0)
+/// What every vCPU finding is built from.
+struct Raise<'a> {
+    ev: &'a Event,
+    vcpu: u64,
+    pid: Option<i32>,
+}
+
+impl Raise<'_> {
+    fn finding(&self, kind: FindingKind, evidence: Vec<Event>, explanation: String) -> Finding {
+        Finding {
+            kind,
+            severity: kind.severity(),
+            ts_ns: self.ev.ts_ns,
+            kvm: self.ev.kvm.unwrap_or(0),
+            userspace_pid: self.pid,
+            vcpu_id: self.ev.vcpu_id,
+            vcpu: Some(self.vcpu),
+            evidence,
+            explanation,
+        }
+    }
+
+    /// The event that set the vCPU's mirror root, then this one.
+    fn evidence(&self, vc: &VcpuState) -> Vec<Event> {
+        let mut evidence: Vec<Event> = vc.mirror_set_by.iter().map(|e| (**e).clone()).collect();
+        evidence.push(self.ev.clone());
+        evidence
+    }
+}
+
+impl VcpuState {
+    fn update_roots(&mut self, ev: &Event) {
+        if let Some(r) = ev.root_hpa {
+            self.root_hpa = Some(r);
+        }
+        if let Some(m) = ev.mirror_root_hpa {
+            if valid(Some(m)) && self.mirror_root_hpa != Some(m) {
+                self.mirror_set_by = Some(Box::new(ev.clone()));
+            }
+            self.mirror_root_hpa = Some(m);
+        }
+        if ev.mmu_valid_gen.is_some() {
+            self.mmu_valid_gen = ev.mmu_valid_gen;
+        }
+    }
+
+    /// The (root, mirror) pair, when it is the forbidden state on TDX.
+    fn forbidden_pair(&self, tdx: bool) -> Option<(u64, u64)> {
+        (tdx && valid(self.root_hpa) && self.mirror_root_hpa == Some(INVALID_PAGE))
+            .then(|| (self.root_hpa.unwrap_or(INVALID_PAGE), INVALID_PAGE))
+    }
+}
+
+/// Allocation of a mirror root while the vCPU holds a valid one.
+fn check_realloc(vc: &VcpuState, r: &Raise<'_>, out: &mut Vec<Finding>) {
+    let ev = r.ev;
+    if ev.kind != Kind::AllocRoot || ev.arg != Some(1) {
+        return;
+    }
+    let held = ev.before_hpa.or(vc.mirror_root_hpa);
+    if !valid(held) {
+        return;
+    }
+    out.push(r.finding(
+        FindingKind::MirrorRootReallocWhileValid,
+        r.evidence(vc),
+        format!(
+            "kvm_tdp_mmu_alloc_root(vcpu, mirror=true) ran while vCPU {} already held the \
+             valid mirror root {:#x}. Each allocation takes a reference on the root; the one \
+             taken here is never put, so the mirror root (and its secure-EPT pages) leaks. This \
+             is the bug found in review of v3 of the TDX MMU series: mmu_alloc_direct_roots() \
+             must allocate the mirror root only when !VALID_PAGE(mmu->mirror_root_hpa). Check \
+             the host kernel for that guard; expect memory to grow with every fast zap on TDX \
+             VMs.",
+            id(ev.vcpu_id),
+            held.unwrap_or(INVALID_PAGE)
+        ),
+    ));
+}
+
+/// A valid mirror root that changes while the vCPU lives.
+fn check_mirror_change(vc: &VcpuState, r: &Raise<'_>, out: &mut Vec<Finding>) {
+    let Some(new) = r.ev.mirror_root_hpa else {
+        return;
+    };
+    if !valid(vc.mirror_root_hpa) || vc.mirror_root_hpa == Some(new) {
+        return;
+    }
+    let old = vc.mirror_root_hpa.unwrap_or(INVALID_PAGE);
+    out.push(r.finding(
+        FindingKind::MirrorRootChangedWithoutTeardown,
+        r.evidence(vc),
+        format!(
+            "The mirror root of TDX vCPU {} changed from {old:#x} to {} while the vCPU stayed \
+             alive. In the merged code the mirror root is set once and freed only in \
+             kvm_mmu_destroy() at vCPU teardown; kvm_mmu_unload() and fast zaps never touch it. \
+             A change means something dropped or replaced the root the TDX module's private \
+             page tables hang off: the vCPU's private memory mapping is no longer the one KVM \
+             tracks. Capture the event log and the kernel version; the VM should be considered \
+             suspect.",
+            id(r.ev.vcpu_id),
+            crate::event::hpa(new)
+        ),
+    ));
+}
+
+/// `kvm_mmu_load()` returned: an error, or the forbidden state.
+fn check_load(vc: &mut VcpuState, tdx: bool, r: &Raise<'_>, out: &mut Vec<Finding>) {
+    let ev = r.ev;
+    let ret = ev.ret.unwrap_or(0);
+    vc.last_load = Some((ev.ts_ns, ret));
+    if ret < 0 {
+        out.push(r.finding(
+            FindingKind::MmuLoadFailed,
+            vec![ev.clone()],
+            format!(
+                "kvm_mmu_load() failed on vCPU {} with {} ({ret}). The vCPU can't enter the \
+                 guest until its roots load; KVM_RUN returns the error to the VMM, which usually \
+                 stops the VM. -ENOMEM points at host memory pressure (root and page-table \
+                 allocation); -EIO or others at a kernel bug. Check the host's memory and dmesg.",
+                id(ev.vcpu_id),
+                errno_name(ret)
+            ),
+        ));
+        return;
+    }
+    let Some(pair) = vc.forbidden_pair(tdx) else {
+        return;
+    };
+    if vc.reported_forbidden == Some(pair) {
+        return;
+    }
+    vc.reported_forbidden = Some(pair);
+    out.push(r.finding(
+        FindingKind::MirrorRootInvalidAfterLoad,
+        vec![ev.clone()],
+        format!(
+            "kvm_mmu_load() returned 0 on TDX vCPU {} leaving root.hpa = {:#x} valid but \
+             mirror_root_hpa = INVALID_PAGE. kvm_mmu_reload() checks only root.hpa, so the vCPU \
+             will enter the guest without a mirror root: the state kvm_mmu_reload()'s comment \
+             says never happens. Private (secure-EPT) faults have no root to map into. Stop the \
+             VM (or migrate it away) and report the kernel build.",
+            id(ev.vcpu_id),
+            pair.0
+        ),
+    ));
+}
+
+/// The vCPU entered the guest (the gate) or returned from KVM_RUN.
+fn check_entry(vc: &mut VcpuState, tdx: bool, r: &Raise<'_>, out: &mut Vec<Finding>) {
+    let ev = r.ev;
+    let ran = ev.kind != Kind::RunExit || ev.ret.is_none_or(|ret| ret >= 0);
+    if ran {
+        vc.running = true;
+    }
+    let pair = match (ev.kind, vc.forbidden_pair(tdx)) {
+        (_, Some(pair)) if ran => pair,
+        // The kernel gate checked the state itself.
+        (Kind::EntryForbidden, _) if tdx => (
+            vc.root_hpa.unwrap_or(INVALID_PAGE),
+            vc.mirror_root_hpa.unwrap_or(INVALID_PAGE),
+        ),
+        _ => return,
+    };
+    if vc.reported_forbidden == Some(pair) {
+        return;
+    }
+    vc.reported_forbidden = Some(pair);
+    out.push(r.finding(
+        FindingKind::MirrorRootInvalidAtEntry,
+        vec![ev.clone()],
+        format!(
+            "TDX vCPU {} entered the guest with a valid direct root ({:#x}) and an INVALID \
+             mirror root. kvm_mmu_reload() returned early because root.hpa was valid, so the \
+             vCPU runs without the root of its private (secure-EPT) page tables. This is the \
+             forbidden state of kvm_mmu_reload()'s invariant; it follows a mirror root being \
+             invalidated or freed while the vCPU lived. Stop or migrate the VM, keep the event \
+             log, and check the kernel for changes to fast zaps and root invalidation.",
+            id(ev.vcpu_id),
+            pair.0
+        ),
+    ));
 }
 
 fn id(vcpu_id: Option<i32>) -> String {

@@ -11,10 +11,6 @@ fn parse<E: Error>(s: &str) -> Result<u64, E> {
     u64::from_str_radix(digits, 16).map_err(|e| E::custom(format!("bad hex {s:?}: {e}")))
 }
 
-#[expect(
-    clippy::trivially_copy_pass_by_ref,
-    reason = "serde's `with` passes a reference"
-)]
 pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format!("{v:#x}"))
 }
@@ -28,7 +24,6 @@ pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
 pub mod opt {
     use serde::{Deserialize, Deserializer, Serializer};
 
-    #[expect(clippy::ref_option, reason = "serde's `with` passes &Option")]
     pub fn serialize<S: Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
         match v {
             Some(v) => super::serialize(v, s),

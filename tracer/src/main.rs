@@ -147,7 +147,10 @@ fn main() -> ExitCode {
             Ok(code) => return ExitCode::from(code),
             Err(e) => Err(e),
         },
-        Command::Simulate(args) => simulate(&args),
+        Command::Simulate(args) => {
+            simulate(&args);
+            Ok(())
+        }
         Command::Watch(args) => watch::run(&watch::WatchOptions {
             launched,
             json: args.json,
@@ -165,7 +168,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn simulate(args: &SimulateArgs) -> Result<(), Failure> {
+fn simulate(args: &SimulateArgs) {
     use std::io::Write as _;
     let mut model = tracer::model::Model::new(args.kernel, args.seed);
     tracer::model::run_scenario(
@@ -178,11 +181,10 @@ fn simulate(args: &SimulateArgs) -> Result<(), Failure> {
     for ev in model.take_events() {
         if writeln!(out, "{}", ev.to_json_record()).is_err() {
             // stdout closed (e.g. `| head`): nothing more to do.
-            return Ok(());
+            return;
         }
     }
     let _ = out.flush();
-    Ok(())
 }
 
 #[cfg(test)]

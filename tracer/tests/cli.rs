@@ -133,7 +133,7 @@ fn watch_as_non_root_exits_3() {
 /// `tracer simulate --kernel K --scenario S | tracer replay --json -`,
 /// through the real binaries and a real pipe.
 fn simulate_then_replay(kernel: &str, scenario: &str) -> (Option<i32>, Vec<serde_json::Value>) {
-    let sim = tracer()
+    let mut sim = tracer()
         .args(["simulate", "--kernel", kernel, "--scenario", scenario])
         .args(["--vcpus", "3", "--rounds", "30", "--seed", "9"])
         .stdout(std::process::Stdio::piped())
@@ -141,9 +141,10 @@ fn simulate_then_replay(kernel: &str, scenario: &str) -> (Option<i32>, Vec<serde
         .unwrap();
     let replay = tracer()
         .args(["replay", "--json", "-"])
-        .stdin(sim.stdout.unwrap())
+        .stdin(sim.stdout.take().unwrap())
         .output()
         .unwrap();
+    assert!(sim.wait().unwrap().success());
     let findings = String::from_utf8_lossy(&replay.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())

@@ -346,6 +346,12 @@ fn watch_raises_a_zap_storm_finding_live_on_real_memslot_churn() {
     // Findings come in the stream right after the event that proved them.
     let pos = records.iter().position(|r| r == storms[0]).unwrap();
     assert_eq!(records[pos - 1]["kind"], "zap_all_fast");
-    assert!(stderr.contains("zap_storm"), "summary lists findings: {stderr}");
-    eprintln!("live: {zaps} real zaps raised {} zap_storm finding", storms.len());
+    assert!(
+        stderr.contains("zap_storm"),
+        "summary lists findings: {stderr}"
+    );
+    eprintln!(
+        "live: {zaps} real zaps raised {} zap_storm finding",
+        storms.len()
+    );
 }
