@@ -3,10 +3,41 @@
 //! zero, and with teardown missed (kernels without kprobes) the caps hold
 //! and every eviction is counted.
 
+use std::{
+    alloc::{GlobalAlloc, Layout, System},
+    sync::atomic::{AtomicUsize, Ordering},
+};
+
 use tracer::{
     detector::{Detector, DetectorConfig},
     model::{Behaviour, Model, Op, ZapCause},
 };
+
+/// Counts live heap bytes, so the soak measures the detector's real memory.
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: defers to the system allocator, only counting sizes.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size(), Ordering::Relaxed);
+        // SAFETY: same contract as ours.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        // SAFETY: same contract as ours.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// The heap count is process-wide: tests here run one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 const VCPUS_PER_VM: usize = 64;
 const LIFECYCLES: usize = 1_000_000;
@@ -20,6 +51,9 @@ struct Peak {
 /// Runs LIFECYCLES vCPU lifecycles in VMs of VCPUS_PER_VM; `teardown`
 /// says whether teardown events reach the detector.
 fn soak(teardown: bool, cfg: DetectorConfig) -> (Detector, Peak) {
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut model = Model::new(Behaviour::Mainline, 42);
     let mut detector = Detector::new(cfg);
     let mut findings = Vec::new();
@@ -113,4 +147,38 @@ fn a_million_lifecycles_without_teardown_stay_within_the_caps() {
          (~{per_vcpu} bytes per vCPU), {} vCPUs and {} VMs evicted",
         s.events, peak.vms, peak.vcpus, peak.bytes, s.vcpus_evicted, s.vms_evicted
     );
+}
+
+/// Real heap (not an estimate) of a detector tracking 10,000 vCPUs.
+#[test]
+fn memory_per_tracked_vcpu() {
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut model = Model::new(Behaviour::Mainline, 5);
+    let mut detector = Detector::new(DetectorConfig::default());
+    let mut findings = Vec::new();
+    let mut events = Vec::new();
+    for vm in 0..(10_000 / 100) {
+        model.apply(Op::CreateVm { tdx: vm % 2 == 0 });
+        for v in 0..100 {
+            model.apply(Op::AddVcpu { vm });
+            model.apply(Op::Enter { vm, vcpu: v });
+        }
+        events.extend(model.take_events());
+    }
+    let before = LIVE.load(Ordering::Relaxed);
+    for ev in &events {
+        detector.observe(ev, &mut findings);
+    }
+    let used = LIVE.load(Ordering::Relaxed) - before;
+    assert_eq!(detector.tracked_vcpus(), 10_000);
+    assert!(findings.is_empty());
+    let per = used / 10_000;
+    eprintln!(
+        "detector heap with 10,000 vCPUs: {used} bytes, {per} bytes per vCPU (estimate said {})",
+        detector.approx_bytes()
+    );
+    assert!(used < 32 << 20, "{used} bytes");
+    assert!(per < 1024, "{per} bytes per vCPU");
 }
