@@ -196,8 +196,18 @@ impl Event {
     /// The event as one JSON line of the event log and of `watch --json`:
     /// `{"record":"event", …fields}` (no trailing newline).
     pub fn to_json_record(&self) -> String {
-        let body = serde_json::to_string(self).expect("events always serialize");
-        format!("{{\"record\":\"event\",{}", &body[1..])
+        let mut out = Vec::with_capacity(512);
+        self.write_json_record(&mut out);
+        String::from_utf8(out).expect("serde_json writes UTF-8")
+    }
+
+    /// Appends the JSON record to `out`, reusing its allocation.
+    pub fn write_json_record(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"record\":\"event\",");
+        let start = out.len();
+        serde_json::to_writer(&mut *out, self).expect("events always serialize");
+        // Drop the object's own opening brace.
+        out.remove(start);
     }
 
     /// One readable line (no trailing newline).

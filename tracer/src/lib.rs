@@ -8,7 +8,9 @@ pub mod event;
 pub mod hexfmt;
 pub mod kernel;
 pub mod loader;
+pub mod log;
 pub mod model;
+pub mod pipeline;
 pub mod replay;
 pub mod watch;
 

@@ -1,15 +1,21 @@
 //! `tracer`: watch KVM's MMU root lifecycle with eBPF.
 //!
 //! Exit codes (the contract scripts rely on):
-//! - 0: success;
+//! - 0: success (for `replay`: no findings);
+//! - 1: `replay` found findings;
 //! - 2: usage error (bad flags) or runtime error;
 //! - 3: unsupported environment (not root, no BTF, no KVM), with what is
 //!   missing.
 
-use std::{process::ExitCode, time::Duration};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
-use tracer::{Failure, doctor, watch};
+use tracer::{
+    Failure, doctor,
+    log::writer::{FsyncPolicy, RecordConfig, parse_time},
+    replay::{Filter, ReplayOptions},
+    watch::{self, RecordOptions},
+};
 
 #[derive(Parser)]
 #[command(
@@ -30,28 +36,163 @@ enum Command {
     /// struct offsets, and which features are on or off and why. Loads
     /// nothing.
     Doctor(DoctorArgs),
-    /// Attach the probes and stream root events until Ctrl-C or --duration,
-    /// then detach and print a summary with drop counts (needs root).
+    /// Attach the probes and stream root events and findings until Ctrl-C
+    /// or --duration, then detach and print a summary with drop counts
+    /// (needs root). --record also writes the event log.
     Watch(WatchArgs),
-    /// Run the detector over recorded events (JSON lines from `watch
-    /// --json` or `simulate`; files, or `-` for stdin) and print the
-    /// findings. Exits 1 when there are findings, 0 when there are none.
+    /// The daemon: attach, detect, and record the event log until SIGTERM
+    /// or SIGINT; SIGHUP reopens the log (needs root).
+    Run(RunArgs),
+    /// Run the detector over recorded events (log folders, segment files,
+    /// or `-` for stdin) and print the findings. Exits 1 when there are
+    /// findings, 0 when there are none.
     Replay(ReplayArgs),
     /// Generate the events of a model of KVM's root lifecycle, with a
-    /// chosen kernel behaviour, as JSON lines on stdout. Pipe them into
-    /// `tracer replay -` to see what the detector finds, or into your alert
-    /// routing, without a TDX host.
+    /// chosen kernel behaviour, as an event log on stdout (or --record
+    /// DIR). Pipe it into `tracer replay -` to see what the detector finds,
+    /// or into your alert routing, without a TDX host.
     Simulate(SimulateArgs),
 }
 
 #[derive(Args)]
-struct ReplayArgs {
-    /// Event logs to read, in order; `-` (the default) is stdin.
-    #[arg(value_name = "FILE")]
-    inputs: Vec<std::path::PathBuf>,
-    /// Print findings as JSON lines.
+struct DoctorArgs {
+    /// Print the plan as JSON.
     #[arg(long)]
     json: bool,
+    /// Also load every eBPF program, without attaching it, so this kernel's
+    /// verifier checks each one (needs root).
+    #[arg(long)]
+    verify: bool,
+    /// Inspect the kernel files below this directory instead of `/` (for
+    /// captured kernels; see tracer/tests/data/kernels).
+    #[arg(long, value_name = "DIR", hide = true)]
+    root: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ProbeArgs {
+    /// Size of the event ring buffer in bytes: a power of two, at least 4096.
+    #[arg(long, value_name = "BYTES", default_value = "4194304", value_parser = parse_ringbuf)]
+    ringbuf_size: u32,
+    /// Don't report each vCPU's first guest entry with new roots; the
+    /// kvm_entry gate then only reports the forbidden TDX state.
+    #[arg(long)]
+    no_entry_transitions: bool,
+}
+
+#[derive(Args)]
+struct WatchArgs {
+    /// Print events as JSON lines instead of readable lines.
+    #[arg(long)]
+    json: bool,
+    /// Stop after this long, e.g. 30s, 500ms, 5m.
+    #[arg(long, value_name = "TIME", value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// Also record the event log in this folder.
+    #[arg(long, value_name = "DIR")]
+    record: Option<PathBuf>,
+    #[command(flatten)]
+    probes: ProbeArgs,
+    #[command(flatten)]
+    log: LogArgs,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Folder of the event log.
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/var/lib/kvm-root-tracer/log"
+    )]
+    log_dir: PathBuf,
+    /// Stop after this long (for tests); by default run until signalled.
+    #[arg(long, value_name = "TIME", value_parser = parse_duration)]
+    duration: Option<Duration>,
+    #[command(flatten)]
+    probes: ProbeArgs,
+    #[command(flatten)]
+    log: LogArgs,
+}
+
+/// Event-log rotation and retention.
+#[derive(Args)]
+#[command(next_help_heading = "Event log")]
+struct LogArgs {
+    /// Rotate a segment when it reaches this size (K, M, G suffixes).
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
+    segment_size: u64,
+    /// Rotate a segment when it is this old.
+    #[arg(long, value_name = "TIME", default_value = "1h", value_parser = parse_duration)]
+    segment_age: Duration,
+    /// Keep at most this many segments.
+    #[arg(long, value_name = "N", default_value_t = 200, value_parser = clap::value_parser!(u32).range(2..))]
+    max_files: u32,
+    /// Keep at most this many bytes of segments (K, M, G suffixes).
+    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
+    max_total_size: u64,
+    /// Stop recording (counting what is lost) below this much free disk.
+    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_size)]
+    min_free: u64,
+    /// When to fsync: `never`, `always` (every batch), or an interval such
+    /// as `1s`.
+    #[arg(long, value_name = "POLICY", default_value = "1s", value_parser = parse_fsync)]
+    fsync: FsyncPolicy,
+    /// Keep closed segments uncompressed.
+    #[arg(long)]
+    no_compress: bool,
+    /// Events kept per VM for incident files written when a finding fires
+    /// (0: no incident files).
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    flight_events: usize,
+}
+
+impl LogArgs {
+    fn options(&self, dir: PathBuf) -> RecordOptions {
+        RecordOptions {
+            dir,
+            config: RecordConfig {
+                max_segment_bytes: self.segment_size,
+                max_segment_age: self.segment_age,
+                max_files: self.max_files as usize,
+                max_total_bytes: self.max_total_size,
+                min_free_bytes: self.min_free,
+                fsync: self.fsync,
+                compress: !self.no_compress,
+            },
+            flight_events: self.flight_events,
+        }
+    }
+}
+
+#[derive(Args)]
+struct ReplayArgs {
+    /// Event logs to read, in order: folders (their segments, oldest
+    /// first), segment files (`.jsonl` or `.jsonl.zst`), or `-` for stdin
+    /// (the default).
+    #[arg(value_name = "FILE|DIR")]
+    inputs: Vec<PathBuf>,
+    /// Print findings (or the timeline) as JSON lines.
+    #[arg(long)]
+    json: bool,
+    /// Print the root history of the selected vCPU(s) instead of findings.
+    #[arg(long)]
+    timeline: bool,
+    /// Only the VM created by this VMM thread (`kvm->userspace_pid`).
+    #[arg(long)]
+    pid: Option<i32>,
+    /// Only the VM with this `struct kvm` pointer (hex).
+    #[arg(long, value_parser = parse_hex)]
+    kvm: Option<u64>,
+    /// Only this vCPU id.
+    #[arg(long)]
+    vcpu: Option<i32>,
+    /// From this time: RFC 3339 UTC (2026-11-28T04:14:21Z) or epoch seconds.
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    since: Option<u64>,
+    /// Until this time (same forms).
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    until: Option<u64>,
 }
 
 #[derive(Args)]
@@ -71,38 +212,12 @@ struct SimulateArgs {
     /// Seed: the same seed gives the same events.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-}
-
-#[derive(Args)]
-struct DoctorArgs {
-    /// Print the plan as JSON.
-    #[arg(long)]
-    json: bool,
-    /// Also load every eBPF program, without attaching it, so this kernel's
-    /// verifier checks each one (needs root).
-    #[arg(long)]
-    verify: bool,
-    /// Inspect the kernel files below this directory instead of `/` (for
-    /// captured kernels; see tracer/tests/data/kernels).
-    #[arg(long, value_name = "DIR", hide = true)]
-    root: Option<std::path::PathBuf>,
-}
-
-#[derive(Args)]
-struct WatchArgs {
-    /// Print events as JSON lines instead of readable lines.
-    #[arg(long)]
-    json: bool,
-    /// Stop after this long, e.g. 30s, 500ms, 5m.
-    #[arg(long, value_name = "TIME", value_parser = parse_duration)]
-    duration: Option<Duration>,
-    /// Size of the event ring buffer in bytes: a power of two, at least 4096.
-    #[arg(long, value_name = "BYTES", default_value = "4194304", value_parser = parse_ringbuf)]
-    ringbuf_size: u32,
-    /// Don't report each vCPU's first guest entry with new roots; the
-    /// kvm_entry gate then only reports the forbidden TDX state.
-    #[arg(long)]
-    no_entry_transitions: bool,
+    /// Record through the same pipeline as `watch --record` (detector,
+    /// event log, incident files) instead of printing the events.
+    #[arg(long, value_name = "DIR")]
+    record: Option<PathBuf>,
+    #[command(flatten)]
+    log: LogArgs,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -117,12 +232,47 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         "s" => n,
         "m" => n * 60.0,
         "h" => n * 3600.0,
-        _ => return Err(format!("unknown unit {unit:?} in {s:?}; use ms, s, m or h")),
+        "d" => n * 86400.0,
+        _ => {
+            return Err(format!(
+                "unknown unit {unit:?} in {s:?}; use ms, s, m, h or d"
+            ));
+        }
     };
     if !secs.is_finite() || secs <= 0.0 {
         return Err(format!("{s:?} must be a positive duration"));
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 4096, 64K, 64M or 1G"))?;
+    n.checked_mul(mult)
+        .filter(|&v| v > 0)
+        .ok_or_else(|| format!("{s:?} must be a positive size"))
+}
+
+fn parse_fsync(s: &str) -> Result<FsyncPolicy, String> {
+    match s {
+        "never" => Ok(FsyncPolicy::Never),
+        "always" => Ok(FsyncPolicy::Always),
+        other => parse_duration(other)
+            .map(FsyncPolicy::Interval)
+            .map_err(|_| format!("{s:?} is not `never`, `always` or an interval like 1s")),
+    }
+}
+
+fn parse_hex(s: &str) -> Result<u64, String> {
+    u64::from_str_radix(s.trim_start_matches("0x"), 16)
+        .map_err(|_| format!("{s:?} is not a hex pointer like 0xffff888100000000"))
 }
 
 fn parse_ringbuf(s: &str) -> Result<u32, String> {
@@ -143,20 +293,40 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Doctor(args) => doctor::run(args.root.as_deref(), args.json, args.verify),
-        Command::Replay(args) => match tracer::replay::run(&args.inputs, args.json) {
-            Ok(code) => return ExitCode::from(code),
-            Err(e) => Err(e),
-        },
-        Command::Simulate(args) => {
-            simulate(&args);
-            Ok(())
+        Command::Replay(args) => {
+            let opts = ReplayOptions {
+                inputs: args.inputs,
+                json: args.json,
+                timeline: args.timeline,
+                filter: Filter {
+                    pid: args.pid,
+                    kvm: args.kvm,
+                    vcpu_id: args.vcpu,
+                    since_ns: args.since,
+                    until_ns: args.until,
+                },
+            };
+            match tracer::replay::run(&opts) {
+                Ok(code) => return ExitCode::from(code),
+                Err(e) => Err(e),
+            }
         }
+        Command::Simulate(args) => simulate(&args),
         Command::Watch(args) => watch::run(&watch::WatchOptions {
             launched,
-            json: args.json,
+            stdout: Some(args.json),
             duration: args.duration,
-            ringbuf_bytes: args.ringbuf_size,
-            entry_transitions: !args.no_entry_transitions,
+            ringbuf_bytes: args.probes.ringbuf_size,
+            entry_transitions: !args.probes.no_entry_transitions,
+            record: args.record.map(|dir| args.log.options(dir)),
+        }),
+        Command::Run(args) => watch::run(&watch::WatchOptions {
+            launched,
+            stdout: None,
+            duration: args.duration,
+            ringbuf_bytes: args.probes.ringbuf_size,
+            entry_transitions: !args.probes.no_entry_transitions,
+            record: Some(args.log.options(args.log_dir)),
         }),
     };
     match result {
@@ -168,23 +338,73 @@ fn main() -> ExitCode {
     }
 }
 
-fn simulate(args: &SimulateArgs) {
-    use std::io::Write as _;
-    let mut model = tracer::model::Model::new(args.kernel, args.seed);
-    tracer::model::run_scenario(
+fn simulate(args: &SimulateArgs) -> Result<(), Failure> {
+    use tracer::{
+        log::{ClockPair, Header},
+        model::{Model, run_scenario},
+    };
+    let mut model = Model::new(args.kernel, args.seed);
+    run_scenario(
         &mut model,
         args.scenario,
         usize::from(args.vcpus),
         args.rounds as usize,
     );
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    for ev in model.take_events() {
-        if writeln!(out, "{}", ev.to_json_record()).is_err() {
-            // stdout closed (e.g. `| head`): nothing more to do.
-            return;
+    let behaviour = serde_json::to_value(args.kernel)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let mut header = Header::for_this_host(format!("model:{behaviour}"), "model".into(), vec![]);
+    // Fixed, so the same seed gives the same bytes: model time 0 is
+    // 2026-01-01T00:00:00Z.
+    header.hostname = "model".into();
+    header.boot_id = format!("model-seed-{}", args.seed);
+    header.clock = ClockPair {
+        monotonic_ns: 0,
+        realtime_ns: 1_767_225_600_000_000_000,
+    };
+    let events = model.take_events();
+    let Some(dir) = &args.record else {
+        use std::io::Write as _;
+        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+        let _ = writeln!(out, "{}", header.to_json_record());
+        for ev in events {
+            if writeln!(out, "{}", ev.to_json_record()).is_err() {
+                // stdout closed (e.g. `| head`): nothing more to do.
+                return Ok(());
+            }
+        }
+        let _ = out.flush();
+        return Ok(());
+    };
+    let record = args.log.options(dir.clone());
+    let mut p = watch::build_pipeline(None, Some(&record), header, false)?;
+    for (i, ev) in events.iter().enumerate() {
+        p.event(ev);
+        if i % 1024 == 1023 {
+            p.end_batch(ev.ts_ns)
+                .map_err(|e| anyhow::anyhow!("writing the event log: {e}"))?;
         }
     }
-    let _ = out.flush();
+    let last = events.last().map_or(0, |e| e.ts_ns);
+    p.end_batch(last)
+        .map_err(|e| anyhow::anyhow!("writing the event log: {e}"))?;
+    let stats = p
+        .finish()
+        .map_err(|e| anyhow::anyhow!("closing the event log: {e}"))?
+        .unwrap_or_default();
+    let findings: u64 = p.tally.findings.values().sum();
+    eprintln!(
+        "tracer: recorded {} event(s) and {findings} finding(s) in {}: {} record(s), {} bytes, \
+         {} segment(s), {} incident file(s)",
+        events.len(),
+        dir.display(),
+        stats.records,
+        stats.bytes,
+        stats.segments_opened,
+        p.tally.incidents
+    );
+    Ok(())
 }
 
 #[cfg(test)]
@@ -199,7 +419,28 @@ mod tests {
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("ten").is_err());
-        assert!(parse_duration("5d").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("5w").unwrap_err().contains("unknown unit"));
+    }
+
+    #[test]
+    fn sizes_parse_with_suffixes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("lots").is_err());
+    }
+
+    #[test]
+    fn fsync_policies_parse() {
+        assert_eq!(parse_fsync("never"), Ok(FsyncPolicy::Never));
+        assert_eq!(parse_fsync("always"), Ok(FsyncPolicy::Always));
+        assert_eq!(
+            parse_fsync("250ms"),
+            Ok(FsyncPolicy::Interval(Duration::from_millis(250)))
+        );
+        assert!(parse_fsync("sometimes").is_err());
     }
 
     #[test]

@@ -1,40 +1,60 @@
-//! `tracer watch`: attach, stream decoded events, detach, summarize.
+//! `tracer watch` (and the daemon's core): attach, decode, detect, stream
+//! and/or record; detach and summarize.
 
 use std::{
     collections::BTreeMap,
     io::{self, Write as _},
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, anyhow};
 use aya::maps::{MapData, RingBuf};
-use tokio::io::{Interest, unix::AsyncFd};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    signal::unix::{SignalKind, signal},
+};
 
 use common::ProbeId;
 
 use crate::{
     Failure,
-    detector::{Detector, DetectorConfig, Finding, FindingKind},
     doctor::kernel_failure,
-    event::{Event, Kind},
+    event::Event,
     kernel::{self, KernelInfo, PlanOptions},
     loader::{Counters, Session},
+    log::{
+        ClockPair, Header, Loss, PlanEntry,
+        writer::{RecordConfig, Recorder},
+    },
+    pipeline::{FlightRecorder, Output, Pipeline, Tally},
 };
+
+/// Where and how to record the event log.
+#[derive(Clone, Debug)]
+pub struct RecordOptions {
+    pub dir: PathBuf,
+    pub config: RecordConfig,
+    /// Events per VM kept for incident files (0: no incident files).
+    pub flight_events: usize,
+}
 
 pub struct WatchOptions {
     /// When the process started, for the time-to-attached figure.
     pub launched: Instant,
-    pub json: bool,
+    /// Stream events to stdout (watch); `None` for the daemon.
+    pub stdout: Option<bool>,
     pub duration: Option<Duration>,
     pub ringbuf_bytes: u32,
     pub entry_transitions: bool,
+    pub record: Option<RecordOptions>,
 }
 
 pub fn run(opts: &WatchOptions) -> Result<(), Failure> {
     // SAFETY: geteuid has no preconditions and can't fail.
     if unsafe { libc::geteuid() } != 0 {
         return Err(Failure::unsupported(anyhow!(
-            "tracer watch must run as root (it loads eBPF programs: CAP_BPF, CAP_PERFMON); \
+            "tracer must run as root to load eBPF programs (CAP_BPF, CAP_PERFMON); \
              `tracer doctor` works without root"
         )));
     }
@@ -57,75 +77,36 @@ pub fn run(opts: &WatchOptions) -> Result<(), Failure> {
     rt.block_on(watch(&plan, opts))
 }
 
-/// What the stream saw, for the summary.
-#[derive(Default)]
-struct Tally {
-    by_kind: BTreeMap<Kind, u64>,
-    decode_errors: u64,
-    findings: BTreeMap<FindingKind, u64>,
+/// The attach plan as the log header records it.
+pub fn plan_entries(plan: &kernel::AttachPlan) -> Vec<PlanEntry> {
+    plan.probes
+        .iter()
+        .map(|p| PlanEntry {
+            program: p.program.to_owned(),
+            target: p.target.clone(),
+            attach: p.attach.to_string(),
+        })
+        .collect()
 }
 
-/// The live pipeline after decoding: detector, counts, output.
-struct Pipeline {
-    detector: Detector,
-    findings: Vec<Finding>,
-    tally: Tally,
-    out: Output,
-}
-
-impl Pipeline {
-    fn event(&mut self, ev: &Event) {
-        *self.tally.by_kind.entry(ev.kind).or_default() += 1;
-        self.out.event(ev);
-        self.detector.observe(ev, &mut self.findings);
-        for f in self.findings.drain(..) {
-            *self.tally.findings.entry(f.kind).or_default() += 1;
-            self.out.finding(&f);
+/// Builds the pipeline: stdout stream, recorder and flight recorder.
+pub fn build_pipeline(
+    stdout: Option<bool>,
+    record: Option<&RecordOptions>,
+    header: Header,
+    live_clock: bool,
+) -> Result<Pipeline, Failure> {
+    let (recorder, flight) = match record {
+        Some(r) => {
+            let recorder = Recorder::open(&r.dir, r.config, header.clone(), live_clock)
+                .map_err(|e| anyhow!("can't record the event log: {e}"))?;
+            let flight = (r.flight_events > 0)
+                .then(|| FlightRecorder::new(r.dir.clone(), r.flight_events, header));
+            (Some(recorder), flight)
         }
-    }
-}
-
-struct Output {
-    out: io::BufWriter<io::Stdout>,
-    json: bool,
-    /// stdout was closed (e.g. `| head`): stop writing, keep counting.
-    closed: bool,
-}
-
-impl Output {
-    fn event(&mut self, ev: &Event) {
-        if self.closed {
-            return;
-        }
-        let r = if self.json {
-            writeln!(self.out, "{}", ev.to_json_record())
-        } else {
-            writeln!(self.out, "{}", ev.to_line())
-        };
-        if r.is_err() {
-            self.closed = true;
-        }
-    }
-
-    fn finding(&mut self, f: &Finding) {
-        if self.closed {
-            return;
-        }
-        let r = if self.json {
-            writeln!(self.out, "{}", f.to_json_record())
-        } else {
-            write!(self.out, "{}", f.to_text())
-        };
-        if r.is_err() {
-            self.closed = true;
-        }
-    }
-
-    fn flush(&mut self) {
-        if !self.closed && self.out.flush().is_err() {
-            self.closed = true;
-        }
-    }
+        None => (None, None),
+    };
+    Ok(Pipeline::new(stdout.map(Output::new), recorder, flight))
 }
 
 fn drain(rb: &mut RingBuf<MapData>, p: &mut Pipeline) {
@@ -138,7 +119,6 @@ fn drain(rb: &mut RingBuf<MapData>, p: &mut Pipeline) {
             }
         }
     }
-    p.out.flush();
 }
 
 /// Says on stderr what attached, what failed and what is off.
@@ -172,6 +152,9 @@ fn report_attach(
     {
         eprintln!("tracer: off      {:<28} {}", p.program, p.reason);
     }
+    if let Some(r) = &opts.record {
+        eprintln!("tracer: recording the event log in {}", r.dir.display());
+    }
     eprintln!(
         "tracer: attached {} probe(s) in {} ms ({} ms since launch); streaming{}",
         session.attached.len(),
@@ -183,16 +166,53 @@ fn report_attach(
     Ok(())
 }
 
-async fn watch(plan: &kernel::AttachPlan, opts: &WatchOptions) -> Result<(), Failure> {
-    let mut session = Session::start(plan, opts.ringbuf_bytes).map_err(Failure::from)?;
-    report_attach(&session, plan, opts)?;
+/// Turns growth of the probes' drop counters into loss records.
+struct LossWatch {
+    last: BTreeMap<&'static str, u64>,
+    last_decode_errors: u64,
+    since_ns: u64,
+}
 
+impl LossWatch {
+    fn poll(&mut self, counters: &Counters, p: &mut Pipeline) {
+        let now = ClockPair::now().monotonic_ns;
+        for (name, c) in &counters.probes {
+            let prev = self.last.insert(name, c.reserve_failed).unwrap_or(0);
+            if c.reserve_failed > prev {
+                p.loss(&Loss {
+                    probe: (*name).to_owned(),
+                    from_ns: self.since_ns,
+                    to_ns: now,
+                    lost: c.reserve_failed - prev,
+                    reason: "ring buffer full".into(),
+                });
+            }
+        }
+        if p.tally.decode_errors > self.last_decode_errors {
+            p.loss(&Loss {
+                probe: "decoder".into(),
+                from_ns: self.since_ns,
+                to_ns: now,
+                lost: p.tally.decode_errors - self.last_decode_errors,
+                reason: "undecodable ring-buffer record".into(),
+            });
+            self.last_decode_errors = p.tally.decode_errors;
+        }
+        self.since_ns = now;
+    }
+}
+
+type Logs = AsyncFd<aya_log::EbpfLogger<&'static dyn log::Log>>;
+
+/// The event ring buffer and the programs' log buffer, registered with
+/// tokio.
+fn register(session: &mut Session) -> Result<(AsyncFd<RingBuf<MapData>>, Option<Logs>), Failure> {
     let rb = session.take_events().map_err(Failure::from)?;
     // SAFETY: the ring buffer owns its map fd (an OwnedFd inside MapData),
     // which stays open and unchanged until the AsyncFd drops it.
-    let mut events = unsafe { AsyncFd::register_with_interest(rb, Interest::READABLE) }
+    let events = unsafe { AsyncFd::register_with_interest(rb, Interest::READABLE) }
         .map_err(|e| anyhow!("ring buffer fd: {e}"))?;
-    let mut logs = match session.logger.take() {
+    let logs = match session.logger.take() {
         // SAFETY: as above, the logger owns its ring buffer's fd.
         Some(l) => Some(
             unsafe { AsyncFd::register_with_interest(l, Interest::READABLE) }
@@ -200,20 +220,31 @@ async fn watch(plan: &kernel::AttachPlan, opts: &WatchOptions) -> Result<(), Fai
         ),
         None => None,
     };
-    let mut p = Pipeline {
-        detector: Detector::new(DetectorConfig::default()),
-        findings: Vec::new(),
-        tally: Tally::default(),
-        out: Output {
-            out: io::BufWriter::with_capacity(64 * 1024, io::stdout()),
-            json: opts.json,
-            closed: false,
-        },
-    };
+    Ok((events, logs))
+}
+
+async fn watch(plan: &kernel::AttachPlan, opts: &WatchOptions) -> Result<(), Failure> {
+    let header = Header::for_this_host(
+        "live".into(),
+        plan.kernel_release.clone(),
+        plan_entries(plan),
+    );
+    let mut p = build_pipeline(opts.stdout, opts.record.as_ref(), header, true)?;
+    let mut session = Session::start(plan, opts.ringbuf_bytes).map_err(Failure::from)?;
+    report_attach(&session, plan, opts)?;
+
+    let (mut events, mut logs) = register(&mut session)?;
     let started = Instant::now();
     let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("SIGTERM handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut losses = LossWatch {
+        last: BTreeMap::new(),
+        last_decode_errors: 0,
+        since_ns: ClockPair::now().monotonic_ns,
+    };
     let sleep = async {
         match deadline {
             Some(d) => tokio::time::sleep_until(d).await,
@@ -239,24 +270,48 @@ async fn watch(plan: &kernel::AttachPlan, opts: &WatchOptions) -> Result<(), Fai
                 guard.get_inner_mut().flush();
                 guard.clear_ready();
             }
-            _ = tokio::signal::ctrl_c() => break,
+            _ = tick.tick() => {
+                let counters = session.counters().map_err(Failure::from)?;
+                losses.poll(&counters, &mut p);
+            }
+            _ = sighup.recv() => {
+                if let Some(r) = p.recorder.as_mut() {
+                    r.reopen().map_err(|e| anyhow!("reopening the event log: {e}"))?;
+                    eprintln!("tracer: SIGHUP: reopened the event log");
+                }
+            }
+            _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             () = &mut sleep => break,
         }
-        if p.out.closed {
+        p.end_batch(ClockPair::now().monotonic_ns)
+            .map_err(|e| anyhow!("writing the event log: {e}"))?;
+        if p.stdout_closed() {
             break;
         }
     }
     // Nothing recorded is lost: drain what is left before detaching.
     drain(events.get_mut(), &mut p);
     let counters = session.counters().map_err(Failure::from)?;
+    losses.poll(&counters, &mut p);
     let elapsed = started.elapsed();
     let gate_attached = session
         .attached
         .iter()
         .any(|(p, _, _)| *p == ProbeId::KvmEntry);
     drop(session);
-    summarize(&mut p.out, &p.tally, &counters, elapsed);
+    p.end_batch(ClockPair::now().monotonic_ns)
+        .map_err(|e| anyhow!("writing the event log: {e}"))?;
+    let rec = p
+        .finish()
+        .map_err(|e| anyhow!("closing the event log: {e}"))?;
+    summarize(&mut p, &counters, elapsed);
+    if let Some(rec) = rec {
+        eprintln!(
+            "tracer: event log: {} record(s), {} bytes in {} segment(s), {} dropped",
+            rec.records, rec.bytes, rec.segments_opened, rec.dropped
+        );
+    }
     if let Some(warning) = blind_gate(gate_attached, &counters) {
         eprintln!("tracer: warning: {warning}");
     }
@@ -280,38 +335,33 @@ pub fn blind_gate(gate_attached: bool, counters: &Counters) -> Option<String> {
     })
 }
 
-fn summarize(out: &mut Output, tally: &Tally, counters: &Counters, elapsed: Duration) {
+fn summarize(p: &mut Pipeline, counters: &Counters, elapsed: Duration) {
+    let tally: &Tally = &p.tally;
     let total: u64 = tally.by_kind.values().sum();
     let dropped = counters.reserve_failed();
-    if out.json {
-        let summary = serde_json::json!({
-            "record": "summary",
-            "duration_s": elapsed.as_secs_f64(),
-            "events": tally.by_kind.iter().map(|(k, v)| (k.name(), v)).collect::<BTreeMap<_, _>>(),
-            "events_total": total,
-            "decode_errors": tally.decode_errors,
-            "findings": tally.findings.iter().map(|(k, v)| (k.name(), v)).collect::<BTreeMap<_, _>>(),
-            "dropped": dropped,
-            "probes": counters.probes.iter().map(|(name, c)| serde_json::json!({
-                "program": name,
-                "hits": c.hits,
-                "emitted": c.emitted,
-                "reserve_failed": c.reserve_failed,
-                "read_failed": c.read_failed,
-                "unpaired": c.unpaired,
-            })).collect::<Vec<_>>(),
-            "kvm_entry": {
-                "entries": counters.entry.entries,
-                "tdx_entries": counters.entry.tdx_entries,
-                "forbidden_entries": counters.entry.forbidden_entries,
-                "slow_path": counters.entry.slow_path,
-            },
-        });
-        if !out.closed {
-            let _ = writeln!(out.out, "{summary}");
-        }
-        out.flush();
-    }
+    let json = serde_json::json!({
+        "record": "summary",
+        "duration_s": elapsed.as_secs_f64(),
+        "events": tally.by_kind.iter().map(|(k, v)| (k.name(), v)).collect::<BTreeMap<_, _>>(),
+        "events_total": total,
+        "decode_errors": tally.decode_errors,
+        "findings": tally.findings.iter().map(|(k, v)| (k.name(), v)).collect::<BTreeMap<_, _>>(),
+        "dropped": dropped,
+        "probes": counters.probes.iter().map(|(name, c)| serde_json::json!({
+            "program": name,
+            "hits": c.hits,
+            "emitted": c.emitted,
+            "reserve_failed": c.reserve_failed,
+            "read_failed": c.read_failed,
+            "unpaired": c.unpaired,
+        })).collect::<Vec<_>>(),
+        "kvm_entry": {
+            "entries": counters.entry.entries,
+            "tdx_entries": counters.entry.tdx_entries,
+            "forbidden_entries": counters.entry.forbidden_entries,
+            "slow_path": counters.entry.slow_path,
+        },
+    });
     let mut e = io::stderr().lock();
     let _ = writeln!(
         e,
@@ -350,4 +400,11 @@ fn summarize(out: &mut Output, tally: &Tally, counters: &Counters, elapsed: Dura
         counters.entry.forbidden_entries,
         counters.entry.slow_path
     );
+    drop(e);
+    if let Some(o) = p.out.as_mut()
+        && o.is_json()
+    {
+        o.write_raw(&format!("{json}\n"));
+        o.flush();
+    }
 }

@@ -1,0 +1,337 @@
+//! Reading event logs: files, folders of rotated segments (in order),
+//! zstd-compressed segments, and stdin. Bad input never stops the read:
+//! each problem is reported with its file and line, the valid records
+//! around it are still delivered, and the skipped lines are counted.
+
+use std::{
+    io::{self, BufRead, BufReader, Read},
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+use super::{Header, Loss, SCHEMA_VERSION, writer::list_segments};
+use crate::{detector::Finding, event::Event};
+
+/// Longest line accepted; longer ones (binary data) are skipped.
+const MAX_LINE: u64 = 1 << 20;
+
+/// One record of the log.
+#[derive(Debug)]
+pub enum Record {
+    Header(Box<Header>),
+    Event(Box<Event>),
+    Finding(Box<Finding>),
+    Loss(Loss),
+    /// `watch --json` summaries: not part of the log's content.
+    Summary,
+}
+
+/// What went wrong where.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProblemKind {
+    /// A line that is not a valid record; skipped.
+    BadLine,
+    /// The last line stops mid-record: the writer was stopped mid-write.
+    TornLine,
+    /// A line that is not UTF-8 text (or too long to be a record).
+    Binary,
+    /// The header names a schema this build can't read; file skipped.
+    WrongSchema,
+    /// The file does not start with a header; read as the current schema.
+    NoHeader,
+    /// The file has no records.
+    Empty,
+    /// The file can't be opened or decompressed.
+    BadFile,
+}
+
+#[derive(Clone, Debug)]
+pub struct Problem {
+    pub source: String,
+    pub line: Option<u64>,
+    pub kind: ProblemKind,
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.line {
+            Some(l) => write!(f, "{}:{l}: {}", self.source, self.message),
+            None => write!(f, "{}: {}", self.source, self.message),
+        }
+    }
+}
+
+/// Totals of a read.
+#[derive(Clone, Debug, Default)]
+pub struct ReadStats {
+    pub files: u64,
+    pub records: u64,
+    pub events: u64,
+    /// Lines skipped (bad, binary, torn).
+    pub skipped_lines: u64,
+    pub torn_lines: u64,
+    pub problems: Vec<Problem>,
+}
+
+/// Why the inputs can't be read at all.
+#[derive(Debug, thiserror::Error)]
+pub enum InputError {
+    #[error("{0}: no such file or folder")]
+    Missing(PathBuf),
+    #[error("{0}: no event logs in this folder (looked for events-*.jsonl and events-*.jsonl.zst)")]
+    EmptyDir(PathBuf),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Files to read, in order: folders expand to their segments, oldest first;
+/// `-` is stdin.
+pub fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, InputError> {
+    let mut out = Vec::new();
+    for input in inputs {
+        if input == Path::new("-") {
+            out.push(input.clone());
+        } else if input.is_dir() {
+            let segs = list_segments(input).map_err(|source| InputError::Io {
+                path: input.clone(),
+                source,
+            })?;
+            if segs.is_empty() {
+                return Err(InputError::EmptyDir(input.clone()));
+            }
+            out.extend(segs.into_iter().map(|(p, _)| p));
+        } else if input.exists() {
+            out.push(input.clone());
+        } else {
+            return Err(InputError::Missing(input.clone()));
+        }
+    }
+    Ok(out)
+}
+
+#[derive(Deserialize)]
+struct Tag<'a> {
+    #[serde(borrow)]
+    record: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// Reads every input in order, handing each record to `on_record`.
+pub fn read_all(
+    inputs: &[PathBuf],
+    stats: &mut ReadStats,
+    mut on_record: impl FnMut(&str, Record),
+) {
+    for path in inputs {
+        stats.files += 1;
+        let source = if path == Path::new("-") {
+            "<stdin>".to_owned()
+        } else {
+            path.display().to_string()
+        };
+        let problem = |kind, message: String| Problem {
+            source: source.clone(),
+            line: None,
+            kind,
+            message,
+        };
+        let reader: Box<dyn Read> = if path == Path::new("-") {
+            Box::new(io::stdin().lock())
+        } else {
+            match std::fs::File::open(path) {
+                Ok(f) if path.extension().is_some_and(|e| e == "zst") => {
+                    match zstd::Decoder::new(f) {
+                        Ok(d) => Box::new(d),
+                        Err(e) => {
+                            stats
+                                .problems
+                                .push(problem(ProblemKind::BadFile, format!("not zstd data: {e}")));
+                            continue;
+                        }
+                    }
+                }
+                Ok(f) => Box::new(f),
+                Err(e) => {
+                    stats
+                        .problems
+                        .push(problem(ProblemKind::BadFile, format!("can't open: {e}")));
+                    continue;
+                }
+            }
+        };
+        read_one(
+            &source,
+            BufReader::with_capacity(256 * 1024, reader),
+            stats,
+            &mut on_record,
+        );
+    }
+}
+
+/// Reads one file's lines.
+pub fn read_one(
+    source: &str,
+    mut reader: impl BufRead,
+    stats: &mut ReadStats,
+    on_record: &mut impl FnMut(&str, Record),
+) {
+    let mut buf = Vec::with_capacity(1024);
+    let mut lineno = 0u64;
+    let mut records_here = 0u64;
+    let mut pending: Option<(u64, Problem)> = None;
+    loop {
+        buf.clear();
+        let n = match (&mut reader).take(MAX_LINE + 1).read_until(b'\n', &mut buf) {
+            Ok(n) => n,
+            Err(e) => {
+                stats.problems.push(Problem {
+                    source: source.to_owned(),
+                    line: Some(lineno + 1),
+                    kind: ProblemKind::BadFile,
+                    message: format!("read failed (corrupt or truncated compressed data?): {e}"),
+                });
+                break;
+            }
+        };
+        if n == 0 {
+            break;
+        }
+        lineno += 1;
+        // A problem on the line before this one was not the last line after
+        // all: it is a bad line, not a torn one.
+        if let Some((_, p)) = pending.take() {
+            stats.problems.push(p);
+        }
+        let complete = buf.last() == Some(&b'\n');
+        if !complete && n as u64 > MAX_LINE {
+            // Skip the rest of an overlong line.
+            let mut sink = Vec::new();
+            let _ = reader.read_until(b'\n', &mut sink);
+        }
+        let bad = |kind, message: String| Problem {
+            source: source.to_owned(),
+            line: Some(lineno),
+            kind,
+            message,
+        };
+        let Ok(text) = std::str::from_utf8(&buf) else {
+            stats.skipped_lines += 1;
+            stats.problems.push(bad(
+                ProblemKind::Binary,
+                "not UTF-8 text (binary data?); skipped".into(),
+            ));
+            continue;
+        };
+        if n as u64 > MAX_LINE {
+            stats.skipped_lines += 1;
+            stats.problems.push(bad(
+                ProblemKind::Binary,
+                format!("line longer than {MAX_LINE} bytes; skipped"),
+            ));
+            continue;
+        }
+        let text = text.trim_end();
+        if text.is_empty() {
+            continue;
+        }
+        match parse(text) {
+            Ok(record) => {
+                if records_here == 0
+                    && let Some(p) = first_record_problem(&record)
+                {
+                    let fatal = p.0 == ProblemKind::WrongSchema;
+                    stats.problems.push(bad(p.0, p.1));
+                    if fatal {
+                        return;
+                    }
+                }
+                records_here += 1;
+                stats.records += 1;
+                if matches!(record, Record::Event(_)) {
+                    stats.events += 1;
+                }
+                on_record(source, record);
+            }
+            Err(e) => {
+                stats.skipped_lines += 1;
+                let p = bad(ProblemKind::BadLine, format!("{e}; skipped"));
+                if complete {
+                    stats.problems.push(p);
+                } else {
+                    // No newline: maybe the torn last line of a crash.
+                    pending = Some((lineno, p));
+                }
+            }
+        }
+    }
+    finish_file(source, lineno, pending, stats);
+}
+
+/// The end of a file: a pending bad last line is a torn one; no line at
+/// all is an empty file.
+fn finish_file(source: &str, lines: u64, pending: Option<(u64, Problem)>, stats: &mut ReadStats) {
+    if let Some((line, mut p)) = pending {
+        stats.torn_lines += 1;
+        p.kind = ProblemKind::TornLine;
+        p.message = format!(
+            "the last line (line {line}) stops mid-record: the writer was stopped while \
+             writing; the records before it are intact"
+        );
+        stats.problems.push(p);
+    }
+    if lines == 0 {
+        stats.problems.push(Problem {
+            source: source.to_owned(),
+            line: None,
+            kind: ProblemKind::Empty,
+            message: "file is empty".into(),
+        });
+    }
+}
+
+/// What is wrong with a file's first record, if anything.
+fn first_record_problem(record: &Record) -> Option<(ProblemKind, String)> {
+    match record {
+        Record::Header(h) if h.schema != SCHEMA_VERSION => Some((
+            ProblemKind::WrongSchema,
+            format!(
+                "schema version {}, but this tracer reads version {SCHEMA_VERSION}; file skipped",
+                h.schema
+            ),
+        )),
+        Record::Header(_) => None,
+        _ => Some((
+            ProblemKind::NoHeader,
+            format!(
+                "the first record is not a header; reading the file as schema {SCHEMA_VERSION}"
+            ),
+        )),
+    }
+}
+
+/// Parses one record line.
+pub fn parse(text: &str) -> Result<Record, String> {
+    let tag: Tag<'_> =
+        serde_json::from_str(text).map_err(|e| format!("not a JSON record ({e})"))?;
+    let kind = tag.record.ok_or_else(|| "no \"record\" field".to_owned())?;
+    let bad = |what: &str, e: serde_json::Error| format!("bad {what} record ({e})");
+    Ok(match kind.as_ref() {
+        "event" => Record::Event(Box::new(
+            serde_json::from_str(text).map_err(|e| bad("event", e))?,
+        )),
+        "finding" => Record::Finding(Box::new(
+            serde_json::from_str(text).map_err(|e| bad("finding", e))?,
+        )),
+        "loss" => Record::Loss(serde_json::from_str(text).map_err(|e| bad("loss", e))?),
+        "header" => Record::Header(Box::new(
+            serde_json::from_str(text).map_err(|e| bad("header", e))?,
+        )),
+        "summary" => Record::Summary,
+        other => return Err(format!("unknown record type {other:?}")),
+    })
+}

@@ -1,0 +1,541 @@
+//! Writing the event log: segments, rotation, compression, retention, and
+//! the disk guard.
+//!
+//! Crash safety: records are appended whole and flushed to the kernel after
+//! every batch (`flush`), so a `kill -9` loses at most the batch being
+//! written; a torn last line is detected by the reader. `fsync` is a policy:
+//! never, every interval (the default, 1 s), or after every batch.
+
+use std::{
+    fs::{self, File, OpenOptions},
+    io::{self, BufWriter, Write as _},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+
+use super::{Header, Loss, SEGMENT_PREFIX};
+use crate::{detector::Finding, event::Event};
+
+/// When the log reaches stable storage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FsyncPolicy {
+    /// Leave it to the kernel's writeback.
+    Never,
+    /// At most once per interval, after a batch.
+    Interval(Duration),
+    /// After every batch.
+    Always,
+}
+
+/// Rotation and retention. The defaults keep at most ~1 GiB of compressed
+/// history (months of a quiet host) and never fill a disk.
+#[derive(Clone, Copy, Debug)]
+pub struct RecordConfig {
+    /// Rotate when a segment reaches this size.
+    pub max_segment_bytes: u64,
+    /// Rotate when a segment is this old.
+    pub max_segment_age: Duration,
+    /// Keep at most this many segments (the active one included).
+    pub max_files: usize,
+    /// Keep at most this many bytes of segments.
+    pub max_total_bytes: u64,
+    /// Stop writing (and count the loss) when the filesystem has less free
+    /// space than this; old segments are pruned first.
+    pub min_free_bytes: u64,
+    pub fsync: FsyncPolicy,
+    /// Compress closed segments with zstd.
+    pub compress: bool,
+}
+
+impl Default for RecordConfig {
+    fn default() -> Self {
+        Self {
+            max_segment_bytes: 64 << 20,
+            max_segment_age: Duration::from_hours(1),
+            max_files: 200,
+            max_total_bytes: 1 << 30,
+            min_free_bytes: 512 << 20,
+            fsync: FsyncPolicy::Interval(Duration::from_secs(1)),
+            compress: true,
+        }
+    }
+}
+
+/// What the writer did, for the summary and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RecorderStats {
+    pub records: u64,
+    pub bytes: u64,
+    pub segments_opened: u64,
+    pub segments_compressed: u64,
+    pub segments_pruned: u64,
+    /// Records not written: disk guard or write errors.
+    pub dropped: u64,
+}
+
+struct Segment {
+    out: BufWriter<File>,
+    path: PathBuf,
+    bytes: u64,
+    opened: Instant,
+}
+
+/// The event log writer.
+pub struct Recorder {
+    dir: PathBuf,
+    cfg: RecordConfig,
+    header: Header,
+    current: Option<Segment>,
+    last_fsync: Instant,
+    stats: RecorderStats,
+    /// Records dropped since the last loss record, and since when.
+    pending_loss: Option<(u64, u64)>,
+    /// Background compressions still running.
+    compressors: Vec<std::thread::JoinHandle<()>>,
+    line: Vec<u8>,
+    /// Re-read the clocks for each segment's header (live recording); a
+    /// simulation keeps the header's fixed model clock.
+    live_clock: bool,
+}
+
+fn io_err(path: &Path, what: &str, e: &io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
+}
+
+impl Recorder {
+    /// Opens `dir` (created if missing) and the first segment. With
+    /// `live_clock`, each segment's header carries the clocks read when it
+    /// opens; otherwise the given header's clock is kept.
+    pub fn open(
+        dir: &Path,
+        cfg: RecordConfig,
+        header: Header,
+        live_clock: bool,
+    ) -> io::Result<Self> {
+        fs::create_dir_all(dir).map_err(|e| io_err(dir, "can't create log folder", &e))?;
+        let mut r = Self {
+            dir: dir.to_path_buf(),
+            cfg,
+            header,
+            current: None,
+            last_fsync: Instant::now(),
+            stats: RecorderStats::default(),
+            pending_loss: None,
+            compressors: Vec::new(),
+            line: Vec::with_capacity(1024),
+            live_clock,
+        };
+        r.open_segment()?;
+        Ok(r)
+    }
+
+    pub fn stats(&self) -> RecorderStats {
+        self.stats
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The active segment's path.
+    pub fn current_path(&self) -> Option<&Path> {
+        self.current.as_ref().map(|s| s.path.as_path())
+    }
+
+    fn open_segment(&mut self) -> io::Result<()> {
+        self.enforce_retention(1);
+        if !self.has_room() {
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                format!(
+                    "less than {} MiB free in {}; not opening a new log segment",
+                    self.cfg.min_free_bytes >> 20,
+                    self.dir.display()
+                ),
+            ));
+        }
+        let now = super::ClockPair::now();
+        let secs = now.realtime_ns / 1_000_000_000;
+        let name = format!(
+            "{SEGMENT_PREFIX}{}-{:06}.jsonl",
+            utc_compact(secs),
+            self.header.segment
+        );
+        let path = self.dir.join(name);
+        let file = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| io_err(&path, "can't create log segment", &e))?;
+        if self.live_clock {
+            self.header.clock = now;
+        }
+        let mut seg = Segment {
+            out: BufWriter::with_capacity(256 * 1024, file),
+            path,
+            bytes: 0,
+            opened: Instant::now(),
+        };
+        let line = self.header.to_json_record();
+        seg.out.write_all(line.as_bytes())?;
+        seg.out.write_all(b"\n")?;
+        seg.bytes += line.len() as u64 + 1;
+        seg.out.flush()?;
+        self.header.segment += 1;
+        self.current = Some(seg);
+        self.stats.segments_opened += 1;
+        Ok(())
+    }
+
+    fn has_room(&self) -> bool {
+        free_bytes(&self.dir).is_none_or(|free| free >= self.cfg.min_free_bytes)
+    }
+
+    /// Appends one record line (without newline).
+    fn append(&mut self, ts_ns: u64, line: &[u8]) {
+        let Some(seg) = self.current.as_mut() else {
+            self.drop_record(ts_ns);
+            return;
+        };
+        let ok = seg
+            .out
+            .write_all(line)
+            .and_then(|()| seg.out.write_all(b"\n"));
+        if ok.is_ok() {
+            seg.bytes += line.len() as u64 + 1;
+            self.stats.records += 1;
+            self.stats.bytes += line.len() as u64 + 1;
+        } else {
+            self.drop_record(ts_ns);
+        }
+    }
+
+    fn drop_record(&mut self, ts_ns: u64) {
+        self.stats.dropped += 1;
+        let (n, from) = self.pending_loss.unwrap_or((0, ts_ns));
+        self.pending_loss = Some((n + 1, from));
+    }
+
+    pub fn event(&mut self, ev: &Event) {
+        let mut line = std::mem::take(&mut self.line);
+        line.clear();
+        ev.write_json_record(&mut line);
+        self.append(ev.ts_ns, &line);
+        self.line = line;
+    }
+
+    pub fn finding(&mut self, f: &Finding) {
+        self.append(f.ts_ns, f.to_json_record().as_bytes());
+    }
+
+    pub fn loss(&mut self, l: &Loss) {
+        self.append(l.to_ns, l.to_json_record().as_bytes());
+    }
+
+    /// Ends a batch: hands the data to the kernel, fsyncs per policy,
+    /// rotates when due, and writes a loss record for anything dropped.
+    pub fn flush(&mut self, now_ns: u64) -> io::Result<()> {
+        if let Some((n, from)) = self.pending_loss
+            && self.current.is_some()
+            && self.has_room()
+        {
+            self.pending_loss = None;
+            self.loss(&Loss {
+                probe: "recorder".into(),
+                from_ns: from,
+                to_ns: now_ns,
+                lost: n,
+                reason: "the log could not be written (disk full or write error)".into(),
+            });
+        }
+        let Some(seg) = self.current.as_mut() else {
+            // Try again: space may have come back.
+            if self.has_room() {
+                self.open_segment()?;
+            }
+            return Ok(());
+        };
+        seg.out.flush()?;
+        let sync = match self.cfg.fsync {
+            FsyncPolicy::Never => false,
+            FsyncPolicy::Always => true,
+            FsyncPolicy::Interval(d) => self.last_fsync.elapsed() >= d,
+        };
+        if sync {
+            seg.out.get_ref().sync_data()?;
+            self.last_fsync = Instant::now();
+        }
+        let due = seg.bytes >= self.cfg.max_segment_bytes
+            || seg.opened.elapsed() >= self.cfg.max_segment_age;
+        if due {
+            self.rotate()?;
+        } else if !self.has_room() {
+            // The disk filled up under us: prune, else stop writing.
+            self.enforce_retention(0);
+            if !self.has_room() {
+                self.close_current()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes the active segment (compressing it) and opens a new one.
+    pub fn rotate(&mut self) -> io::Result<()> {
+        self.close_current()?;
+        match self.open_segment() {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::StorageFull => {
+                eprintln!("tracer: warning: {e}; recording pauses and losses are counted");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reopens the log (SIGHUP): a new segment, the old one closed.
+    pub fn reopen(&mut self) -> io::Result<()> {
+        self.rotate()
+    }
+
+    fn close_current(&mut self) -> io::Result<()> {
+        let Some(mut seg) = self.current.take() else {
+            return Ok(());
+        };
+        seg.out.flush()?;
+        seg.out.get_ref().sync_data()?;
+        drop(seg.out);
+        if self.cfg.compress {
+            let path = seg.path;
+            self.compressors.retain(|h| !h.is_finished());
+            self.compressors.push(std::thread::spawn(move || {
+                if let Err(e) = compress_segment(&path) {
+                    eprintln!("tracer: warning: compressing {}: {e}", path.display());
+                }
+            }));
+            self.stats.segments_compressed += 1;
+        }
+        Ok(())
+    }
+
+    /// Deletes the oldest segments beyond the count and size limits,
+    /// leaving room for `reserve` more files.
+    fn enforce_retention(&mut self, reserve: usize) {
+        let Ok(mut segs) = list_segments(&self.dir) else {
+            return;
+        };
+        let active = self.current.as_ref().map(|s| s.path.clone());
+        segs.retain(|(p, _)| Some(p) != active.as_ref());
+        let mut total: u64 = segs.iter().map(|(_, len)| len).sum();
+        let mut count = segs.len() + usize::from(active.is_some()) + reserve;
+        for (path, len) in &segs {
+            let over =
+                count > self.cfg.max_files || total > self.cfg.max_total_bytes || !self.has_room();
+            if !over {
+                break;
+            }
+            if fs::remove_file(path).is_ok() {
+                self.stats.segments_pruned += 1;
+                total -= len;
+                count -= 1;
+            }
+        }
+    }
+
+    /// Flushes, fsyncs and closes; waits for compressions.
+    pub fn close(mut self) -> io::Result<RecorderStats> {
+        self.close_current()?;
+        for h in self.compressors.drain(..) {
+            let _ = h.join();
+        }
+        Ok(self.stats)
+    }
+}
+
+/// `X.jsonl` → `X.jsonl.zst`, atomically (temp file, fsync, rename).
+pub fn compress_segment(path: &Path) -> io::Result<()> {
+    let mut zst = path.as_os_str().to_owned();
+    zst.push(".zst");
+    let zst = PathBuf::from(zst);
+    let mut tmp = zst.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    {
+        let input = File::open(path)?;
+        let output = File::create(&tmp)?;
+        let mut enc = zstd::Encoder::new(BufWriter::new(output), 3)?;
+        io::copy(&mut io::BufReader::new(input), &mut enc)?;
+        let out = enc.finish()?;
+        out.into_inner()
+            .map_err(io::IntoInnerError::into_error)?
+            .sync_all()?;
+    }
+    fs::rename(&tmp, &zst)?;
+    fs::remove_file(path)
+}
+
+/// Segments in `dir`, oldest first, with their sizes.
+#[expect(
+    clippy::case_sensitive_file_extension_comparisons,
+    reason = "the writer names segments itself, in lower case"
+)]
+pub fn list_segments(dir: &Path) -> io::Result<Vec<(PathBuf, u64)>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else {
+            continue;
+        };
+        if name.starts_with(SEGMENT_PREFIX)
+            && (name.ends_with(".jsonl") || name.ends_with(".jsonl.zst"))
+        {
+            out.push((entry.path(), entry.metadata().map_or(0, |m| m.len())));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Free bytes for unprivileged users on the filesystem of `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs fills the zeroed struct we pass for a NUL-terminated
+    // path; the result is checked.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let ret = unsafe { libc::statvfs(c.as_ptr(), &raw mut st) };
+    (ret == 0).then(|| st.f_bavail * st.f_frsize)
+}
+
+/// `YYYYMMDDTHHMMSSZ` for seconds since the epoch (UTC).
+pub fn utc_compact(secs: u64) -> String {
+    let (y, mo, d, h, mi, s) = civil(secs);
+    format!("{y:04}{mo:02}{d:02}T{h:02}{mi:02}{s:02}Z")
+}
+
+/// RFC 3339 UTC with microseconds for nanoseconds since the epoch.
+pub fn utc_rfc3339(ns: u64) -> String {
+    let (y, mo, d, h, mi, s) = civil(ns / 1_000_000_000);
+    format!(
+        "{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{:06}Z",
+        (ns % 1_000_000_000) / 1000
+    )
+}
+
+/// Parses `YYYY-MM-DDTHH:MM:SS[.fraction](Z|+00:00)` (UTC) or seconds
+/// since the epoch, into nanoseconds since the epoch.
+pub fn parse_time(text: &str) -> Result<u64, String> {
+    if let Ok(secs) = text.parse::<f64>()
+        && secs >= 0.0
+        && secs.is_finite()
+    {
+        return Ok((secs * 1e9) as u64);
+    }
+    let err =
+        || format!("{text:?} is not a time like 2026-11-28T04:14:21Z or seconds since the epoch");
+    let utc = text
+        .strip_suffix('Z')
+        .or_else(|| text.strip_suffix("+00:00"))
+        .ok_or_else(err)?;
+    let (date, clock) = utc.split_once(['T', ' ']).ok_or_else(err)?;
+    let mut parts = date.split('-').map(str::parse::<i64>);
+    let (Some(Ok(year)), Some(Ok(month)), Some(Ok(day)), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(err());
+    };
+    let (hms, frac) = clock.split_once('.').unwrap_or((clock, ""));
+    let mut parts = hms.split(':').map(str::parse::<u64>);
+    let (Some(Ok(hour)), Some(Ok(minute)), Some(Ok(second)), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(err());
+    };
+    if !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
+        return Err(err());
+    }
+    let nanos = if frac.is_empty() {
+        0
+    } else {
+        let digits: String = frac.chars().take(9).collect();
+        let value: u64 = digits.parse().map_err(|_| err())?;
+        value * 10u64.pow(9 - digits.len() as u32)
+    };
+    let days = u64::try_from(days_from_civil(year, month, day)).map_err(|_| err())?;
+    Ok((days * 86_400 + hour * 3600 + minute * 60 + second) * 1_000_000_000 + nanos)
+}
+
+/// Days since 1970-01-01 of a date (Howard Hinnant's days_from_civil).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let yoe = year.rem_euclid(400);
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// Calendar fields of a UTC time (Howard Hinnant's civil_from_days).
+fn civil(secs: u64) -> (i64, u32, u32, u32, u32, u32) {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (
+        y,
+        m,
+        d,
+        (rem / 3600) as u32,
+        ((rem % 3600) / 60) as u32,
+        (rem % 60) as u32,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_formatting() {
+        assert_eq!(utc_compact(0), "19700101T000000Z");
+        // 2026-11-28T04:14:21Z
+        assert_eq!(utc_compact(1_795_839_261), "20261128T041421Z");
+        assert_eq!(
+            utc_rfc3339(1_795_839_261_123_456_789),
+            "2026-11-28T04:14:21.123456Z"
+        );
+        // A leap day.
+        assert_eq!(utc_compact(1_709_164_800), "20240229T000000Z");
+    }
+
+    #[test]
+    fn time_parsing_round_trips() {
+        for ns in [0, 1_709_164_800_000_000_000, 1_795_839_261_123_456_000] {
+            assert_eq!(parse_time(&utc_rfc3339(ns)), Ok(ns));
+        }
+        assert_eq!(
+            parse_time("2026-11-28T04:14:21Z"),
+            Ok(1_795_839_261_000_000_000)
+        );
+        assert_eq!(parse_time("1795839261.5"), Ok(1_795_839_261_500_000_000));
+        assert!(parse_time("yesterday").is_err());
+        assert!(parse_time("2026-13-01T00:00:00Z").is_err());
+    }
+}

@@ -1,0 +1,305 @@
+//! What happens to each decoded event, live or simulated: the detector, the
+//! stdout stream, the event log, and the flight recorder. No eBPF here, so
+//! `watch`, `run` and `simulate --record` share it.
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    io::{self, Write as _},
+    path::PathBuf,
+};
+
+use crate::{
+    detector::{Detector, DetectorConfig, Finding, FindingKind},
+    event::{Event, Kind},
+    log::{
+        Header, Loss,
+        writer::{Recorder, RecorderStats, utc_compact},
+    },
+};
+
+/// What the stream saw, for the summary.
+#[derive(Clone, Debug, Default)]
+pub struct Tally {
+    pub by_kind: BTreeMap<Kind, u64>,
+    pub decode_errors: u64,
+    pub findings: BTreeMap<FindingKind, u64>,
+    pub lost: u64,
+    pub incidents: u64,
+}
+
+/// The stdout stream: readable lines or JSON lines.
+pub struct Output {
+    out: io::BufWriter<io::Stdout>,
+    json: bool,
+    /// stdout was closed (e.g. `| head`): stop writing, keep counting.
+    pub closed: bool,
+}
+
+impl Output {
+    pub fn new(json: bool) -> Self {
+        Self {
+            out: io::BufWriter::with_capacity(64 * 1024, io::stdout()),
+            json,
+            closed: false,
+        }
+    }
+
+    fn write(&mut self, s: &str) {
+        if !self.closed && self.out.write_all(s.as_bytes()).is_err() {
+            self.closed = true;
+        }
+    }
+
+    fn event(&mut self, ev: &Event) {
+        if self.closed {
+            return;
+        }
+        let line = if self.json {
+            ev.to_json_record()
+        } else {
+            ev.to_line()
+        };
+        self.write(&line);
+        self.write("\n");
+    }
+
+    fn finding(&mut self, f: &Finding) {
+        if self.json {
+            self.write(&(f.to_json_record() + "\n"));
+        } else {
+            self.write(&f.to_text());
+        }
+    }
+
+    fn loss(&mut self, l: &Loss) {
+        if self.json {
+            self.write(&(l.to_json_record() + "\n"));
+        } else {
+            self.write(&format!(
+                "LOSS {} events lost by {} between {} and {} ns: {}\n",
+                l.lost, l.probe, l.from_ns, l.to_ns, l.reason
+            ));
+        }
+    }
+
+    pub fn is_json(&self) -> bool {
+        self.json
+    }
+
+    pub fn write_raw(&mut self, s: &str) {
+        self.write(s);
+    }
+
+    pub fn flush(&mut self) {
+        if !self.closed && self.out.flush().is_err() {
+            self.closed = true;
+        }
+    }
+}
+
+/// The last events of each VM, written to an incident file beside the log
+/// when a finding fires, ready to attach to a bug report.
+pub struct FlightRecorder {
+    dir: PathBuf,
+    per_vm: usize,
+    rings: HashMap<u64, VecDeque<Event>>,
+    /// Incident files written; capped so a flood of findings can't fill
+    /// the disk.
+    written: u64,
+    max_files: u64,
+    /// When each (VM, kind) last got an incident file: at most one per
+    /// `quiet_ns` (event time).
+    last_incident: HashMap<(u64, FindingKind), u64>,
+    quiet_ns: u64,
+    /// Findings that got no file (rate limit or cap).
+    pub suppressed: u64,
+    header: Header,
+}
+
+impl FlightRecorder {
+    /// VMs with a ring at most; beyond, the ring of a VM is dropped.
+    const MAX_VMS: usize = 4096;
+
+    pub fn new(dir: PathBuf, per_vm: usize, header: Header) -> Self {
+        Self {
+            dir,
+            per_vm,
+            rings: HashMap::new(),
+            written: 0,
+            max_files: 1000,
+            last_incident: HashMap::new(),
+            quiet_ns: 600_000_000_000,
+            suppressed: 0,
+            header,
+        }
+    }
+
+    fn event(&mut self, ev: &Event) {
+        let Some(kvm) = ev.kvm else {
+            return;
+        };
+        if ev.kind == Kind::VmDestroy {
+            self.rings.remove(&kvm);
+            return;
+        }
+        if self.per_vm == 0 {
+            return;
+        }
+        if !self.rings.contains_key(&kvm)
+            && self.rings.len() >= Self::MAX_VMS
+            && let Some(&victim) = self.rings.keys().next()
+        {
+            self.rings.remove(&victim);
+        }
+        let ring = self.rings.entry(kvm).or_default();
+        if ring.len() == self.per_vm {
+            ring.pop_front();
+        }
+        ring.push_back(ev.clone());
+    }
+
+    /// Writes `incident-<time>-<kind>-vmm<pid>.jsonl`; returns its path.
+    fn incident(&mut self, f: &Finding) -> io::Result<Option<PathBuf>> {
+        if f.severity < crate::detector::Severity::Warning {
+            return Ok(None);
+        }
+        let key = (f.kvm, f.kind);
+        let recent = self
+            .last_incident
+            .get(&key)
+            .is_some_and(|&t| f.ts_ns < t + self.quiet_ns);
+        if recent || self.written >= self.max_files {
+            self.suppressed += 1;
+            return Ok(None);
+        }
+        if self.last_incident.len() >= Self::MAX_VMS * 4 {
+            self.last_incident.clear();
+        }
+        self.last_incident.insert(key, f.ts_ns);
+        let clock = self.header.clock;
+        let name = format!(
+            "incident-{}-{}-{}-vmm{}.jsonl",
+            utc_compact(clock.to_realtime(f.ts_ns) / 1_000_000_000),
+            self.written,
+            f.kind.name(),
+            f.userspace_pid.unwrap_or(-1)
+        );
+        let path = self.dir.join(name);
+        let mut body = self.header.to_json_record();
+        body.push('\n');
+        if let Some(ring) = self.rings.get(&f.kvm) {
+            for ev in ring {
+                body.push_str(&ev.to_json_record());
+                body.push('\n');
+            }
+        }
+        body.push_str(&f.to_json_record());
+        body.push('\n');
+        std::fs::write(&path, body)?;
+        self.written += 1;
+        Ok(Some(path))
+    }
+}
+
+/// The pipeline.
+pub struct Pipeline {
+    detector: Detector,
+    findings: Vec<Finding>,
+    pub tally: Tally,
+    pub out: Option<Output>,
+    pub recorder: Option<Recorder>,
+    pub flight: Option<FlightRecorder>,
+}
+
+impl Pipeline {
+    pub fn new(
+        out: Option<Output>,
+        recorder: Option<Recorder>,
+        flight: Option<FlightRecorder>,
+    ) -> Self {
+        Self {
+            detector: Detector::new(DetectorConfig::default()),
+            findings: Vec::new(),
+            tally: Tally::default(),
+            out,
+            recorder,
+            flight,
+        }
+    }
+
+    pub fn detector(&self) -> &Detector {
+        &self.detector
+    }
+
+    /// stdout is gone: a streaming command should stop.
+    pub fn stdout_closed(&self) -> bool {
+        self.out.as_ref().is_some_and(|o| o.closed)
+    }
+
+    pub fn event(&mut self, ev: &Event) {
+        *self.tally.by_kind.entry(ev.kind).or_default() += 1;
+        if let Some(o) = self.out.as_mut() {
+            o.event(ev);
+        }
+        if let Some(r) = self.recorder.as_mut() {
+            r.event(ev);
+        }
+        if let Some(f) = self.flight.as_mut() {
+            f.event(ev);
+        }
+        self.detector.observe(ev, &mut self.findings);
+        for f in std::mem::take(&mut self.findings) {
+            *self.tally.findings.entry(f.kind).or_default() += 1;
+            if let Some(o) = self.out.as_mut() {
+                o.finding(&f);
+            }
+            if let Some(r) = self.recorder.as_mut() {
+                r.finding(&f);
+            }
+            if let Some(fr) = self.flight.as_mut() {
+                match fr.incident(&f) {
+                    Ok(Some(path)) => {
+                        self.tally.incidents += 1;
+                        eprintln!(
+                            "tracer: {} {}: incident file {}",
+                            f.severity.name(),
+                            f.kind.name(),
+                            path.display()
+                        );
+                    }
+                    Ok(None) => {}
+                    Err(e) => eprintln!("tracer: warning: writing the incident file: {e}"),
+                }
+            }
+        }
+    }
+
+    pub fn loss(&mut self, l: &Loss) {
+        self.tally.lost += l.lost;
+        if let Some(o) = self.out.as_mut() {
+            o.loss(l);
+        }
+        if let Some(r) = self.recorder.as_mut() {
+            r.loss(l);
+        }
+    }
+
+    /// Ends a batch: flushes stdout and the log.
+    pub fn end_batch(&mut self, now_mono_ns: u64) -> io::Result<()> {
+        if let Some(o) = self.out.as_mut() {
+            o.flush();
+        }
+        if let Some(r) = self.recorder.as_mut() {
+            r.flush(now_mono_ns)?;
+        }
+        Ok(())
+    }
+
+    /// Closes the log; returns its statistics.
+    pub fn finish(&mut self) -> io::Result<Option<RecorderStats>> {
+        if let Some(o) = self.out.as_mut() {
+            o.flush();
+        }
+        self.recorder.take().map(Recorder::close).transpose()
+    }
+}
