@@ -61,9 +61,11 @@ impl Filter {
             && self.time_ok(clock.map(|c| c.to_realtime(f.ts_ns)))
     }
 
+    /// VM-level events (no vCPU) pass the vCPU filter: a vCPU's history
+    /// includes what happened to its VM.
     pub fn event(&self, e: &Event, clock: Option<ClockPair>) -> bool {
         self.vm_ok(e.kvm, e.userspace_pid)
-            && self.vcpu_id.is_none_or(|v| e.vcpu_id == Some(v))
+            && (e.vcpu_id.is_none() || self.vcpu_id.is_none_or(|v| e.vcpu_id == Some(v)))
             && self.time_ok(clock.map(|c| c.to_realtime(e.ts_ns)))
     }
 }
@@ -254,13 +256,13 @@ impl Timeline {
                 k => k.name().to_owned(),
             };
             if ev.vcpu.is_some() {
-                let _ = writeln!(
-                    s,
+                let line = format!(
                     "{when}  vcpu {:<4} {what:<34} root={:<18} mirror={:<18}{change}",
                     ev.vcpu_id.map_or_else(|| "?".into(), |v| v.to_string()),
                     fmt(ev.root_hpa),
                     fmt(ev.mirror_root_hpa)
                 );
+                let _ = writeln!(s, "{}", line.trim_end());
             } else {
                 let _ = writeln!(s, "{when}  vm        {what}");
             }

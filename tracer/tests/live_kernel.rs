@@ -355,3 +355,126 @@ fn watch_raises_a_zap_storm_finding_live_on_real_memslot_churn() {
         storms.len()
     );
 }
+
+/// Starts `tracer <args>` and waits until it has attached.
+fn start_attached(args: &[&str]) -> (Child, mpsc::Receiver<String>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tracer"))
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tracer");
+    let (tx, rx) = mpsc::channel();
+    let err = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("tracer attached within 30 s");
+        if line.contains("probe(s) in") {
+            return (child, rx);
+        }
+    }
+}
+
+/// Zap events of VMs created by this thread, from a recorded log folder.
+fn our_zaps(log: &Path, me: i64) -> usize {
+    let mut zaps = 0;
+    let r = tracer::replay::replay(
+        &[log.to_path_buf()],
+        &tracer::replay::Filter::default(),
+        |ev, _| {
+            if ev.kind == tracer::event::Kind::ZapAllFast
+                && ev.userspace_pid.map(i64::from) == Some(me)
+            {
+                zaps += 1;
+            }
+        },
+    )
+    .expect("the log replays");
+    assert!(
+        r.stats
+            .problems
+            .iter()
+            .all(|p| p.kind == tracer::log::reader::ProblemKind::TornLine),
+        "{:?}",
+        r.stats.problems
+    );
+    zaps
+}
+
+#[test]
+fn run_records_until_sigterm_and_sighup_reopens_the_log() {
+    if !live_or_skip("run_records_until_sigterm_and_sighup_reopens_the_log") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let (mut child, _stderr) = start_attached(&["run", "--log-dir", log.to_str().unwrap()]);
+    // SAFETY: gettid has no preconditions.
+    let me = i64::from(unsafe { libc::gettid() });
+    let mut guest = kvm::Guest::new(1).expect("VM");
+    guest.run_to_hlt().unwrap();
+    for _ in 0..5 {
+        guest.churn_slot().unwrap();
+    }
+    let pid = libc::pid_t::try_from(child.id()).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    // SAFETY: signals our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..3 {
+        guest.churn_slot().unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "SIGTERM is a clean exit: {status}");
+    let segments: Vec<_> = std::fs::read_dir(&log)
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            name.starts_with("events-").then_some(name)
+        })
+        .collect();
+    assert!(
+        segments.len() >= 2,
+        "SIGHUP opened a new segment: {segments:?}"
+    );
+    assert!(
+        segments.iter().all(|s| s.ends_with(".jsonl.zst")),
+        "closed and compressed at exit: {segments:?}"
+    );
+    assert_eq!(our_zaps(&log, me), 8);
+}
+
+#[test]
+fn watch_record_survives_kill_9() {
+    if !live_or_skip("watch_record_survives_kill_9") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let (mut child, _stderr) = start_attached(&["watch", "--record", log.to_str().unwrap()]);
+    // SAFETY: gettid has no preconditions.
+    let me = i64::from(unsafe { libc::gettid() });
+    let mut guest = kvm::Guest::new(1).expect("VM");
+    guest.run_to_hlt().unwrap();
+    for _ in 0..20 {
+        guest.churn_slot().unwrap();
+    }
+    // Each batch is handed to the kernel as it is drained; give the daemon
+    // a moment to drain, then kill it without warning.
+    std::thread::sleep(Duration::from_millis(500));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(our_zaps(&log, me), 20, "nothing written was lost");
+}
