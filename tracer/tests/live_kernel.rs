@@ -356,7 +356,9 @@ fn watch_raises_a_zap_storm_finding_live_on_real_memslot_churn() {
     );
 }
 
-/// Starts `tracer <args>` and waits until it has attached.
+/// Starts `tracer <args>` and waits until it has attached. The caller
+/// waits for the child.
+#[expect(clippy::zombie_processes, reason = "every caller waits for the child")]
 fn start_attached(args: &[&str]) -> (Child, mpsc::Receiver<String>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tracer"))
         .args(args)
