@@ -477,3 +477,31 @@ fn filters_and_the_timeline() {
         r.stdout
     );
 }
+
+#[test]
+fn every_example_in_the_schema_document_parses() {
+    let doc = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/event-log.md"),
+    )
+    .unwrap();
+    let mut kinds = Vec::new();
+    let mut in_json = false;
+    for line in doc.lines() {
+        match line.trim() {
+            "```json" => in_json = true,
+            "```" => in_json = false,
+            l if in_json => {
+                let record = reader::parse(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+                kinds.push(match record {
+                    Record::Header(_) => "header",
+                    Record::Event(_) => "event",
+                    Record::Finding(_) => "finding",
+                    Record::Loss(_) => "loss",
+                    Record::Summary => "summary",
+                });
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(kinds, ["header", "event", "finding", "loss"]);
+}

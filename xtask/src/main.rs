@@ -38,6 +38,13 @@ enum Task {
     /// Provision, then check formatting, run clippy with warnings denied,
     /// and run every test (the real-kernel ones need root and /dev/kvm).
     Test,
+    /// Fuzz the event-log reader with cargo-fuzz (installed into .tools/
+    /// on first use) for a while.
+    Fuzz {
+        /// How long to fuzz.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -53,6 +60,10 @@ fn main() -> Result<()> {
                 .context("failed to start target/release/tracer")?;
             std::process::exit(status.code().unwrap_or(2));
         }
+        Task::Fuzz { seconds } => {
+            setup(&root)?;
+            fuzz(&root, seconds)
+        }
         Task::Test => {
             setup(&root)?;
             cargo(&root, &["fmt", "--all", "--", "--check"])?;
@@ -67,9 +78,7 @@ fn main() -> Result<()> {
 /// nightly and `-Z build-std=core`.
 fn clippy_ebpf(root: &Path) -> Result<()> {
     eprintln!("xtask: cargo +nightly clippy (probe-ebpf, bpfel-unknown-none)");
-    let path = std::env::join_paths(std::iter::once(root.join(".tools/bin")).chain(
-        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
-    ))?;
+    let path = tools_path(root)?;
     let status = Command::new("rustup")
         .args(["run", "nightly", "cargo", "clippy", "--release"])
         .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
@@ -82,6 +91,66 @@ fn clippy_ebpf(root: &Path) -> Result<()> {
         .context("failed to start rustup")?;
     if !status.success() {
         bail!("clippy on probe-ebpf failed ({status})");
+    }
+    Ok(())
+}
+
+/// PATH with the project's tools first.
+fn tools_path(root: &Path) -> Result<std::ffi::OsString> {
+    Ok(std::env::join_paths(
+        std::iter::once(root.join(".tools/bin")).chain(std::env::split_paths(
+            &std::env::var_os("PATH").unwrap_or_default(),
+        )),
+    )?)
+}
+
+/// `cargo fuzz run log_reader` for `seconds`: new inputs go to the
+/// (ignored) corpus folder, the committed seeds are read too.
+fn fuzz(root: &Path, seconds: u64) -> Result<()> {
+    let tools = root.join(".tools");
+    if !tools.join("bin/cargo-fuzz").is_file() {
+        eprintln!("xtask: installing cargo-fuzz into .tools/ (about a minute)");
+        let status = Command::new("rustup")
+            .args([
+                "run",
+                "nightly",
+                "cargo",
+                "install",
+                "cargo-fuzz",
+                "--locked",
+                "--version",
+                "0.13.2",
+                "--root",
+            ])
+            .arg(&tools)
+            .status()
+            .context("failed to start cargo install")?;
+        if !status.success() {
+            bail!("installing cargo-fuzz failed ({status})");
+        }
+    }
+    eprintln!("xtask: fuzzing the event-log reader for {seconds} s");
+    let status = Command::new("rustup")
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "fuzz",
+            "run",
+            "log_reader",
+            "fuzz/corpus/log_reader",
+            "fuzz/seeds",
+            "--",
+        ])
+        .arg(format!("-max_total_time={seconds}"))
+        .current_dir(root.join("tracer"))
+        .env("PATH", tools_path(root)?)
+        .env_remove("RUSTC")
+        .env_remove("CARGO")
+        .status()
+        .context("failed to start cargo fuzz")?;
+    if !status.success() {
+        bail!("the fuzzer found a failure ({status}); see tracer/fuzz/artifacts/");
     }
     Ok(())
 }
