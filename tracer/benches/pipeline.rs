@@ -10,6 +10,11 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use tracer::{
     detector::{Detector, DetectorConfig},
     event::Event,
+    log::{
+        Header,
+        reader::{ReadStats, Record, read_one},
+        writer::{FsyncPolicy, RecordConfig, Recorder},
+    },
     model::{Behaviour, Model, Scenario, run_scenario},
 };
 
@@ -81,6 +86,60 @@ fn bench(c: &mut Criterion) {
                 bytes += black_box(e.to_json_record()).len();
             }
             bytes
+        });
+    });
+    g.bench_function("detect+record", |b| {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = RecordConfig {
+            fsync: FsyncPolicy::Never,
+            compress: false,
+            max_segment_bytes: u64::MAX,
+            min_free_bytes: 0,
+            ..RecordConfig::default()
+        };
+        let header = Header::for_this_host("bench".into(), "bench".into(), vec![]);
+        let mut rec = Recorder::open(dir.path(), cfg, header, true).unwrap();
+        b.iter(|| {
+            let mut d = Detector::new(DetectorConfig::default());
+            let mut out = Vec::new();
+            for (i, e) in events.iter().enumerate() {
+                d.observe(e, &mut out);
+                rec.event(e);
+                if i % 1024 == 1023 {
+                    rec.flush(e.ts_ns).unwrap();
+                }
+            }
+            rec.flush(0).unwrap();
+            black_box(out.len())
+        });
+    });
+
+    // The log as it lands on disk.
+    let mut jsonl = Vec::new();
+    for e in &events {
+        e.write_json_record(&mut jsonl);
+        jsonl.push(b'\n');
+    }
+    let zst = zstd::encode_all(jsonl.as_slice(), 3).unwrap();
+    eprintln!(
+        "event log: {} events, {:.1} bytes/event raw JSON lines, {:.1} bytes/event zstd-3 ({:.1}x)",
+        events.len(),
+        jsonl.len() as f64 / events.len() as f64,
+        zst.len() as f64 / events.len() as f64,
+        jsonl.len() as f64 / zst.len() as f64
+    );
+    g.bench_function("replay (parse+detect)", |b| {
+        b.iter(|| {
+            let mut d = Detector::new(DetectorConfig::default());
+            let mut found = Vec::new();
+            let mut stats = ReadStats::default();
+            read_one("bench", jsonl.as_slice(), &mut stats, &mut |_, r| {
+                if let Record::Event(e) = r {
+                    d.observe(&e, &mut found);
+                }
+            });
+            assert_eq!(stats.events as usize, events.len());
+            black_box(found.len())
         });
     });
     g.finish();
