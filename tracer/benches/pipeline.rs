@@ -2,6 +2,10 @@
 //! detector, and JSON encoding, each on one core, in events per second.
 //!
 //! `cargo bench -p tracer --bench pipeline`
+#![expect(
+    clippy::cast_precision_loss,
+    reason = "byte ratios, printed with one decimal"
+)]
 
 use std::hint::black_box;
 
