@@ -525,6 +525,85 @@ mod tests {
         assert_eq!(utc_compact(1_709_164_800), "20240229T000000Z");
     }
 
+    fn header() -> Header {
+        Header::for_this_host("test".into(), "test".into(), vec![])
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        list_segments(dir)
+            .unwrap()
+            .into_iter()
+            .map(|(p, _)| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn segments_rotate_by_age() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = RecordConfig {
+            max_segment_age: Duration::from_millis(20),
+            min_free_bytes: 0,
+            compress: false,
+            ..RecordConfig::default()
+        };
+        let mut r = Recorder::open(dir.path(), cfg, header(), true).unwrap();
+        r.flush(0).unwrap();
+        assert_eq!(names(dir.path()).len(), 1);
+        std::thread::sleep(Duration::from_millis(30));
+        r.flush(0).unwrap();
+        let names = names(dir.path());
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert!(names[1].ends_with("-000001.jsonl"), "{names:?}");
+        assert_eq!(r.close().unwrap().segments_opened, 2);
+    }
+
+    #[test]
+    fn a_full_disk_stops_recording_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = RecordConfig {
+            min_free_bytes: u64::MAX,
+            ..RecordConfig::default()
+        };
+        let err = Recorder::open(dir.path(), cfg, header(), true)
+            .err()
+            .expect("no room");
+        assert_eq!(err.kind(), io::ErrorKind::StorageFull);
+        assert!(
+            err.to_string().contains("not opening a new log segment"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn dropped_records_become_a_loss_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = RecordConfig {
+            min_free_bytes: 0,
+            compress: false,
+            ..RecordConfig::default()
+        };
+        let mut r = Recorder::open(dir.path(), cfg, header(), true).unwrap();
+        // Nowhere to write: the records are counted, not lost silently.
+        r.close_current().unwrap();
+        r.drop_record(10);
+        r.drop_record(20);
+        r.flush(30).unwrap();
+        // flush reopened a segment; the next flush writes the loss record.
+        r.flush(40).unwrap();
+        let stats = r.close().unwrap();
+        assert_eq!(stats.dropped, 2);
+        let text: String = list_segments(dir.path())
+            .unwrap()
+            .iter()
+            .map(|(p, _)| std::fs::read_to_string(p).unwrap())
+            .collect();
+        assert!(
+            text.contains(r#"{"record":"loss","probe":"recorder","from_ns":10,"to_ns":"#),
+            "{text}"
+        );
+        assert!(text.contains(r#""lost":2"#), "{text}");
+    }
+
     #[test]
     fn time_parsing_round_trips() {
         for ns in [0, 1_709_164_800_000_000_000, 1_795_839_261_123_456_000] {
