@@ -5,6 +5,8 @@
 //! - `cargo xtask run -- <tracer args>`: build the tracer and run it;
 //! - `cargo xtask test`: fmt, clippy, and every test.
 
+mod vmtest;
+
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -40,6 +42,16 @@ enum Task {
     Test,
     /// Fuzz the event-log reader with cargo-fuzz (installed into .tools/
     /// on first use) for a while.
+    /// Boot stock Debian kernels in QEMU with real KVM inside, and check
+    /// the kprobe path on each (kernels are cached in target/vm-test/).
+    VmTest {
+        /// Kernel series to test (e.g. 6.18); default: the whole matrix.
+        #[arg(long = "kernel", value_name = "SERIES")]
+        kernels: Vec<String>,
+        /// Hard timeout per boot, in seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
     Fuzz {
         /// How long to fuzz.
         #[arg(long, default_value_t = 60)]
@@ -59,6 +71,21 @@ fn main() -> Result<()> {
                 .status()
                 .context("failed to start target/release/tracer")?;
             std::process::exit(status.code().unwrap_or(2));
+        }
+        Task::VmTest { kernels, timeout } => {
+            setup(&root)?;
+            cargo(
+                &root,
+                &[
+                    "build",
+                    "--release",
+                    "--package",
+                    "tracer",
+                    "--examples",
+                    "--bins",
+                ],
+            )?;
+            vmtest::vm_test(&root, &kernels, std::time::Duration::from_secs(timeout))
         }
         Task::Fuzz { seconds } => {
             setup(&root)?;

@@ -1,0 +1,829 @@
+//! `cargo xtask vm-test`: the kprobe path on stock Debian kernels, with real
+//! KVM inside QEMU (TCG, `-cpu max`: nested SVM with NPT).
+//!
+//! For each kernel: fetch its package through Debian's tools (cached under
+//! target/vm-test/), build an initramfs holding busybox, the kernel's KVM
+//! modules, `tracer` and a small guest workload, boot it with a hard
+//! timeout, and check what came back on the serial console: the attach
+//! plan, the verifier's verdicts, the events a real guest produced, the
+//! values read, zero findings, and a host replay of the log recorded inside
+//! the VM.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde_json::Value;
+
+/// The default matrix: Debian series, newest point release of each.
+pub const MATRIX: &[(&str, &str)] = &[
+    ("6.1", "bookworm"),
+    ("6.12", "trixie"),
+    ("6.16", "trixie-backports"),
+    ("6.18", "trixie-backports"),
+    ("6.19", "trixie-backports"),
+];
+
+const SOURCES: &str = "Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm trixie trixie-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+";
+
+/// The workload inside the VM: vCPUs and memslot deletions.
+const VCPUS: u64 = 2;
+const CHURNS: u64 = 3;
+
+fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("failed to start {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// apt options that use a private sources list and state under `dir`.
+fn apt_opts(dir: &Path) -> Vec<String> {
+    vec![
+        format!(
+            "-oDir::Etc::SourceList={}",
+            dir.join("debian.sources").display()
+        ),
+        "-oDir::Etc::SourceParts=/dev/null".into(),
+        format!("-oDir::State::Lists={}", dir.join("lists").display()),
+        format!("-oDir::Cache={}", dir.join("cache").display()),
+        "-oAPT::Sandbox::User=root".into(),
+    ]
+}
+
+/// Makes sure QEMU and a static busybox are installed (Debian packages).
+fn ensure_host_tools() -> Result<()> {
+    let have_qemu = Path::new("/usr/bin/qemu-system-x86_64").exists();
+    let busybox_static = run(Command::new("file").arg("/bin/busybox"))
+        .is_ok_and(|s| s.contains("statically linked"));
+    if have_qemu && busybox_static {
+        return Ok(());
+    }
+    eprintln!("vm-test: installing qemu-system-x86 and busybox-static from Debian");
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(["qemu-system-x86", "busybox-static", "file"])
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    Ok(())
+}
+
+/// Resolves each series to the newest `linux-image-*-amd64` package.
+fn resolve(apt: &Path, series: &[&str]) -> Result<Vec<(String, String)>> {
+    std::fs::create_dir_all(apt.join("lists/partial"))?;
+    std::fs::create_dir_all(apt.join("cache/archives/partial"))?;
+    std::fs::write(apt.join("debian.sources"), SOURCES)?;
+    let stamp = apt.join("lists/.updated");
+    let fresh = std::fs::metadata(&stamp)
+        .and_then(|m| m.modified())
+        .is_ok_and(|t| t.elapsed().is_ok_and(|e| e < Duration::from_hours(12)));
+    if !fresh {
+        eprintln!("vm-test: apt-get update (trixie, trixie-backports, bookworm)");
+        run(Command::new("apt-get").args(apt_opts(apt)).arg("update"))?;
+        std::fs::write(&stamp, "")?;
+    }
+    let names = run(Command::new("apt-cache")
+        .args(apt_opts(apt))
+        .args(["pkgnames", "linux-image-6"]))?;
+    let mut out = Vec::new();
+    for s in series {
+        // 6.1 is `6.1.0-NN-amd64`; trixie's are `6.12.57+deb13-amd64`.
+        let best = names
+            .lines()
+            .filter(|n| n.ends_with("-amd64") && !n.contains("cloud") && !n.contains("-rt-"))
+            .filter(|n| !n.ends_with("-unsigned") && !n.contains("dbg"))
+            .filter_map(|n| {
+                let ver = n.strip_prefix("linux-image-")?.strip_suffix("-amd64")?;
+                let nums: Vec<u64> = ver
+                    .split(['.', '-', '+'])
+                    .map_while(|p| p.parse().ok())
+                    .collect();
+                let prefix: Vec<u64> = s.split('.').filter_map(|p| p.parse().ok()).collect();
+                (nums.len() > prefix.len() && nums[..prefix.len()] == prefix[..])
+                    .then(|| (nums, n.to_owned()))
+            })
+            .max();
+        match best {
+            Some((_, pkg)) => {
+                let release = pkg.trim_start_matches("linux-image-").to_owned();
+                out.push((pkg, release));
+            }
+            None => bail!("no linux-image package for series {s}"),
+        }
+    }
+    Ok(out)
+}
+
+/// Downloads and unpacks a kernel package (cached).
+fn fetch(apt: &Path, cache: &Path, pkg: &str) -> Result<PathBuf> {
+    let dir = cache.join(pkg);
+    if dir.join(".done").exists() {
+        return Ok(dir);
+    }
+    std::fs::create_dir_all(&dir)?;
+    eprintln!("vm-test: downloading {pkg}");
+    run(Command::new("apt-get")
+        .args(apt_opts(apt))
+        .args(["download", pkg])
+        .current_dir(cache))?;
+    let deb = std::fs::read_dir(cache)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.starts_with(&format!("{pkg}_"))
+                    && Path::new(n).extension().is_some_and(|e| e == "deb")
+            })
+        })
+        .with_context(|| format!("apt-get download left no {pkg}_*.deb"))?;
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&dir))?;
+    std::fs::remove_file(&deb)?;
+    std::fs::write(dir.join(".done"), "")?;
+    Ok(dir)
+}
+
+/// A module's file in the unpacked package, by module name.
+fn find_module(root: &Path, name: &str) -> Option<PathBuf> {
+    let want = name.replace('-', "_");
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).ok()?.filter_map(Result::ok) {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+                continue;
+            }
+            let file = p.file_name()?.to_str()?.to_owned();
+            let base = file
+                .strip_suffix(".ko.xz")
+                .or_else(|| file.strip_suffix(".ko.zst"))
+                .or_else(|| file.strip_suffix(".ko"));
+            if base.is_some_and(|b| b.replace('-', "_") == want) {
+                return Some(p);
+            }
+        }
+    }
+    None
+}
+
+/// The module's bytes, decompressed.
+fn module_bytes(path: &Path) -> Result<Vec<u8>> {
+    let name = path.to_string_lossy();
+    if name.ends_with(".xz") {
+        let out = Command::new("xz").arg("-dc").arg(path).output()?;
+        if !out.status.success() {
+            bail!("xz -dc {name} failed");
+        }
+        Ok(out.stdout)
+    } else if name.ends_with(".zst") {
+        let out = Command::new("zstd").arg("-dc").arg(path).output()?;
+        if !out.status.success() {
+            bail!("zstd -dc {name} failed");
+        }
+        Ok(out.stdout)
+    } else {
+        Ok(std::fs::read(path)?)
+    }
+}
+
+/// `depends=` from a module's .modinfo.
+fn depends(ko: &[u8]) -> Vec<String> {
+    let key = b"depends=";
+    ko.windows(key.len())
+        .position(|w| w == key)
+        .map(|i| {
+            let rest = &ko[i + key.len()..];
+            let end = rest.iter().position(|&b| b == 0).unwrap_or(0);
+            String::from_utf8_lossy(&rest[..end])
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Adds module `name` after its dependencies.
+fn visit(root: &Path, name: &str, order: &mut Vec<(String, Vec<u8>)>, depth: usize) -> Result<()> {
+    if depth > 16 || order.iter().any(|(n, _)| n == name) {
+        return Ok(());
+    }
+    let path = find_module(root, name)
+        .with_context(|| format!("module {name} is not in {}", root.display()))?;
+    let bytes = module_bytes(&path)?;
+    for dep in depends(&bytes) {
+        visit(root, &dep, order, depth + 1)?;
+    }
+    order.push((name.to_owned(), bytes));
+    Ok(())
+}
+
+/// KVM's modules for AMD, dependencies first.
+fn kvm_modules(kernel_dir: &Path, release: &str) -> Result<Vec<(String, Vec<u8>)>> {
+    let root = kernel_dir.join("usr/lib/modules").join(release);
+    let root = if root.exists() {
+        root
+    } else {
+        kernel_dir.join("lib/modules").join(release)
+    };
+    let mut order: Vec<(String, Vec<u8>)> = Vec::new();
+    visit(&root, "kvm-amd", &mut order, 0)?;
+    Ok(order)
+}
+
+/// A newc cpio archive, built in memory.
+#[derive(Default)]
+struct Cpio {
+    data: Vec<u8>,
+    ino: u32,
+}
+
+impl Cpio {
+    fn entry(&mut self, name: &str, mode: u32, body: &[u8]) {
+        self.ino += 1;
+        let mut h = String::new();
+        let _ = write!(
+            h,
+            "070701{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
+            self.ino,
+            mode,
+            0,
+            0,
+            1,
+            0,
+            body.len(),
+            0,
+            0,
+            0,
+            0,
+            name.len() + 1,
+            0
+        );
+        self.data.extend_from_slice(h.as_bytes());
+        self.data.extend_from_slice(name.as_bytes());
+        self.data.push(0);
+        self.pad();
+        self.data.extend_from_slice(body);
+        self.pad();
+    }
+
+    fn pad(&mut self) {
+        while !self.data.len().is_multiple_of(4) {
+            self.data.push(0);
+        }
+    }
+
+    fn dir(&mut self, name: &str) {
+        self.entry(name, 0o040_755, &[]);
+    }
+
+    fn file(&mut self, name: &str, mode: u32, body: &[u8]) {
+        // Parent folders first.
+        let mut acc = String::new();
+        for part in name
+            .split('/')
+            .collect::<Vec<_>>()
+            .iter()
+            .rev()
+            .skip(1)
+            .rev()
+        {
+            if !acc.is_empty() {
+                acc.push('/');
+            }
+            acc.push_str(part);
+            self.dir(&acc);
+        }
+        self.entry(name, 0o100_000 | mode, body);
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        self.entry("TRAILER!!!", 0, &[]);
+        self.data
+    }
+}
+
+/// The init script run inside the VM.
+fn init_script(modules: &[(String, Vec<u8>)]) -> String {
+    let mut insmods = String::new();
+    for (n, _) in modules {
+        let _ = writeln!(
+            insmods,
+            "insmod /lib/modules/{n}.ko || echo \"@@VMTEST insmod-failed {n}\""
+        );
+    }
+    format!(
+        r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin:/usr/bin
+mkdir -p /proc /sys /dev /tmp
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
+mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
+echo "@@VMTEST uname $(uname -r)"
+{insmods}
+echo "@@VMTEST begin doctor"
+tracer doctor --json --verify
+echo "@@VMTEST end doctor $?"
+tracer watch --json --record /tmp/log --no-compress --min-free 1M > /tmp/watch.jsonl 2> /tmp/watch.err &
+W=$!
+i=0
+while ! grep -q "probe(s) in" /tmp/watch.err 2>/dev/null; do
+  sleep 1; i=$((i+1)); [ $i -gt 120 ] && break
+done
+echo "@@VMTEST begin workload"
+kvm_workload {VCPUS} {CHURNS}
+echo "@@VMTEST end workload $?"
+sleep 2
+kill -INT $W
+wait $W
+echo "@@VMTEST watch-exit $?"
+echo "@@VMTEST begin watch-err"
+cat /tmp/watch.err
+echo "@@VMTEST end watch-err"
+echo "@@VMTEST begin watch"
+cat /tmp/watch.jsonl
+echo "@@VMTEST end watch"
+echo "@@VMTEST begin log"
+cat /tmp/log/events-*.jsonl
+echo "@@VMTEST end log"
+echo "@@VMTEST begin replay"
+tracer replay --json /tmp/log
+echo "@@VMTEST end replay $?"
+echo "@@VMTEST done"
+poweroff -f
+"#
+    )
+}
+
+/// Shared libraries a binary needs (from ldd), interpreter included.
+fn libs(bin: &Path) -> Result<Vec<PathBuf>> {
+    let out = run(Command::new("ldd").arg(bin))?;
+    Ok(out
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            let path = match l.split_once("=>") {
+                Some((_, rest)) => rest.trim().split(' ').next()?,
+                None => l.split(' ').next()?,
+            };
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect())
+}
+
+fn build_initramfs(
+    out: &Path,
+    modules: &[(String, Vec<u8>)],
+    tracer: &Path,
+    workload: &Path,
+) -> Result<()> {
+    let mut c = Cpio::default();
+    c.file("bin/busybox", 0o755, &std::fs::read("/bin/busybox")?);
+    c.file("init", 0o755, init_script(modules).as_bytes());
+    for (name, bytes) in modules {
+        c.file(&format!("lib/modules/{name}.ko"), 0o644, bytes);
+    }
+    let mut shipped = std::collections::BTreeSet::new();
+    for bin in [tracer, workload] {
+        let name = bin.file_name().unwrap().to_string_lossy().into_owned();
+        c.file(&format!("usr/bin/{name}"), 0o755, &std::fs::read(bin)?);
+        for lib in libs(bin)? {
+            if shipped.insert(lib.clone()) {
+                let real = std::fs::canonicalize(&lib)?;
+                let inside = lib.to_string_lossy().trim_start_matches('/').to_owned();
+                c.file(&inside, 0o755, &std::fs::read(real)?);
+            }
+        }
+    }
+    std::fs::write(out, c.finish())?;
+    Ok(())
+}
+
+/// Sections of the serial log between `@@VMTEST begin X` and `end X`.
+fn sections(serial: &str) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
+    let mut blocks = BTreeMap::new();
+    let mut marks = BTreeMap::new();
+    let mut cur: Option<(String, String)> = None;
+    for line in serial.lines() {
+        let line = line.trim_end_matches('\r');
+        if let Some(rest) = line.strip_prefix("@@VMTEST ") {
+            let (k, v) = rest.split_once(' ').unwrap_or((rest, ""));
+            match k {
+                "begin" => cur = Some((v.to_owned(), String::new())),
+                "end" => {
+                    let (name, status) = v.split_once(' ').unwrap_or((v, ""));
+                    if let Some((n, body)) = cur.take() {
+                        blocks.insert(n, body);
+                    }
+                    marks.insert(format!("{name}-exit"), status.to_owned());
+                }
+                _ => {
+                    marks.insert(k.to_owned(), v.to_owned());
+                }
+            }
+        } else if let Some((_, body)) = cur.as_mut() {
+            body.push_str(line);
+            body.push('\n');
+        }
+    }
+    (blocks, marks)
+}
+
+/// What one kernel showed, and what failed.
+pub struct Outcome {
+    pub release: String,
+    pub boot_s: f64,
+    pub plan: Vec<(String, String)>,
+    pub events: BTreeMap<String, u64>,
+    pub entries: u64,
+    pub failures: Vec<String>,
+    pub serial_log: PathBuf,
+}
+
+fn check(release: &str, serial: &str, host_tracer: &Path, work: &Path) -> Outcome {
+    let (blocks, marks) = sections(serial);
+    let mut o = Outcome {
+        release: release.to_owned(),
+        boot_s: 0.0,
+        plan: Vec::new(),
+        events: BTreeMap::new(),
+        entries: 0,
+        failures: Vec::new(),
+        serial_log: work.join("serial.log"),
+    };
+    if !marks.contains_key("done") {
+        o.failures
+            .push("the VM did not finish the test script (hang, panic or timeout)".into());
+    }
+    if let Some(m) = marks.get("insmod-failed") {
+        o.failures.push(format!("insmod failed: {m}"));
+    }
+    let series: Vec<u64> = release
+        .split(['.', '-', '+'])
+        .take(2)
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    let has_mirror = series >= vec![6, 14];
+    let plan = check_plan(&blocks, &marks, has_mirror, &mut o.failures);
+    o.plan = plan.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let n_events = check_events(&blocks, &plan, has_mirror, &mut o);
+    check_replay(
+        &blocks,
+        &marks,
+        n_events,
+        host_tracer,
+        work,
+        &mut o.failures,
+    );
+    o
+}
+
+/// The plan `doctor` chose, and the verifier's verdicts.
+fn check_plan(
+    blocks: &BTreeMap<String, String>,
+    marks: &BTreeMap<String, String>,
+    has_mirror: bool,
+    fail: &mut Vec<String>,
+) -> BTreeMap<String, String> {
+    let doctor: Value = if let Some(Ok(v)) = blocks.get("doctor").map(|d| serde_json::from_str(d)) {
+        v
+    } else {
+        fail.push("no doctor --json output".into());
+        Value::Null
+    };
+    if marks.get("doctor-exit").map(String::as_str) != Some("0") {
+        fail.push(format!(
+            "doctor --verify exited {:?}",
+            marks.get("doctor-exit")
+        ));
+    }
+    let feature = |n: &str| {
+        doctor["features"]
+            .as_array()
+            .and_then(|a| a.iter().find(|f| f["name"] == n))
+            .map(|f| f["enabled"] == true)
+    };
+    let plan: BTreeMap<String, String> = doctor["probes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            (
+                p["probe"].as_str().unwrap_or("").to_owned(),
+                p["attach"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    let attach = |p: &str| plan.get(p).map_or("", String::as_str);
+    if feature("kprobes") != Some(true) {
+        fail.push("kprobes are not available".into());
+    }
+    if feature("mirror-root-tracking") != Some(has_mirror) {
+        fail.push(format!(
+            "mirror tracking should be {}",
+            if has_mirror { "on" } else { "off" }
+        ));
+    }
+    if attach("kvm_mmu_load") != "kprobe" || attach("kvm_mmu_load_ret") != "kretprobe" {
+        fail.push("kvm_mmu_load is not kprobed and kretprobed".into());
+    }
+    if attach("mmu_alloc_direct_roots") == "off"
+        && attach("kvm_tdp_mmu_alloc_root") != "kprobe"
+        && has_mirror
+    {
+        fail.push("neither mmu_alloc_direct_roots nor kvm_tdp_mmu_alloc_root is probed".into());
+    }
+    if attach("kvm_mmu_zap_all_fast") != "kprobe"
+        && attach("kvm_mmu_zap_all_fast_tp") != "raw-tracepoint"
+    {
+        fail.push("kvm_mmu_zap_all_fast is neither kprobed nor traced".into());
+    }
+    let verdicts = doctor["verifier"].as_array().cloned().unwrap_or_default();
+    if verdicts.len() != 12 || verdicts.iter().any(|v| v["accepted"] != true) {
+        fail.push(format!(
+            "the verifier did not accept every program: {verdicts:?}"
+        ));
+    }
+    plan
+}
+
+/// The events the real guest produced, and the values read. Returns the
+/// number of events.
+fn check_events(
+    blocks: &BTreeMap<String, String>,
+    plan: &BTreeMap<String, String>,
+    has_mirror: bool,
+    o: &mut Outcome,
+) -> usize {
+    let records: Vec<Value> = blocks
+        .get("watch")
+        .map(|w| {
+            w.lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let events: Vec<&Value> = records.iter().filter(|r| r["record"] == "event").collect();
+    for e in &events {
+        *o.events
+            .entry(e["kind"].as_str().unwrap_or("?").to_owned())
+            .or_default() += 1;
+    }
+    let summary = records.iter().find(|r| r["record"] == "summary");
+    o.entries = summary
+        .and_then(|s| s["kvm_entry"]["entries"].as_u64())
+        .unwrap_or(0);
+    let count = |k: &str| o.events.get(k).copied().unwrap_or(0);
+    let attach = |p: &str| plan.get(p).map_or("", String::as_str);
+    let fail = &mut o.failures;
+    for k in ["load_enter", "load_return"] {
+        if count(k) == 0 {
+            fail.push(format!("no {k} events"));
+        }
+    }
+    if attach("kvm_tdp_mmu_alloc_root") == "kprobe" && count("alloc_root") == 0 {
+        fail.push("no alloc_root events".into());
+    }
+    if count("zap_all_fast") != CHURNS {
+        fail.push(format!(
+            "{} zap events for {CHURNS} memslot deletions",
+            count("zap_all_fast")
+        ));
+    }
+    if attach("kvm_mmu_zap_all_fast") == "kprobe"
+        && events
+            .iter()
+            .filter(|e| e["kind"] == "zap_all_fast")
+            .any(|e| e["probe"] != "kvm_mmu_zap_all_fast")
+    {
+        fail.push("zap events did not come from the kprobe".into());
+    }
+    if o.entries == 0 {
+        fail.push("the kvm_entry gate counted no guest entry".into());
+    }
+    if summary.is_none_or(|s| s["dropped"] != 0) {
+        fail.push("ring-buffer drops, or no summary".into());
+    }
+    if let Some(bad) = events.iter().find_map(|e| bad_value(e, has_mirror)) {
+        fail.push(bad);
+    }
+    let findings = records.iter().filter(|r| r["record"] == "finding").count();
+    if findings != 0 {
+        fail.push(format!("{findings} finding(s) on a healthy non-TDX VM"));
+    }
+    events.len()
+}
+
+/// A value no healthy default VM can show.
+fn bad_value(e: &Value, has_mirror: bool) -> Option<String> {
+    let invalid = "0xffffffffffffffff";
+    if e["vm_type"].is_number() && e["vm_type"] != 0 {
+        return Some(format!("vm_type {} on a default VM", e["vm_type"]));
+    }
+    if e["kind"] == "load_return" && e["ret"] == 0 && e["root_hpa"] == invalid {
+        return Some("invalid root.hpa after a successful load".into());
+    }
+    if has_mirror && e["vcpu"].is_string() && e["mirror_root_hpa"] != invalid {
+        return Some(format!(
+            "mirror_root_hpa {} on a non-TDX VM",
+            e["mirror_root_hpa"]
+        ));
+    }
+    if !has_mirror && !e["mirror_root_hpa"].is_null() {
+        return Some("mirror_root_hpa read on a kernel without the field".into());
+    }
+    None
+}
+
+/// The log recorded inside the VM replays to the same result on the host.
+fn check_replay(
+    blocks: &BTreeMap<String, String>,
+    marks: &BTreeMap<String, String>,
+    n_events: usize,
+    host_tracer: &Path,
+    work: &Path,
+    fail: &mut Vec<String>,
+) {
+    let in_vm = marks.get("replay-exit").cloned().unwrap_or_default();
+    if in_vm != "0" {
+        fail.push(format!("replay inside the VM exited {in_vm:?}"));
+    }
+    let log = work.join("log");
+    let _ = std::fs::remove_dir_all(&log);
+    let _ = std::fs::create_dir_all(&log);
+    let _ = std::fs::write(
+        log.join("events-vm-000000.jsonl"),
+        blocks.get("log").cloned().unwrap_or_default(),
+    );
+    match Command::new(host_tracer).arg("replay").arg(&log).output() {
+        Ok(out) => {
+            let err = String::from_utf8_lossy(&out.stderr);
+            let want = format!("replayed {n_events} event(s)");
+            if out.status.code() != Some(0) || !err.contains(&want) {
+                fail.push(format!(
+                    "host replay of the VM's log differs ({want}?): {err}"
+                ));
+            }
+        }
+        Err(e) => fail.push(format!("host replay failed to start: {e}")),
+    }
+}
+
+/// Boots one kernel and checks it.
+fn boot(
+    root: &Path,
+    apt: &Path,
+    cache: &Path,
+    pkg: &str,
+    release: &str,
+    timeout: Duration,
+) -> Result<Outcome> {
+    let kernel_dir = fetch(apt, cache, pkg)?;
+    let work = root.join("target/vm-test/runs").join(release);
+    std::fs::create_dir_all(&work)?;
+    let modules = kvm_modules(&kernel_dir, release)?;
+    let tracer = root.join("target/release/tracer");
+    let workload = root.join("target/release/examples/kvm_workload");
+    let initrd = work.join("initramfs.cpio");
+    build_initramfs(&initrd, &modules, &tracer, &workload)?;
+    let vmlinuz = kernel_dir.join("boot").join(format!("vmlinuz-{release}"));
+    let serial = work.join("serial.log");
+    let _ = std::fs::remove_file(&serial);
+    let started = Instant::now();
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(["-accel", "tcg", "-cpu", "max", "-m", "1024", "-smp", "1"])
+        .arg("-kernel")
+        .arg(&vmlinuz)
+        .arg("-initrd")
+        .arg(&initrd)
+        .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=3"])
+        .args(["-display", "none", "-monitor", "none", "-no-reboot"])
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("failed to start qemu-system-x86_64")?;
+    let mut timed_out = false;
+    loop {
+        if child.try_wait()?.is_some() {
+            break;
+        }
+        if started.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            timed_out = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let boot_s = started.elapsed().as_secs_f64();
+    let text = std::fs::read_to_string(&serial).unwrap_or_default();
+    let mut o = check(release, &text, &tracer, &work);
+    o.boot_s = boot_s;
+    if timed_out {
+        o.failures
+            .insert(0, format!("timed out after {} s", timeout.as_secs()));
+    }
+    Ok(o)
+}
+
+/// `cargo xtask vm-test`.
+pub fn vm_test(root: &Path, kernels: &[String], timeout: Duration) -> Result<()> {
+    ensure_host_tools()?;
+    let base = root.join("target/vm-test");
+    let apt = base.join("apt");
+    let cache = base.join("cache");
+    std::fs::create_dir_all(&cache)?;
+    let series: Vec<&str> = if kernels.is_empty() {
+        MATRIX.iter().map(|(s, _)| *s).collect()
+    } else {
+        kernels.iter().map(String::as_str).collect()
+    };
+    let resolved = resolve(&apt, &series)?;
+    let mut outcomes = Vec::new();
+    for (pkg, release) in &resolved {
+        eprintln!("vm-test: {release}: booting");
+        let o = boot(root, &apt, &cache, pkg, release, timeout)?;
+        eprintln!(
+            "vm-test: {release}: {} in {:.1} s; events {:?}; kvm_entry {}",
+            if o.failures.is_empty() {
+                "ok"
+            } else {
+                "FAILED"
+            },
+            o.boot_s,
+            o.events,
+            o.entries
+        );
+        for f in &o.failures {
+            eprintln!("vm-test: {release}:   {f}");
+        }
+        if !o.failures.is_empty() {
+            let text = std::fs::read_to_string(&o.serial_log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            eprintln!(
+                "vm-test: {release}: serial log {} (last lines):\n{}",
+                o.serial_log.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        outcomes.push(o);
+    }
+    let json: Vec<Value> = outcomes
+        .iter()
+        .map(|o| {
+            serde_json::json!({
+                "kernel": o.release,
+                "ok": o.failures.is_empty(),
+                "boot_and_test_s": o.boot_s,
+                "plan": o.plan.iter().cloned().collect::<BTreeMap<_, _>>(),
+                "events": o.events,
+                "kvm_entry_entries": o.entries,
+                "failures": o.failures,
+            })
+        })
+        .collect();
+    let results = base.join("results.json");
+    std::fs::write(&results, serde_json::to_string_pretty(&json)?)?;
+    println!("{:<24} {:>6} {:>8}  events", "kernel", "result", "time");
+    for o in &outcomes {
+        println!(
+            "{:<24} {:>6} {:>7.1}s  {}",
+            o.release,
+            if o.failures.is_empty() { "ok" } else { "FAIL" },
+            o.boot_s,
+            o.events
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+    }
+    eprintln!("vm-test: results in {}", results.display());
+    let failed = outcomes.iter().filter(|o| !o.failures.is_empty()).count();
+    if failed > 0 {
+        bail!("{failed} kernel(s) failed");
+    }
+    Ok(())
+}
