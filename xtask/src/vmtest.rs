@@ -25,6 +25,7 @@ pub const MATRIX: &[(&str, &str)] = &[
     ("6.1", "bookworm"),
     ("6.12", "trixie"),
     ("6.16", "trixie-backports"),
+    ("6.17", "trixie-backports"),
     ("6.18", "trixie-backports"),
     ("6.19", "trixie-backports"),
 ];
@@ -86,7 +87,10 @@ fn ensure_host_tools() -> Result<()> {
 }
 
 /// Resolves each series to the newest `linux-image-*-amd64` package.
-fn resolve(apt: &Path, series: &[&str]) -> Result<Vec<(String, String)>> {
+/// For each series, the package and release, or why none can be tested.
+type Resolved = Vec<(String, std::result::Result<(String, String), String>)>;
+
+fn resolve(apt: &Path, series: &[&str]) -> Result<Resolved> {
     std::fs::create_dir_all(apt.join("lists/partial"))?;
     std::fs::create_dir_all(apt.join("cache/archives/partial"))?;
     std::fs::write(apt.join("debian.sources"), SOURCES)?;
@@ -105,7 +109,7 @@ fn resolve(apt: &Path, series: &[&str]) -> Result<Vec<(String, String)>> {
     let mut out = Vec::new();
     for s in series {
         // 6.1 is `6.1.0-NN-amd64`; trixie's are `6.12.57+deb13-amd64`.
-        let best = names
+        let mut candidates: Vec<(Vec<u64>, String)> = names
             .lines()
             .filter(|n| n.ends_with("-amd64") && !n.contains("cloud") && !n.contains("-rt-"))
             .filter(|n| !n.ends_with("-unsigned") && !n.contains("dbg"))
@@ -119,25 +123,50 @@ fn resolve(apt: &Path, series: &[&str]) -> Result<Vec<(String, String)>> {
                 (nums.len() > prefix.len() && nums[..prefix.len()] == prefix[..])
                     .then(|| (nums, n.to_owned()))
             })
-            .max();
-        match best {
-            Some((_, pkg)) => {
-                let release = pkg.trim_start_matches("linux-image-").to_owned();
-                out.push((pkg, release));
+            .collect();
+        candidates.sort();
+        // The newest whose parts the archive has (a split package's
+        // linux-modules-* can lag behind its image package).
+        let pick = candidates.into_iter().rev().find(|(_, pkg)| {
+            let release = pkg.trim_start_matches("linux-image-");
+            let show = |p: &str| {
+                Command::new("apt-cache")
+                    .args(apt_opts(apt))
+                    .args(["show", p])
+                    .output()
+                    .ok()
+                    .filter(|o| o.status.success() && !o.stdout.is_empty())
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            };
+            let Some(info) = show(pkg) else {
+                return false;
+            };
+            let modules = format!("linux-modules-{release}");
+            let ok = !info.contains(&modules) || show(&modules).is_some();
+            if !ok {
+                eprintln!("vm-test: skipping {pkg}: {modules} is not in the archive");
             }
-            None => bail!("no linux-image package for series {s}"),
-        }
+            ok
+        });
+        out.push((
+            (*s).to_owned(),
+            pick.map(|(_, pkg)| {
+                let release = pkg.trim_start_matches("linux-image-").to_owned();
+                (pkg, release)
+            })
+            .ok_or_else(|| {
+                format!(
+                    "no installable linux-image package for {s} in Debian's archive (a split \
+                     package's linux-modules-* is missing)"
+                )
+            }),
+        ));
     }
     Ok(out)
 }
 
-/// Downloads and unpacks a kernel package (cached).
-fn fetch(apt: &Path, cache: &Path, pkg: &str) -> Result<PathBuf> {
-    let dir = cache.join(pkg);
-    if dir.join(".done").exists() {
-        return Ok(dir);
-    }
-    std::fs::create_dir_all(&dir)?;
+/// Downloads a package into `cache` and unpacks it into `dir`.
+fn download_unpack(apt: &Path, cache: &Path, pkg: &str, dir: &Path) -> Result<()> {
     eprintln!("vm-test: downloading {pkg}");
     run(Command::new("apt-get")
         .args(apt_opts(apt))
@@ -153,8 +182,26 @@ fn fetch(apt: &Path, cache: &Path, pkg: &str) -> Result<PathBuf> {
             })
         })
         .with_context(|| format!("apt-get download left no {pkg}_*.deb"))?;
-    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&dir))?;
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(dir))?;
     std::fs::remove_file(&deb)?;
+    Ok(())
+}
+
+/// Downloads and unpacks a kernel (cached). From 6.19 Debian splits the
+/// image package: the kernel is in `linux-binary-*`, the modules in
+/// `linux-modules-*`.
+fn fetch(apt: &Path, cache: &Path, pkg: &str, release: &str) -> Result<PathBuf> {
+    let dir = cache.join(pkg);
+    if dir.join(".done").exists() {
+        return Ok(dir);
+    }
+    std::fs::create_dir_all(&dir)?;
+    download_unpack(apt, cache, pkg, &dir)?;
+    if !dir.join("boot").join(format!("vmlinuz-{release}")).exists() {
+        for part in ["linux-binary", "linux-modules"] {
+            download_unpack(apt, cache, &format!("{part}-{release}"), &dir)?;
+        }
+    }
     std::fs::write(dir.join(".done"), "")?;
     Ok(dir)
 }
@@ -698,7 +745,7 @@ fn boot(
     release: &str,
     timeout: Duration,
 ) -> Result<Outcome> {
-    let kernel_dir = fetch(apt, cache, pkg)?;
+    let kernel_dir = fetch(apt, cache, pkg, release)?;
     let work = root.join("target/vm-test/runs").join(release);
     std::fs::create_dir_all(&work)?;
     let modules = kvm_modules(&kernel_dir, release)?;
@@ -762,7 +809,16 @@ pub fn vm_test(root: &Path, kernels: &[String], timeout: Duration) -> Result<()>
     };
     let resolved = resolve(&apt, &series)?;
     let mut outcomes = Vec::new();
-    for (pkg, release) in &resolved {
+    let mut skipped = Vec::new();
+    for (series, r) in &resolved {
+        let (pkg, release) = match r {
+            Ok(v) => v,
+            Err(why) => {
+                eprintln!("vm-test: {series}: SKIPPED, can't be tested here: {why}");
+                skipped.push((series.clone(), why.clone()));
+                continue;
+            }
+        };
         eprintln!("vm-test: {release}: booting");
         let o = boot(root, &apt, &cache, pkg, release, timeout)?;
         eprintln!(
@@ -804,6 +860,12 @@ pub fn vm_test(root: &Path, kernels: &[String], timeout: Duration) -> Result<()>
             })
         })
         .collect();
+    let json: Vec<Value> = json
+        .into_iter()
+        .chain(skipped.iter().map(
+            |(series, why)| serde_json::json!({ "kernel": series, "ok": null, "skipped": why }),
+        ))
+        .collect();
     let results = base.join("results.json");
     std::fs::write(&results, serde_json::to_string_pretty(&json)?)?;
     println!("{:<24} {:>6} {:>8}  events", "kernel", "result", "time");
@@ -819,6 +881,9 @@ pub fn vm_test(root: &Path, kernels: &[String], timeout: Duration) -> Result<()>
                 .collect::<Vec<_>>()
                 .join(" ")
         );
+    }
+    for (series, why) in &skipped {
+        println!("{series:<24} {:>6}  {why}", "SKIP");
     }
     eprintln!("vm-test: results in {}", results.display());
     let failed = outcomes.iter().filter(|o| !o.failures.is_empty()).count();
