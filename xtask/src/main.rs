@@ -156,6 +156,8 @@ fn fuzz(root: &Path, seconds: u64) -> Result<()> {
             bail!("installing cargo-fuzz failed ({status})");
         }
     }
+    // The working corpus is not committed (only the seeds are).
+    std::fs::create_dir_all(root.join("tracer/fuzz/corpus/log_reader"))?;
     eprintln!("xtask: fuzzing the event-log reader for {seconds} s");
     let status = Command::new("rustup")
         .args([
