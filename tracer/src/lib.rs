@@ -2,6 +2,8 @@
 //! loader, event decoding, and the `doctor` and `watch` commands. The
 //! `tracer` binary is a thin CLI over it; tests use it directly.
 
+pub mod alerts;
+pub mod config;
 pub mod detector;
 pub mod doctor;
 pub mod event;
@@ -9,6 +11,7 @@ pub mod hexfmt;
 pub mod kernel;
 pub mod loader;
 pub mod log;
+pub mod metrics;
 pub mod model;
 pub mod pipeline;
 pub mod replay;

@@ -37,6 +37,8 @@ pub struct Session {
     pub failures: Vec<AttachFailure>,
     /// From the start of `load` to the last attach.
     pub attach_time: Duration,
+    /// Keeps the kernel's BPF run-time stats on while we run.
+    _stats: Option<std::os::fd::OwnedFd>,
 }
 
 /// Counters summed over CPUs.
@@ -144,12 +146,16 @@ impl Session {
                 }),
             }
         }
+        let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+            .map_err(|e| log::info!("BPF run-time stats unavailable: {e}"))
+            .ok();
         Ok(Self {
             ebpf,
             logger,
             attached,
             failures,
             attach_time: started.elapsed(),
+            _stats: stats,
         })
     }
 
@@ -160,6 +166,21 @@ impl Session {
             .take_map("EVENTS")
             .ok_or_else(|| anyhow!("the eBPF object has no EVENTS map"))?;
         RingBuf::try_from(map).context("EVENTS is not a ring buffer")
+    }
+
+    /// The kernel's run time (ns) and run count of each attached program.
+    pub fn bpf_stats(&self) -> Vec<(&'static str, u64, u64)> {
+        self.attached
+            .iter()
+            .filter_map(|(id, _, _)| {
+                let info = self.ebpf.program(id.program_name())?.info().ok()?;
+                Some((
+                    id.program_name(),
+                    u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
+                    info.run_count(),
+                ))
+            })
+            .collect()
     }
 
     /// Reads and sums the per-CPU counters.

@@ -11,7 +11,9 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use tracer::{
-    Failure, doctor,
+    Failure,
+    config::{Config, parse_duration, parse_fsync, parse_size},
+    doctor,
     log::writer::{FsyncPolicy, RecordConfig, parse_time},
     replay::{Filter, ReplayOptions},
     watch::{self, RecordOptions},
@@ -99,20 +101,113 @@ struct WatchArgs {
 
 #[derive(Args)]
 struct RunArgs {
-    /// Folder of the event log.
-    #[arg(
-        long,
-        value_name = "DIR",
-        default_value = "/var/lib/kvm-root-tracer/log"
-    )]
-    log_dir: PathBuf,
+    /// TOML config file (dist/config.toml documents every key and its
+    /// default); every key is also a flag below, and flags win.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Stop after this long (for tests); by default run until signalled.
     #[arg(long, value_name = "TIME", value_parser = parse_duration)]
     duration: Option<Duration>,
-    #[command(flatten)]
-    probes: ProbeArgs,
-    #[command(flatten)]
-    log: LogArgs,
+    /// Feed the events of these recorded logs into the live pipeline after
+    /// attaching, e.g. a `tracer simulate` log, to try alert routing.
+    #[arg(long, value_name = "FILE|DIR")]
+    inject: Vec<PathBuf>,
+    /// [log] dir: folder of the event log.
+    #[arg(long, value_name = "DIR")]
+    log_dir: Option<PathBuf>,
+    /// [log] segment_size.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    segment_size: Option<u64>,
+    /// [log] segment_age.
+    #[arg(long, value_name = "TIME", value_parser = parse_duration)]
+    segment_age: Option<Duration>,
+    /// [log] max_files.
+    #[arg(long, value_name = "N")]
+    max_files: Option<usize>,
+    /// [log] max_total_size.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    max_total_size: Option<u64>,
+    /// [log] min_free.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    min_free: Option<u64>,
+    /// [log] fsync: never, always, or an interval.
+    #[arg(long, value_name = "POLICY", value_parser = parse_fsync)]
+    fsync: Option<FsyncPolicy>,
+    /// [log] compress = false.
+    #[arg(long)]
+    no_compress: bool,
+    /// [log] flight_events.
+    #[arg(long, value_name = "N")]
+    flight_events: Option<usize>,
+    /// [probes] ringbuf_size.
+    #[arg(long, value_name = "BYTES")]
+    ringbuf_size: Option<u32>,
+    /// [probes] entry_transitions = false.
+    #[arg(long)]
+    no_entry_transitions: bool,
+    /// [metrics] listen: address of GET /metrics ("" disables).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
+    /// [alertmanager] url: http://host:port ("" disables).
+    #[arg(long, value_name = "URL")]
+    alertmanager_url: Option<String>,
+    /// [alertmanager] timeout.
+    #[arg(long, value_name = "TIME", value_parser = parse_duration)]
+    alertmanager_timeout: Option<Duration>,
+    /// [alertmanager] attempts.
+    #[arg(long, value_name = "N")]
+    alertmanager_attempts: Option<u32>,
+    /// [alertmanager] queue.
+    #[arg(long, value_name = "N")]
+    alertmanager_queue: Option<usize>,
+    /// [alertmanager] host: the `host` label.
+    #[arg(long, value_name = "NAME")]
+    alert_host: Option<String>,
+    /// [findings] output: `-` (stdout) or a file, JSON lines.
+    #[arg(long, value_name = "FILE")]
+    findings_out: Option<String>,
+}
+
+impl RunArgs {
+    /// The config file (or the defaults), with the flags applied on top.
+    fn config(&self) -> Result<Config, Failure> {
+        let mut c = match &self.config {
+            Some(path) => Config::load(path).map_err(|e| Failure::from(anyhow::Error::new(e)))?,
+            None => Config::default(),
+        };
+        macro_rules! set {
+            ($field:expr, $flag:expr) => {
+                if let Some(v) = $flag.clone() {
+                    $field = v;
+                }
+            };
+        }
+        set!(c.log.dir, self.log_dir);
+        set!(c.log.segment_size, self.segment_size);
+        set!(c.log.segment_age, self.segment_age);
+        set!(c.log.max_files, self.max_files);
+        set!(c.log.max_total_size, self.max_total_size);
+        set!(c.log.min_free, self.min_free);
+        set!(c.log.fsync, self.fsync);
+        set!(c.log.flight_events, self.flight_events);
+        set!(c.probes.ringbuf_size, self.ringbuf_size);
+        set!(c.metrics.listen, self.metrics_listen);
+        set!(c.alertmanager.url, self.alertmanager_url);
+        set!(c.alertmanager.timeout, self.alertmanager_timeout);
+        set!(c.alertmanager.attempts, self.alertmanager_attempts);
+        set!(c.alertmanager.queue, self.alertmanager_queue);
+        set!(c.alertmanager.host, self.alert_host);
+        set!(c.findings.output, self.findings_out);
+        if self.no_compress {
+            c.log.compress = false;
+        }
+        if self.no_entry_transitions {
+            c.probes.entry_transitions = false;
+        }
+        c.validate()
+            .map_err(|e| Failure::from(anyhow::anyhow!("flags: {e}")))?;
+        Ok(c)
+    }
 }
 
 /// Event-log rotation and retention.
@@ -220,56 +315,6 @@ struct SimulateArgs {
     log: LogArgs,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .map_or((s, "s"), |i| s.split_at(i));
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 30s, 500ms or 5m"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        "d" => n * 86400.0,
-        _ => {
-            return Err(format!(
-                "unknown unit {unit:?} in {s:?}; use ms, s, m, h or d"
-            ));
-        }
-    };
-    if !secs.is_finite() || secs <= 0.0 {
-        return Err(format!("{s:?} must be a positive duration"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    let (num, mult) = match s.chars().last() {
-        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
-        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
-        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size like 4096, 64K, 64M or 1G"))?;
-    n.checked_mul(mult)
-        .filter(|&v| v > 0)
-        .ok_or_else(|| format!("{s:?} must be a positive size"))
-}
-
-fn parse_fsync(s: &str) -> Result<FsyncPolicy, String> {
-    match s {
-        "never" => Ok(FsyncPolicy::Never),
-        "always" => Ok(FsyncPolicy::Always),
-        other => parse_duration(other)
-            .map(FsyncPolicy::Interval)
-            .map_err(|_| format!("{s:?} is not `never`, `always` or an interval like 1s")),
-    }
-}
-
 fn parse_hex(s: &str) -> Result<u64, String> {
     u64::from_str_radix(s.trim_start_matches("0x"), 16)
         .map_err(|_| format!("{s:?} is not a hex pointer like 0xffff888100000000"))
@@ -319,14 +364,37 @@ fn main() -> ExitCode {
             ringbuf_bytes: args.probes.ringbuf_size,
             entry_transitions: !args.probes.no_entry_transitions,
             record: args.record.map(|dir| args.log.options(dir)),
+            service: watch::ServiceOptions::default(),
         }),
-        Command::Run(args) => watch::run(&watch::WatchOptions {
-            launched,
-            stdout: None,
-            duration: args.duration,
-            ringbuf_bytes: args.probes.ringbuf_size,
-            entry_transitions: !args.probes.no_entry_transitions,
-            record: Some(args.log.options(args.log_dir)),
+        Command::Run(args) => args.config().and_then(|c| {
+            let host = if c.alertmanager.host.is_empty() {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_owned())
+                    .unwrap_or_default()
+            } else {
+                c.alertmanager.host.clone()
+            };
+            watch::run(&watch::WatchOptions {
+                launched,
+                stdout: None,
+                duration: args.duration,
+                ringbuf_bytes: c.probes.ringbuf_size,
+                entry_transitions: c.probes.entry_transitions,
+                record: Some(RecordOptions {
+                    dir: c.log.dir.clone(),
+                    config: c.log.record_config(),
+                    flight_events: c.log.flight_events,
+                }),
+                service: watch::ServiceOptions {
+                    metrics_listen: (!c.metrics.listen.is_empty())
+                        .then(|| c.metrics.listen.parse().expect("validated")),
+                    alertmanager: (!c.alertmanager.url.is_empty()).then(|| c.alertmanager.clone()),
+                    host,
+                    findings_out: (!c.findings.output.is_empty())
+                        .then(|| c.findings.output.clone()),
+                    inject: args.inject.clone(),
+                },
+            })
         }),
     };
     match result {

@@ -25,6 +25,8 @@ pub struct Tally {
     pub findings: BTreeMap<FindingKind, u64>,
     pub lost: u64,
     pub incidents: u64,
+    /// (probe, kind) → events, for the metrics.
+    pub by_probe_kind: BTreeMap<(std::borrow::Cow<'static, str>, Kind), u64>,
 }
 
 /// The stdout stream: readable lines or JSON lines.
@@ -209,6 +211,10 @@ pub struct Pipeline {
     pub out: Option<Output>,
     pub recorder: Option<Recorder>,
     pub flight: Option<FlightRecorder>,
+    /// Findings to Alertmanager.
+    pub alerts: Option<crate::alerts::AlertSink>,
+    /// Findings as JSON lines (`--findings-out`).
+    pub findings_out: Option<Box<dyn io::Write + Send>>,
 }
 
 impl Pipeline {
@@ -224,6 +230,8 @@ impl Pipeline {
             out,
             recorder,
             flight,
+            alerts: None,
+            findings_out: None,
         }
     }
 
@@ -238,6 +246,11 @@ impl Pipeline {
 
     pub fn event(&mut self, ev: &Event) {
         *self.tally.by_kind.entry(ev.kind).or_default() += 1;
+        *self
+            .tally
+            .by_probe_kind
+            .entry((ev.probe.clone(), ev.kind))
+            .or_default() += 1;
         if let Some(o) = self.out.as_mut() {
             o.event(ev);
         }
@@ -255,6 +268,17 @@ impl Pipeline {
             }
             if let Some(r) = self.recorder.as_mut() {
                 r.finding(&f);
+            }
+            if let Some(a) = self.alerts.as_ref() {
+                a.send(&f);
+            }
+            if let Some(w) = self.findings_out.as_mut()
+                && writeln!(w, "{}", f.to_json_record())
+                    .and_then(|()| w.flush())
+                    .is_err()
+            {
+                eprintln!("tracer: warning: writing findings output failed; it is now off");
+                self.findings_out = None;
             }
             if let Some(fr) = self.flight.as_mut() {
                 match fr.incident(&f) {

@@ -17,8 +17,11 @@ use tokio::{
 
 use common::ProbeId;
 
+use std::sync::{Arc, Mutex};
+
 use crate::{
     Failure,
+    alerts::AlertTask,
     doctor::kernel_failure,
     event::Event,
     kernel::{self, KernelInfo, PlanOptions},
@@ -27,6 +30,7 @@ use crate::{
         ClockPair, Header, Loss, PlanEntry,
         writer::{RecordConfig, Recorder},
     },
+    metrics::{MetricsState, SharedMetrics},
     pipeline::{FlightRecorder, Output, Pipeline, Tally},
 };
 
@@ -39,6 +43,19 @@ pub struct RecordOptions {
     pub flight_events: usize,
 }
 
+/// What the daemon adds to `watch`: metrics, alerts, findings output, and
+/// recorded events injected into the live pipeline (to try alert routing).
+#[derive(Clone, Debug, Default)]
+pub struct ServiceOptions {
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    pub alertmanager: Option<crate::config::AlertmanagerConfig>,
+    /// The `host` label of alerts.
+    pub host: String,
+    /// `-` or a file: findings as JSON lines.
+    pub findings_out: Option<String>,
+    pub inject: Vec<PathBuf>,
+}
+
 pub struct WatchOptions {
     /// When the process started, for the time-to-attached figure.
     pub launched: Instant,
@@ -48,6 +65,7 @@ pub struct WatchOptions {
     pub ringbuf_bytes: u32,
     pub entry_transitions: bool,
     pub record: Option<RecordOptions>,
+    pub service: ServiceOptions,
 }
 
 pub fn run(opts: &WatchOptions) -> Result<(), Failure> {
@@ -223,15 +241,130 @@ fn register(session: &mut Session) -> Result<(AsyncFd<RingBuf<MapData>>, Option<
     Ok((events, logs))
 }
 
+/// Metrics endpoint, alert sender and findings output, before attaching.
+async fn start_service(
+    p: &mut Pipeline,
+    opts: &ServiceOptions,
+    metrics: &SharedMetrics,
+    clock: ClockPair,
+) -> Result<Option<AlertTask>, Failure> {
+    if let Some(out) = &opts.findings_out {
+        p.findings_out = Some(if out == "-" {
+            Box::new(io::stdout())
+        } else {
+            Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(out)
+                    .map_err(|e| anyhow!("can't open the findings output {out}: {e}"))?,
+            )
+        });
+    }
+    if let Some(addr) = opts.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow!("can't serve metrics on {addr}: {e}"))?;
+        eprintln!("tracer: metrics on http://{addr}/metrics");
+        tokio::spawn(crate::metrics::serve(listener, metrics.clone()));
+    }
+    Ok(match &opts.alertmanager {
+        Some(am) => {
+            let (sink, task) = crate::alerts::spawn(am, opts.host.clone(), clock, metrics.clone())
+                .map_err(|e| anyhow!("alertmanager: {e}"))?;
+            eprintln!("tracer: findings go to Alertmanager at {}", am.url);
+            p.alerts = Some(sink);
+            Some(task)
+        }
+        None => None,
+    })
+}
+
+/// Feeds recorded events into the live pipeline.
+fn inject(p: &mut Pipeline, files: &[PathBuf]) -> Result<(), Failure> {
+    let files = crate::log::reader::expand_inputs(files).map_err(|e| anyhow!("--inject: {e}"))?;
+    let mut stats = crate::log::reader::ReadStats::default();
+    let mut n = 0u64;
+    crate::log::reader::read_all(&files, &mut stats, |_, r| {
+        if let crate::log::reader::Record::Event(ev) = r {
+            p.event(&ev);
+            n += 1;
+        }
+    });
+    eprintln!("tracer: injected {n} recorded event(s)");
+    Ok(())
+}
+
+/// Copies the pipeline's, detector's and probes' numbers into the metrics.
+fn update_metrics(metrics: &SharedMetrics, p: &Pipeline, counters: &Counters, session: &Session) {
+    let mut m = metrics
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    m.events = p
+        .tally
+        .by_probe_kind
+        .iter()
+        .map(|((probe, kind), v)| ((probe.to_string(), kind.name().to_owned()), *v))
+        .collect();
+    m.findings = p
+        .tally
+        .findings
+        .iter()
+        .map(|(k, v)| ((k.name().to_owned(), k.severity().name().to_owned()), *v))
+        .collect();
+    m.drops = counters
+        .probes
+        .iter()
+        .map(|(name, c)| ((*name).to_owned(), c.reserve_failed))
+        .collect();
+    let d = p.detector();
+    m.tracked_vms = d.tracked_vms() as u64;
+    m.tracked_vcpus = d.tracked_vcpus() as u64;
+    m.tdx_vms = d.tdx_vms() as u64;
+    m.entries = counters.entry.entries;
+    m.forbidden_entries = counters.entry.forbidden_entries;
+    m.bpf = session
+        .bpf_stats()
+        .into_iter()
+        .map(|(name, ns, n)| (name.to_owned(), (ns, n)))
+        .collect();
+    if let Some(r) = p.recorder.as_ref() {
+        let s = r.stats();
+        m.log_records = s.records;
+        m.log_dropped = s.dropped;
+    }
+}
+
 async fn watch(plan: &kernel::AttachPlan, opts: &WatchOptions) -> Result<(), Failure> {
     let header = Header::for_this_host(
         "live".into(),
         plan.kernel_release.clone(),
         plan_entries(plan),
     );
+    let clock = header.clock;
     let mut p = build_pipeline(opts.stdout, opts.record.as_ref(), header, true)?;
+    let metrics: SharedMetrics = Arc::new(Mutex::new(MetricsState {
+        kernel_release: plan.kernel_release.clone(),
+        ..MetricsState::default()
+    }));
+    let alert_task = start_service(&mut p, &opts.service, &metrics, clock).await?;
     let mut session = Session::start(plan, opts.ringbuf_bytes).map_err(Failure::from)?;
     report_attach(&session, plan, opts)?;
+    {
+        let mut m = metrics
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for probe in &plan.probes {
+            let attached = session.attached.iter().any(|(id, _, _)| *id == probe.probe);
+            let kind = if attached {
+                probe.attach.to_string()
+            } else {
+                "off".into()
+            };
+            *m.probes.entry(kind).or_default() += 1;
+        }
+    }
+    inject(&mut p, &opts.service.inject)?;
 
     let (mut events, mut logs) = register(&mut session)?;
     let started = Instant::now();
@@ -273,6 +406,7 @@ async fn watch(plan: &kernel::AttachPlan, opts: &WatchOptions) -> Result<(), Fai
             _ = tick.tick() => {
                 let counters = session.counters().map_err(Failure::from)?;
                 losses.poll(&counters, &mut p);
+                update_metrics(&metrics, &p, &counters, &session);
             }
             _ = sighup.recv() => {
                 if let Some(r) = p.recorder.as_mut() {
@@ -294,6 +428,12 @@ async fn watch(plan: &kernel::AttachPlan, opts: &WatchOptions) -> Result<(), Fai
     drain(events.get_mut(), &mut p);
     let counters = session.counters().map_err(Failure::from)?;
     losses.poll(&counters, &mut p);
+    update_metrics(&metrics, &p, &counters, &session);
+    // Let queued alerts go out (bounded), then stop.
+    p.alerts = None;
+    if let Some(task) = alert_task {
+        task.drain(Duration::from_secs(10)).await;
+    }
     let elapsed = started.elapsed();
     let gate_attached = session
         .attached

@@ -1,0 +1,346 @@
+//! The daemon's configuration: a TOML file (`tracer run --config`), every
+//! option also a flag (flags win), with documented embedded defaults, so
+//! `tracer run` starts with no config at all. Errors name the file, the key
+//! and the reason, and are reported before anything attaches.
+
+use std::{path::PathBuf, time::Duration};
+
+use serde::Deserialize;
+
+use crate::log::writer::{FsyncPolicy, RecordConfig};
+
+/// The whole file. Unknown keys are errors, so a typo is caught.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub log: LogConfig,
+    pub probes: ProbesConfig,
+    pub metrics: MetricsConfig,
+    pub alertmanager: AlertmanagerConfig,
+    pub findings: FindingsConfig,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// Folder of the event log.
+    pub dir: PathBuf,
+    #[serde(deserialize_with = "de_size")]
+    pub segment_size: u64,
+    #[serde(deserialize_with = "de_duration")]
+    pub segment_age: Duration,
+    pub max_files: usize,
+    #[serde(deserialize_with = "de_size")]
+    pub max_total_size: u64,
+    #[serde(deserialize_with = "de_size")]
+    pub min_free: u64,
+    #[serde(deserialize_with = "de_fsync")]
+    pub fsync: FsyncPolicy,
+    pub compress: bool,
+    pub flight_events: usize,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        let r = RecordConfig::default();
+        Self {
+            dir: PathBuf::from("/var/lib/kvm-root-tracer/log"),
+            segment_size: r.max_segment_bytes,
+            segment_age: r.max_segment_age,
+            max_files: r.max_files,
+            max_total_size: r.max_total_bytes,
+            min_free: r.min_free_bytes,
+            fsync: r.fsync,
+            compress: r.compress,
+            flight_events: 64,
+        }
+    }
+}
+
+impl LogConfig {
+    pub fn record_config(&self) -> RecordConfig {
+        RecordConfig {
+            max_segment_bytes: self.segment_size,
+            max_segment_age: self.segment_age,
+            max_files: self.max_files,
+            max_total_bytes: self.max_total_size,
+            min_free_bytes: self.min_free,
+            fsync: self.fsync,
+            compress: self.compress,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProbesConfig {
+    /// Ring buffer bytes: a power of two, at least 4096.
+    pub ringbuf_size: u32,
+    pub entry_transitions: bool,
+}
+
+impl Default for ProbesConfig {
+    fn default() -> Self {
+        Self {
+            ringbuf_size: 4 << 20,
+            entry_transitions: true,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address of the Prometheus endpoint (`/metrics`); empty disables it.
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9464".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertmanagerConfig {
+    /// Base URL (`http://host:port`); empty: no Alertmanager.
+    pub url: String,
+    #[serde(deserialize_with = "de_duration")]
+    pub timeout: Duration,
+    /// Attempts per alert batch before it is counted as failed.
+    pub attempts: u32,
+    /// Alerts waiting to be sent at most; more are dropped and counted.
+    pub queue: usize,
+    /// The `host` label; empty: this machine's hostname.
+    pub host: String,
+}
+
+impl Default for AlertmanagerConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            timeout: Duration::from_secs(5),
+            attempts: 4,
+            queue: 1024,
+            host: String::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FindingsConfig {
+    /// Also write findings as JSON lines here: `-` for stdout, or a file
+    /// (appended). Empty: off.
+    pub output: String,
+}
+
+/// A config error: file, and toml's message (line, key and reason).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("can't read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl Config {
+    /// Parses a config file's text; `path` is for messages.
+    pub fn parse(path: &std::path::Path, text: &str) -> Result<Self, ConfigError> {
+        let cfg: Self = toml::from_str(text).map_err(|e| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        cfg.validate().map_err(|message| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        Ok(cfg)
+    }
+
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Checks that hold across keys.
+    pub fn validate(&self) -> Result<(), String> {
+        let rb = self.probes.ringbuf_size;
+        if rb < 4096 || !rb.is_power_of_two() {
+            return Err(format!(
+                "key `probes.ringbuf_size`: {rb} is not a power of two of at least 4096"
+            ));
+        }
+        if self.log.max_files < 2 {
+            return Err("key `log.max_files`: must be at least 2".into());
+        }
+        if !self.metrics.listen.is_empty()
+            && self.metrics.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(format!(
+                "key `metrics.listen`: {:?} is not an address like 127.0.0.1:9464",
+                self.metrics.listen
+            ));
+        }
+        if !self.alertmanager.url.is_empty() && !self.alertmanager.url.starts_with("http://") {
+            return Err(format!(
+                "key `alertmanager.url`: {:?} must start with http:// (TLS is not supported; \
+                 use a local relay)",
+                self.alertmanager.url
+            ));
+        }
+        if self.alertmanager.attempts == 0 {
+            return Err("key `alertmanager.attempts`: must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// `64M`, `1G`, `4096`…
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 4096, 64K, 64M or 1G"))?;
+    n.checked_mul(mult)
+        .filter(|&v| v > 0)
+        .ok_or_else(|| format!("{s:?} must be a positive size"))
+}
+
+/// `30s`, `500ms`, `5m`, `1h`, `1d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 30s, 500ms or 5m"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        "d" => n * 86400.0,
+        _ => {
+            return Err(format!(
+                "unknown unit {unit:?} in {s:?}; use ms, s, m, h or d"
+            ));
+        }
+    };
+    if !secs.is_finite() || secs <= 0.0 {
+        return Err(format!("{s:?} must be a positive duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// `never`, `always`, or an interval.
+pub fn parse_fsync(s: &str) -> Result<FsyncPolicy, String> {
+    match s {
+        "never" => Ok(FsyncPolicy::Never),
+        "always" => Ok(FsyncPolicy::Always),
+        other => parse_duration(other)
+            .map(FsyncPolicy::Interval)
+            .map_err(|_| format!("{s:?} is not `never`, `always` or an interval like 1s")),
+    }
+}
+
+fn de_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        N(u64),
+        S(String),
+    }
+    match Size::deserialize(d)? {
+        Size::N(n) if n > 0 => Ok(n),
+        Size::N(_) => Err(serde::de::Error::custom("must be a positive size")),
+        Size::S(s) => parse_size(&s).map_err(serde::de::Error::custom),
+    }
+}
+
+fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+fn de_fsync<'de, D: serde::Deserializer<'de>>(d: D) -> Result<FsyncPolicy, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_fsync(&s).map_err(serde::de::Error::custom)
+}
+
+/// The documented defaults, as a file (`dist/config.toml` is this text).
+pub const EXAMPLE: &str = include_str!("../../dist/config.toml");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn the_shipped_example_is_the_defaults() {
+        let cfg = Config::parse(Path::new("dist/config.toml"), EXAMPLE).unwrap();
+        let mut want = Config::default();
+        // The example turns nothing on that the defaults leave off.
+        want.alertmanager.url = cfg.alertmanager.url.clone();
+        assert_eq!(cfg, want);
+    }
+
+    #[test]
+    fn an_empty_file_is_the_defaults() {
+        assert_eq!(
+            Config::parse(Path::new("x"), "").unwrap(),
+            Config::default()
+        );
+    }
+
+    #[test]
+    fn errors_name_the_file_the_key_and_the_reason() {
+        let e = Config::parse(Path::new("/etc/t.toml"), "[log]\nmax_filez = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("config /etc/t.toml: "), "{e}");
+        assert!(e.contains("unknown field `max_filez`"), "{e}");
+        assert!(e.contains("line 2"), "{e}");
+
+        let e = Config::parse(Path::new("t.toml"), "[log]\nsegment_size = \"64Q\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("segment_size") && e.contains("not a size"),
+            "{e}"
+        );
+
+        let e = Config::parse(Path::new("t.toml"), "[probes]\nringbuf_size = 5000\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key `probes.ringbuf_size`"), "{e}");
+
+        let e = Config::parse(
+            Path::new("t.toml"),
+            "[alertmanager]\nurl = \"https://am\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("key `alertmanager.url`"), "{e}");
+
+        let e = Config::parse(Path::new("t.toml"), "[metrics]\nlisten = \"everywhere\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key `metrics.listen`"), "{e}");
+    }
+}
