@@ -44,7 +44,7 @@ enum Command {
     Watch(WatchArgs),
     /// The daemon: attach, detect, and record the event log until SIGTERM
     /// or SIGINT; SIGHUP reopens the log (needs root).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Run the detector over recorded events (log folders, segment files,
     /// or `-` for stdin) and print the findings. Exits 1 when there are
     /// findings, 0 when there are none.

@@ -154,51 +154,49 @@ pub fn render(s: &MetricsState) -> String {
             .iter()
             .map(|(p, (_, n))| (vec![("program".to_owned(), p.clone())], *n)),
     );
-    counter(
-        &mut r,
-        "guest_entries",
-        "Guest entries the kvm_entry gate saw",
-        s.entries,
-    );
-    counter(
-        &mut r,
-        "forbidden_entries",
-        "TDX guest entries with a valid root and an invalid mirror root",
-        s.forbidden_entries,
-    );
-    counter(
-        &mut r,
-        "alerts_sent",
-        "Alerts Alertmanager accepted",
-        s.alerts_sent,
-    );
-    counter(
-        &mut r,
-        "alerts_failed",
-        "Alerts not delivered after every attempt",
-        s.alerts_failed,
-    );
-    counter(
-        &mut r,
-        "alerts_dropped",
-        "Alerts dropped because the send queue was full",
-        s.alerts_dropped,
-    );
-    counter(
-        &mut r,
-        "log_records",
-        "Records written to the event log",
-        s.log_records,
-    );
-    counter(
-        &mut r,
-        "log_dropped",
-        "Records the event log could not write (disk full, write errors)",
-        s.log_dropped,
-    );
+    register_totals(&mut r, s);
     let mut out = String::new();
     encode(&mut out, &r).expect("writing to a String can't fail");
     out
+}
+
+/// The plain counters: gate, alerts, log.
+fn register_totals(r: &mut Registry, s: &MetricsState) {
+    for (name, help, v) in [
+        (
+            "guest_entries",
+            "Guest entries the kvm_entry gate saw",
+            s.entries,
+        ),
+        (
+            "forbidden_entries",
+            "TDX guest entries with a valid root and an invalid mirror root",
+            s.forbidden_entries,
+        ),
+        ("alerts_sent", "Alerts Alertmanager accepted", s.alerts_sent),
+        (
+            "alerts_failed",
+            "Alerts not delivered after every attempt",
+            s.alerts_failed,
+        ),
+        (
+            "alerts_dropped",
+            "Alerts dropped because the send queue was full",
+            s.alerts_dropped,
+        ),
+        (
+            "log_records",
+            "Records written to the event log",
+            s.log_records,
+        ),
+        (
+            "log_dropped",
+            "Records the event log could not write (disk full, write errors)",
+            s.log_dropped,
+        ),
+    ] {
+        counter(r, name, help, v);
+    }
 }
 
 /// Serves `GET /metrics` (and `GET /healthz`) until the task is dropped.

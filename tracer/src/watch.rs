@@ -295,6 +295,22 @@ fn inject(p: &mut Pipeline, files: &[PathBuf]) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Programs by how they attached (`off` for planned-but-failed too).
+fn count_attached(metrics: &SharedMetrics, plan: &kernel::AttachPlan, session: &Session) {
+    let mut m = metrics
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for probe in &plan.probes {
+        let attached = session.attached.iter().any(|(id, _, _)| *id == probe.probe);
+        let kind = if attached {
+            probe.attach.to_string()
+        } else {
+            "off".into()
+        };
+        *m.probes.entry(kind).or_default() += 1;
+    }
+}
+
 /// Copies the pipeline's, detector's and probes' numbers into the metrics.
 fn update_metrics(metrics: &SharedMetrics, p: &Pipeline, counters: &Counters, session: &Session) {
     let mut m = metrics
@@ -335,7 +351,11 @@ fn update_metrics(metrics: &SharedMetrics, p: &Pipeline, counters: &Counters, se
     }
 }
 
-async fn watch(plan: &kernel::AttachPlan, opts: &WatchOptions) -> Result<(), Failure> {
+/// The pipeline of a live run, its metrics, and the alert sender.
+async fn live_pipeline(
+    plan: &kernel::AttachPlan,
+    opts: &WatchOptions,
+) -> Result<(Pipeline, SharedMetrics, Option<AlertTask>), Failure> {
     let header = Header::for_this_host(
         "live".into(),
         plan.kernel_release.clone(),
@@ -348,22 +368,14 @@ async fn watch(plan: &kernel::AttachPlan, opts: &WatchOptions) -> Result<(), Fai
         ..MetricsState::default()
     }));
     let alert_task = start_service(&mut p, &opts.service, &metrics, clock).await?;
+    Ok((p, metrics, alert_task))
+}
+
+async fn watch(plan: &kernel::AttachPlan, opts: &WatchOptions) -> Result<(), Failure> {
+    let (mut p, metrics, alert_task) = live_pipeline(plan, opts).await?;
     let mut session = Session::start(plan, opts.ringbuf_bytes).map_err(Failure::from)?;
     report_attach(&session, plan, opts)?;
-    {
-        let mut m = metrics
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for probe in &plan.probes {
-            let attached = session.attached.iter().any(|(id, _, _)| *id == probe.probe);
-            let kind = if attached {
-                probe.attach.to_string()
-            } else {
-                "off".into()
-            };
-            *m.probes.entry(kind).or_default() += 1;
-        }
-    }
+    count_attached(&metrics, plan, &session);
     inject(&mut p, &opts.service.inject)?;
 
     let (mut events, mut logs) = register(&mut session)?;

@@ -1,0 +1,411 @@
+//! Fleet alerting against the real thing: Debian's Prometheus (and
+//! promtool) and Alertmanager on loopback, the shipped rules and systemd
+//! unit, and the daemon's config errors.
+//!
+//! The daemon tests need root, /dev/kvm and the `prometheus`,
+//! `prometheus-alertmanager` packages (`.ci/run` installs them). Where
+//! something is missing they fail saying what, unless TRACER_SKIP_LIVE=1,
+//! in which case they print SKIPPED and the reason.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+fn tracer() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tracer"))
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// True when the test can run; panics (or skips when asked) otherwise.
+fn needs(test: &str, root: bool, bins: &[&str]) -> bool {
+    let mut missing = Vec::new();
+    // SAFETY: geteuid has no preconditions.
+    if root && unsafe { libc::geteuid() } != 0 {
+        missing.push("root".to_owned());
+    }
+    if root && !Path::new("/dev/kvm").exists() {
+        missing.push("/dev/kvm".to_owned());
+    }
+    for b in bins {
+        if !Path::new(b).exists() {
+            missing.push((*b).to_owned());
+        }
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let why = format!("needs {}", missing.join(", "));
+    if std::env::var_os("TRACER_SKIP_LIVE").is_some_and(|v| v == "1") {
+        eprintln!("SKIPPED {test}: {why} (TRACER_SKIP_LIVE=1)");
+        return false;
+    }
+    panic!(
+        "{test} {why}: run as root with /dev/kvm and `apt-get install prometheus \
+         prometheus-alertmanager`, or set TRACER_SKIP_LIVE=1 to skip explicitly"
+    );
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A plain HTTP/1.0 GET on loopback (1.0, so no chunked bodies); returns
+/// the body of a 200 response.
+fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    let (head, body) = resp.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?;
+    (status == "200").then(|| body.to_owned())
+}
+
+/// Polls `f` until it returns Some, for at most `limit`.
+fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    None
+}
+
+/// A child process killed when the test ends, whatever happens.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn alertmanager(dir: &Path) -> (Guard, u16) {
+    let port = free_port();
+    let cfg = dir.join("am.yml");
+    std::fs::write(
+        &cfg,
+        "route:\n  receiver: blackhole\nreceivers:\n  - name: blackhole\n",
+    )
+    .unwrap();
+    let child = Command::new("/usr/bin/prometheus-alertmanager")
+        .arg(format!("--config.file={}", cfg.display()))
+        .arg(format!("--storage.path={}", dir.join("am").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .arg("--cluster.listen-address=")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start alertmanager");
+    let guard = Guard(child);
+    wait_for(Duration::from_secs(20), || http_get(port, "/api/v2/status"))
+        .expect("alertmanager answers");
+    (guard, port)
+}
+
+/// A simulated log with mirror-root findings, for `--inject`.
+fn faulty_log(dir: &Path) -> PathBuf {
+    let out = tracer()
+        .args([
+            "simulate",
+            "--kernel",
+            "mirror-invalidated-by-zap",
+            "--scenario",
+            "hotplug",
+        ])
+        .args(["--vcpus", "2", "--rounds", "5"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let path = dir.join("sim.jsonl");
+    std::fs::write(&path, out.stdout).unwrap();
+    path
+}
+
+#[test]
+fn shipped_rules_pass_promtool() {
+    if !needs("shipped_rules_pass_promtool", false, &["/usr/bin/promtool"]) {
+        return;
+    }
+    let out = Command::new("/usr/bin/promtool")
+        .args(["check", "rules"])
+        .arg(repo().join("dist/prometheus/kvm-root-tracer.rules.yml"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("SUCCESS: 7 rules found"), "{text}");
+}
+
+#[test]
+fn systemd_unit_verifies_where_systemd_analyze_exists() {
+    let analyze = Path::new("/usr/bin/systemd-analyze");
+    if !analyze.exists() {
+        eprintln!("SKIPPED systemd_unit_verifies: systemd-analyze is not installed here");
+        return;
+    }
+    let unit =
+        std::fs::read_to_string(repo().join("dist/systemd/kvm-root-tracer.service")).unwrap();
+    assert!(unit.contains("CapabilityBoundingSet=CAP_BPF CAP_PERFMON\n"));
+    // verify checks that ExecStart exists: point it at the built binary.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kvm-root-tracer.service");
+    std::fs::write(
+        &path,
+        unit.replace("/usr/local/bin/tracer", env!("CARGO_BIN_EXE_tracer")),
+    )
+    .unwrap();
+    let out = Command::new(analyze)
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        !err.contains("kvm-root-tracer.service:"),
+        "warnings about the unit: {err}"
+    );
+}
+
+#[test]
+fn config_errors_name_file_key_and_reason_before_attaching() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[log]\nmax_files = 100\nsegment_sise = \"1M\"\n").unwrap();
+    let out = tracer()
+        .arg("run")
+        .arg("--config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains(&format!("config {}", bad.display())), "{err}");
+    assert!(err.contains("line 3"), "{err}");
+    assert!(err.contains("unknown field `segment_sise`"), "{err}");
+    assert!(!err.contains("attached"), "nothing attached: {err}");
+
+    let out = tracer()
+        .args(["run", "--metrics-listen", "nowhere"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("key `metrics.listen`"), "{err}");
+
+    let out = tracer()
+        .arg("run")
+        .arg("--config")
+        .arg(dir.path().join("missing.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("can't read config"));
+}
+
+#[test]
+fn prometheus_scrapes_the_daemon() {
+    if !needs(
+        "prometheus_scrapes_the_daemon",
+        true,
+        &["/usr/bin/prometheus"],
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mport = free_port();
+    let _daemon = Guard(
+        tracer()
+            .args(["run", "--duration", "60s", "--metrics-listen"])
+            .arg(format!("127.0.0.1:{mport}"))
+            .arg("--log-dir")
+            .arg(dir.path().join("log"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for(Duration::from_secs(30), || http_get(mport, "/metrics")).expect("metrics served");
+    let pport = free_port();
+    let cfg = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: kvm-root-tracer\n    \
+             static_configs:\n      - targets: ['127.0.0.1:{mport}']\n"
+        ),
+    )
+    .unwrap();
+    let _prom = Guard(
+        Command::new("/usr/bin/prometheus")
+            .arg(format!("--config.file={}", cfg.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{pport}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start prometheus"),
+    );
+    let query = |q: &str| -> Option<Vec<Value>> {
+        let body = http_get(pport, &format!("/api/v1/query?query={q}"))?;
+        let v: Value = serde_json::from_str(&body).ok()?;
+        let r = v["data"]["result"].as_array()?.clone();
+        (!r.is_empty()).then_some(r)
+    };
+    let info = wait_for(Duration::from_secs(60), || {
+        query("kvm_root_tracer_build_info")
+    })
+    .expect("Prometheus scraped kvm_root_tracer_build_info");
+    assert_eq!(info[0]["metric"]["job"], "kvm-root-tracer");
+    assert_eq!(info[0]["metric"]["version"], env!("CARGO_PKG_VERSION"));
+    let up = query("up").expect("up");
+    assert_eq!(up[0]["value"][1], "1");
+    let attached = query("sum(kvm_root_tracer_probes%7Battach!=%22off%22%7D)").expect("probes");
+    let n: f64 = attached[0]["value"][1].as_str().unwrap().parse().unwrap();
+    assert!(n >= 1.0, "probes attached: {n}");
+}
+
+#[test]
+fn findings_reach_alertmanager_with_their_labels() {
+    if !needs(
+        "findings_reach_alertmanager_with_their_labels",
+        true,
+        &["/usr/bin/prometheus-alertmanager"],
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (_am, port) = alertmanager(dir.path());
+    let sim = faulty_log(dir.path());
+    let started = Instant::now();
+    let _daemon = Guard(
+        tracer()
+            .args([
+                "run",
+                "--duration",
+                "60s",
+                "--metrics-listen",
+                "",
+                "--alert-host",
+                "hv-test",
+            ])
+            .arg("--alertmanager-url")
+            .arg(format!("http://127.0.0.1:{port}"))
+            .arg("--inject")
+            .arg(&sim)
+            .arg("--log-dir")
+            .arg(dir.path().join("log"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let alert = wait_for(Duration::from_secs(60), || {
+        let body = http_get(port, "/api/v2/alerts")?;
+        let alerts: Vec<Value> = serde_json::from_str(&body).ok()?;
+        alerts
+            .into_iter()
+            .find(|a| a["labels"]["kind"] == "mirror_root_invalid_at_entry")
+    })
+    .expect("the finding arrived in Alertmanager");
+    let latency = started.elapsed();
+    let l = &alert["labels"];
+    assert_eq!(l["alertname"], "mirror_root_invalid_at_entry");
+    assert_eq!(l["severity"], "critical");
+    assert_eq!(l["host"], "hv-test");
+    assert!(
+        l["vmm_pid"]
+            .as_str()
+            .is_some_and(|p| p.parse::<i32>().is_ok()),
+        "{l}"
+    );
+    assert!(l["vcpu"].is_string(), "{l}");
+    assert!(
+        alert["annotations"]["description"]
+            .as_str()
+            .unwrap()
+            .contains("kvm_mmu_reload()")
+    );
+    eprintln!(
+        "fleet: launch → attach → inject → finding in Alertmanager: {} ms",
+        latency.as_millis()
+    );
+}
+
+#[test]
+fn alertmanager_down_loses_nothing_from_the_log_and_is_counted() {
+    if !needs(
+        "alertmanager_down_loses_nothing_from_the_log_and_is_counted",
+        true,
+        &[],
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sim = faulty_log(dir.path());
+    let closed = free_port();
+    let log = dir.path().join("log");
+    let out = tracer()
+        .args(["run", "--duration", "4s", "--metrics-listen", ""])
+        .arg("--alertmanager-url")
+        .arg(format!("http://127.0.0.1:{closed}"))
+        .args([
+            "--alertmanager-attempts",
+            "2",
+            "--alertmanager-timeout",
+            "200ms",
+        ])
+        .arg("--inject")
+        .arg(&sim)
+        .arg("--log-dir")
+        .arg(&log)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("not delivered to Alertmanager"),
+        "counted: {err}"
+    );
+    // Every finding is in the event log, and replay recomputes the same.
+    let r = tracer::replay::replay(&[log], &tracer::replay::Filter::default(), |_, _| {}).unwrap();
+    let expected = tracer::replay::replay(&[sim], &tracer::replay::Filter::default(), |_, _| {})
+        .unwrap()
+        .findings;
+    assert!(!expected.is_empty());
+    let recorded: Vec<_> = r
+        .recorded_findings
+        .iter()
+        .map(|f| (f.kind, f.kvm, f.vcpu_id))
+        .collect();
+    let want: Vec<_> = expected
+        .iter()
+        .map(|f| (f.kind, f.kvm, f.vcpu_id))
+        .collect();
+    assert_eq!(recorded, want);
+}
