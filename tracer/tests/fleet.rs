@@ -277,7 +277,7 @@ fn prometheus_scrapes_the_daemon() {
         let r = v["data"]["result"].as_array()?.clone();
         (!r.is_empty()).then_some(r)
     };
-    let info = wait_for(Duration::from_secs(60), || {
+    let info = wait_for(Duration::from_mins(1), || {
         query("kvm_root_tracer_build_info")
     })
     .expect("Prometheus scraped kvm_root_tracer_build_info");
@@ -325,7 +325,7 @@ fn findings_reach_alertmanager_with_their_labels() {
             .spawn()
             .unwrap(),
     );
-    let alert = wait_for(Duration::from_secs(60), || {
+    let alert = wait_for(Duration::from_mins(1), || {
         let body = http_get(port, "/api/v2/alerts")?;
         let alerts: Vec<Value> = serde_json::from_str(&body).ok()?;
         alerts
