@@ -93,6 +93,15 @@ fn main() -> Result<()> {
         }
         Task::Test => {
             setup(&root)?;
+            // The fleet tests run the real Prometheus and Alertmanager.
+            apt_install(&[
+                ("/usr/bin/prometheus", "prometheus"),
+                ("/usr/bin/promtool", "prometheus"),
+                (
+                    "/usr/bin/prometheus-alertmanager",
+                    "prometheus-alertmanager",
+                ),
+            ])?;
             cargo(&root, &["fmt", "--all", "--", "--check"])?;
             cargo(&root, &["clippy", "--all-targets", "--", "-D", "warnings"])?;
             clippy_ebpf(&root)?;
@@ -118,6 +127,54 @@ fn clippy_ebpf(root: &Path) -> Result<()> {
         .context("failed to start rustup")?;
     if !status.success() {
         bail!("clippy on probe-ebpf failed ({status})");
+    }
+    Ok(())
+}
+
+/// Installs the Debian packages whose files are missing (as root; other
+/// users get a note, and the tests that need them say so). Services the
+/// packages ship are not started.
+pub fn apt_install(wanted: &[(&str, &str)]) -> Result<()> {
+    let mut pkgs: Vec<&str> = wanted
+        .iter()
+        .filter(|(file, _)| !Path::new(file).exists())
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    pkgs.dedup();
+    if pkgs.is_empty() {
+        return Ok(());
+    }
+    let is_root = run(Command::new("id").arg("-u")).is_ok_and(|u| u == "0");
+    if !is_root {
+        eprintln!(
+            "xtask: not root, so not installing {}; tests that need them will say so",
+            pkgs.join(" ")
+        );
+        return Ok(());
+    }
+    eprintln!("xtask: installing {} from Debian", pkgs.join(" "));
+    // Keep package scripts from starting services (they would listen
+    // beyond loopback).
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    let made_policy = !policy.exists();
+    if made_policy {
+        std::fs::write(policy, "#!/bin/sh\nexit 101\n")?;
+        std::fs::set_permissions(policy, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    }
+    let result = run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&pkgs)
+        .env("DEBIAN_FRONTEND", "noninteractive"));
+    if made_policy {
+        let _ = std::fs::remove_file(policy);
+    }
+    if let Err(e) = &result {
+        eprintln!("xtask: apt-get install failed; trying once more after apt-get update: {e:#}");
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&pkgs)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
     Ok(())
 }

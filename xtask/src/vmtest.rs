@@ -72,21 +72,19 @@ fn apt_opts(dir: &Path) -> Vec<String> {
 
 /// Makes sure QEMU and a static busybox are installed (Debian packages).
 fn ensure_host_tools() -> Result<()> {
-    let have_qemu = Path::new("/usr/bin/qemu-system-x86_64").exists();
+    crate::apt_install(&[
+        ("/usr/bin/qemu-system-x86_64", "qemu-system-x86"),
+        ("/bin/busybox", "busybox-static"),
+        ("/usr/bin/file", "file"),
+    ])?;
     let busybox_static = run(Command::new("file").arg("/bin/busybox"))
         .is_ok_and(|s| s.contains("statically linked"));
-    if have_qemu && busybox_static {
-        return Ok(());
+    if !busybox_static {
+        bail!("/bin/busybox is not statically linked; install the busybox-static package");
     }
-    eprintln!("vm-test: installing qemu-system-x86 and busybox-static from Debian");
-    run(Command::new("apt-get")
-        .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(["qemu-system-x86", "busybox-static", "file"])
-        .env("DEBIAN_FRONTEND", "noninteractive"))?;
     Ok(())
 }
 
-/// Resolves each series to the newest `linux-image-*-amd64` package.
 /// For each series, the package and release, or why none can be tested.
 type Resolved = Vec<(String, std::result::Result<(String, String), String>)>;
 
