@@ -73,7 +73,10 @@ type Logger = EbpfLogger<&'static dyn log::Log>;
 /// Creates the maps and sets the plan's globals; loads no program yet.
 fn open(plan: &AttachPlan, ringbuf_bytes: u32) -> Result<(Ebpf, Option<Logger>)> {
     raise_memlock();
+    // No CO-RE relocations: every offset comes from our own BTF pass, so
+    // aya need not parse the kernel's BTF a second time.
     let mut ebpf = EbpfLoader::new()
+        .btf(None)
         .override_global("OFFSETS", &plan.offsets, true)
         .override_global("PROBE_CONFIG", &plan.config, true)
         .map_max_entries("EVENTS", ringbuf_bytes)

@@ -88,6 +88,10 @@ pub fn run(opts: &WatchOptions) -> Result<(), Failure> {
             "no probe can attach on this kernel; run `tracer doctor` for the reasons"
         )));
     }
+    // The parsed BTF is tens of MB: the plan holds everything needed now.
+    drop(info);
+    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+    unsafe { libc::malloc_trim(0) };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
