@@ -310,7 +310,7 @@ impl Detector {
         match ev.kind {
             Kind::VmDestroy => {
                 if let Some(kvm) = ev.kvm {
-                    self.remove_vm(kvm);
+                    self.remove_vm(kvm, true);
                 }
             }
             Kind::VcpuDestroy => {
@@ -518,14 +518,22 @@ impl Detector {
         }
     }
 
-    fn remove_vm(&mut self, kvm: u64) {
-        if let Some(vm) = self.vms.remove(&kvm) {
+    /// Drops a VM and its vCPUs, counted as teardown or as eviction.
+    fn remove_vm(&mut self, kvm: u64, teardown: bool) {
+        let Some(vm) = self.vms.remove(&kvm) else {
+            return;
+        };
+        let vcpus = vm
+            .vcpus
+            .iter()
+            .filter(|v| self.vcpus.remove(v).is_some())
+            .count() as u64;
+        if teardown {
             self.stats.vms_torn_down += 1;
-            for v in vm.vcpus {
-                if self.vcpus.remove(&v).is_some() {
-                    self.stats.vcpus_torn_down += 1;
-                }
-            }
+            self.stats.vcpus_torn_down += vcpus;
+        } else {
+            self.stats.vms_evicted += 1;
+            self.stats.vcpus_evicted += vcpus;
         }
     }
 
@@ -547,14 +555,7 @@ impl Detector {
         let mut by_age: Vec<(u64, u64)> = self.vms.iter().map(|(k, v)| (v.last_seen, *k)).collect();
         by_age.select_nth_unstable(n - 1);
         for &(_, kvm) in &by_age[..n] {
-            if let Some(vm) = self.vms.remove(&kvm) {
-                self.stats.vms_evicted += 1;
-                for v in vm.vcpus {
-                    if self.vcpus.remove(&v).is_some() {
-                        self.stats.vcpus_evicted += 1;
-                    }
-                }
-            }
+            self.remove_vm(kvm, false);
         }
     }
 }

@@ -1,31 +1,16 @@
 //! The binary's contract: exit codes and error text for bad flags and
 //! unsupported environments, and `doctor` on captured kernels.
 
-use std::{path::PathBuf, process::Command};
+#[path = "support/cli.rs"]
+mod support;
 
-fn tracer() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_tracer"))
-}
+use std::{path::PathBuf, process::Command};
+use support::{run, tracer};
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/data/kernels")
         .join(name)
-}
-
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-fn run(cmd: &mut Command) -> Run {
-    let out = cmd.output().expect("run tracer");
-    Run {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
 }
 
 #[test]

@@ -2,35 +2,20 @@
 //! retention, a `kill -9` mid-write, every kind of bad input, and the
 //! hand-written logs in tests/data/logs/ with their expected findings.
 
+#[path = "support/cli.rs"]
+mod support;
+
 use std::{
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Stdio,
     time::Duration,
 };
+use support::{Run, run, tracer};
 
 use tracer::{
     log::reader::{self, ProblemKind, ReadStats, Record},
     replay::{Filter, replay},
 };
-
-fn tracer() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_tracer"))
-}
-
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-fn run(cmd: &mut Command) -> Run {
-    let out = cmd.output().expect("run tracer");
-    Run {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
 
 /// `tracer simulate … --record dir` with extra flags.
 fn record(dir: &Path, kernel: &str, scenario: &str, rounds: u32, extra: &[&str]) -> Run {

@@ -264,6 +264,7 @@ fn repo_root() -> Result<PathBuf> {
         .to_path_buf())
 }
 
+/// Runs a command; its stdout, trimmed, or an error with both outputs.
 fn run(cmd: &mut Command) -> Result<String> {
     let out = cmd
         .output()

@@ -18,6 +18,8 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+
+use crate::run;
 use serde_json::Value;
 
 /// The default matrix: Debian series, newest point release of each.
@@ -40,21 +42,6 @@ Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 /// The workload inside the VM: vCPUs and memslot deletions.
 const VCPUS: u64 = 2;
 const CHURNS: u64 = 3;
-
-fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("failed to start {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed ({}):\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 /// apt options that use a private sources list and state under `dir`.
 fn apt_opts(dir: &Path) -> Vec<String> {
