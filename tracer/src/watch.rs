@@ -379,6 +379,9 @@ async fn watch(plan: &kernel::AttachPlan, opts: &WatchOptions) -> Result<(), Fai
     let (mut p, metrics, alert_task) = live_pipeline(plan, opts).await?;
     let mut session = Session::start(plan, opts.ringbuf_bytes).map_err(Failure::from)?;
     report_attach(&session, plan, opts)?;
+    // Loading parsed and relocated the object: give the scratch back.
+    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+    unsafe { libc::malloc_trim(0) };
     count_attached(&metrics, plan, &session);
     inject(&mut p, &opts.service.inject)?;
 
