@@ -606,6 +606,14 @@ impl VcpuState {
         }
     }
 
+    /// Records `pair` as reported; false when it already was, so a vCPU
+    /// stuck in one forbidden state raises one finding, not one per event.
+    fn first_report(&mut self, pair: (u64, u64)) -> bool {
+        let first = self.reported_forbidden != Some(pair);
+        self.reported_forbidden = Some(pair);
+        first
+    }
+
     /// The (root, mirror) pair, when it is the forbidden state on TDX.
     fn forbidden_pair(&self, tdx: bool) -> Option<(u64, u64)> {
         (tdx && valid(self.root_hpa) && self.mirror_root_hpa == Some(INVALID_PAGE))
@@ -689,10 +697,9 @@ fn check_load(vc: &mut VcpuState, tdx: bool, r: &Raise<'_>, out: &mut Vec<Findin
     let Some(pair) = vc.forbidden_pair(tdx) else {
         return;
     };
-    if vc.reported_forbidden == Some(pair) {
+    if !vc.first_report(pair) {
         return;
     }
-    vc.reported_forbidden = Some(pair);
     out.push(r.finding(
         FindingKind::MirrorRootInvalidAfterLoad,
         vec![ev.clone()],
@@ -724,10 +731,9 @@ fn check_entry(vc: &mut VcpuState, tdx: bool, r: &Raise<'_>, out: &mut Vec<Findi
         ),
         _ => return,
     };
-    if vc.reported_forbidden == Some(pair) {
+    if !vc.first_report(pair) {
         return;
     }
-    vc.reported_forbidden = Some(pair);
     out.push(r.finding(
         FindingKind::MirrorRootInvalidAtEntry,
         vec![ev.clone()],

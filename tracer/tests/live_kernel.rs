@@ -56,42 +56,12 @@ struct Watch {
 impl Watch {
     /// Starts `tracer watch --json` and waits until it has attached.
     fn start() -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tracer"))
-            .args(["watch", "--json", "--duration", "60s"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn tracer watch");
-        let (tx, rx) = mpsc::channel();
-        let err = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut w = Self {
+        let (child, stderr, stderr_log) =
+            start_attached(&["watch", "--json", "--duration", "60s"], Stdio::piped());
+        Self {
             child,
-            stderr: rx,
-            stderr_log: Vec::new(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match w.stderr.recv_timeout(left) {
-                Ok(line) => {
-                    let done = line.contains("probe(s) in") && line.contains("streaming");
-                    w.stderr_log.push(line);
-                    if done {
-                        return w;
-                    }
-                }
-                Err(e) => panic!(
-                    "tracer watch did not attach within 30 s ({e}); stderr:\n{}",
-                    w.stderr_log.join("\n")
-                ),
-            }
+            stderr,
+            stderr_log,
         }
     }
 
@@ -356,13 +326,14 @@ fn watch_raises_a_zap_storm_finding_live_on_real_memslot_churn() {
     );
 }
 
-/// Starts `tracer <args>` and waits until it has attached. The caller
+/// Starts `tracer <args>` and waits until it has attached; returns the
+/// child, its remaining stderr lines, and the lines read so far. The caller
 /// waits for the child.
 #[expect(clippy::zombie_processes, reason = "every caller waits for the child")]
-fn start_attached(args: &[&str]) -> (Child, mpsc::Receiver<String>) {
+fn start_attached(args: &[&str], stdout: Stdio) -> (Child, mpsc::Receiver<String>, Vec<String>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tracer"))
         .args(args)
-        .stdout(Stdio::null())
+        .stdout(stdout)
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn tracer");
@@ -375,13 +346,22 @@ fn start_attached(args: &[&str]) -> (Child, mpsc::Receiver<String>) {
             }
         }
     });
+    let mut log = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("tracer attached within 30 s");
-        if line.contains("probe(s) in") {
-            return (child, rx);
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => {
+                let done = line.contains("probe(s) in");
+                log.push(line);
+                if done {
+                    return (child, rx, log);
+                }
+            }
+            Err(e) => panic!(
+                "tracer {} did not attach within 30 s ({e}); stderr:\n{}",
+                args[0],
+                log.join("\n")
+            ),
         }
     }
 }
@@ -419,7 +399,8 @@ fn run_records_until_sigterm_and_sighup_reopens_the_log() {
     }
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("log");
-    let (mut child, _stderr) = start_attached(&["run", "--log-dir", log.to_str().unwrap()]);
+    let (mut child, _stderr, _) =
+        start_attached(&["run", "--log-dir", log.to_str().unwrap()], Stdio::null());
     // SAFETY: gettid has no preconditions.
     let me = i64::from(unsafe { libc::gettid() });
     let mut guest = kvm::Guest::new(1).expect("VM");
@@ -465,7 +446,8 @@ fn watch_record_survives_kill_9() {
     }
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("log");
-    let (mut child, _stderr) = start_attached(&["watch", "--record", log.to_str().unwrap()]);
+    let (mut child, _stderr, _) =
+        start_attached(&["watch", "--record", log.to_str().unwrap()], Stdio::null());
     // SAFETY: gettid has no preconditions.
     let me = i64::from(unsafe { libc::gettid() });
     let mut guest = kvm::Guest::new(1).expect("VM");
