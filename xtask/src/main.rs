@@ -110,25 +110,58 @@ fn main() -> Result<()> {
     }
 }
 
+/// Runs the nightly toolchain's `cargo` in `dir`, with the project's tools
+/// first on PATH and none of the outer cargo's overrides; `what` names the
+/// job in the error.
+fn nightly_cargo(
+    root: &Path,
+    dir: &Path,
+    args: &[String],
+    env: &[(&str, &Path)],
+    what: &str,
+) -> Result<()> {
+    let mut cmd = Command::new("rustup");
+    cmd.args(["run", "nightly", "cargo"])
+        .args(args)
+        .current_dir(dir)
+        .env("PATH", tools_path(root)?)
+        .env_remove("RUSTC")
+        .env_remove("CARGO");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let status = cmd.status().context("failed to start rustup")?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|a| (*a).to_owned()).collect()
+}
+
 /// Clippy on the eBPF crate, which only builds for the bpfel target with
 /// nightly and `-Z build-std=core`.
 fn clippy_ebpf(root: &Path) -> Result<()> {
     eprintln!("xtask: cargo +nightly clippy (probe-ebpf, bpfel-unknown-none)");
-    let path = tools_path(root)?;
-    let status = Command::new("rustup")
-        .args(["run", "nightly", "cargo", "clippy", "--release"])
-        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
-        .args(["--", "-D", "warnings"])
-        .current_dir(root.join("probe-ebpf"))
-        .env("PATH", path)
-        .env_remove("RUSTC")
-        .env_remove("CARGO")
-        .status()
-        .context("failed to start rustup")?;
-    if !status.success() {
-        bail!("clippy on probe-ebpf failed ({status})");
-    }
-    Ok(())
+    nightly_cargo(
+        root,
+        &root.join("probe-ebpf"),
+        &strings(&[
+            "clippy",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+        &[],
+        "clippy on probe-ebpf",
+    )
 }
 
 /// Installs the Debian packages whose files are missing (as root; other
@@ -194,51 +227,29 @@ fn fuzz(root: &Path, seconds: u64) -> Result<()> {
     let tools = root.join(".tools");
     if !tools.join("bin/cargo-fuzz").is_file() {
         eprintln!("xtask: installing cargo-fuzz into .tools/ (about a minute)");
-        let status = Command::new("rustup")
-            .args([
-                "run",
-                "nightly",
-                "cargo",
-                "install",
-                "cargo-fuzz",
-                "--locked",
-                "--version",
-                "0.13.2",
-                "--root",
-            ])
-            .arg(&tools)
-            .status()
-            .context("failed to start cargo install")?;
-        if !status.success() {
-            bail!("installing cargo-fuzz failed ({status})");
-        }
+        let mut args = strings(&["install", "cargo-fuzz", "--locked", "--version", "0.13.2"]);
+        args.extend(["--root".to_owned(), tools.display().to_string()]);
+        nightly_cargo(root, root, &args, &[], "installing cargo-fuzz")?;
     }
     // The working corpus is not committed (only the seeds are).
     std::fs::create_dir_all(root.join("tracer/fuzz/corpus/log_reader"))?;
     eprintln!("xtask: fuzzing the event-log reader for {seconds} s");
-    let status = Command::new("rustup")
-        .args([
-            "run",
-            "nightly",
-            "cargo",
-            "fuzz",
-            "run",
-            "log_reader",
-            "fuzz/corpus/log_reader",
-            "fuzz/seeds",
-            "--",
-        ])
-        .arg(format!("-max_total_time={seconds}"))
-        .current_dir(root.join("tracer"))
-        .env("PATH", tools_path(root)?)
-        .env_remove("RUSTC")
-        .env_remove("CARGO")
-        .status()
-        .context("failed to start cargo fuzz")?;
-    if !status.success() {
-        bail!("the fuzzer found a failure ({status}); see tracer/fuzz/artifacts/");
-    }
-    Ok(())
+    let mut args = strings(&[
+        "fuzz",
+        "run",
+        "log_reader",
+        "fuzz/corpus/log_reader",
+        "fuzz/seeds",
+        "--",
+    ]);
+    args.push(format!("-max_total_time={seconds}"));
+    nightly_cargo(
+        root,
+        &root.join("tracer"),
+        &args,
+        &[],
+        "the fuzzer found a failure (see tracer/fuzz/artifacts/), or fuzzing",
+    )
 }
 
 /// Runs cargo (the toolchain that runs xtask) in the repository.
@@ -346,28 +357,28 @@ fn setup(root: &Path) -> Result<()> {
     eprintln!(
         "setup: bpf-linker {BPF_LINKER_VERSION}: building against LLVM {major} (about a minute)"
     );
-    let status = Command::new("rustup")
-        .args([
-            "run",
-            "nightly",
-            "cargo",
-            "install",
-            "bpf-linker",
-            "--force",
-            "--locked",
-        ])
-        .arg("--version")
-        .arg(BPF_LINKER_VERSION)
-        .args(["--no-default-features", "--features"])
-        .arg(format!("llvm-{major}"))
-        .arg("--root")
-        .arg(&tools)
-        .env("LLVM_PREFIX", &prefix)
-        .status()
-        .context("failed to start cargo install")?;
-    if !status.success() {
-        bail!("building bpf-linker failed ({status})");
-    }
+    let mut args = strings(&[
+        "install",
+        "bpf-linker",
+        "--force",
+        "--locked",
+        "--version",
+        BPF_LINKER_VERSION,
+        "--no-default-features",
+        "--features",
+    ]);
+    args.extend([
+        format!("llvm-{major}"),
+        "--root".to_owned(),
+        tools.display().to_string(),
+    ]);
+    nightly_cargo(
+        root,
+        root,
+        &args,
+        &[("LLVM_PREFIX", &prefix)],
+        "building bpf-linker",
+    )?;
     eprintln!("setup: done; tools are in {}", tools.display());
     Ok(())
 }
