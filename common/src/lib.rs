@@ -113,9 +113,13 @@ pub struct ProbeConfig {
     /// said so); otherwise it has no mirror argument and every root it
     /// allocates is a direct root.
     pub alloc_root_mirror_arg: u32,
+    /// Ring-buffer wakeup batching: an event wakes the reader only once this
+    /// many bytes are waiting (the reader also polls on a timer). 0 wakes
+    /// the reader for every event. Forbidden-state events always wake it.
+    pub wakeup_bytes: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<ProbeConfig>() == 8);
+const _: () = assert!(core::mem::size_of::<ProbeConfig>() == 12);
 
 /// Which probe produced an event, and the index of its counters.
 #[repr(u32)]
@@ -177,6 +181,25 @@ impl ProbeId {
             Self::KvmRunExit => "kvm_run_exit",
             Self::VcpuDestroy => "kvm_mmu_destroy",
             Self::VmDestroy => "kvm_arch_destroy_vm",
+        }
+    }
+
+    /// The empty program attached beside this one, on the same hook, when
+    /// measuring cost (`--baseline`): the floor any program there pays.
+    pub const fn floor_program_name(self) -> &'static str {
+        match self {
+            Self::MmuLoad => "floor_mmu_load",
+            Self::MmuLoadRet => "floor_mmu_load_ret",
+            Self::MmuAllocDirectRoots => "floor_alloc_direct",
+            Self::TdpMmuAllocRoot => "floor_alloc_root",
+            Self::TdpMmuAllocRootRet => "floor_alloc_root_ret",
+            Self::ZapAllFastKprobe => "floor_zap_kprobe",
+            Self::ZapAllFastTracepoint => "floor_zap_tp",
+            Self::InvalidateRoots => "floor_invalidate",
+            Self::KvmEntry => "floor_kvm_entry",
+            Self::KvmRunExit => "floor_sys_exit",
+            Self::VcpuDestroy => "floor_mmu_destroy",
+            Self::VmDestroy => "floor_destroy_vm",
         }
     }
 }

@@ -21,6 +21,7 @@
 )]
 
 use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
         bpf_probe_read_kernel,
@@ -45,6 +46,7 @@ static OFFSETS: KernelOffsets = KernelOffsets::ABSENT;
 static PROBE_CONFIG: ProbeConfig = ProbeConfig {
     entry_transitions: 1,
     alloc_root_mirror_arg: 0,
+    wakeup_bytes: 0,
 };
 
 /// The one event stream. The tracer sizes it at load time.
@@ -219,12 +221,29 @@ fn emit(probe: ProbeId, kind: EventKind, fill: impl FnOnce(&mut RootEvent, &mut 
     let mut reader = Reader { failed: false };
     fill(&mut ev, &mut reader);
     entry.write(ev);
-    entry.submit(0);
+    entry.submit(wakeup_flags(kind));
     if let Some(c) = counters {
         c.emitted += 1;
         if reader.failed {
             c.read_failed += 1;
         }
+    }
+}
+
+/// Batches reader wakeups: below `wakeup_bytes` of waiting data the reader
+/// is not woken (it drains on its timer); at or above, it is woken at once.
+/// The forbidden TDX state always wakes it.
+#[inline(always)]
+fn wakeup_flags(kind: EventKind) -> u64 {
+    let batch = u64::from(config().wakeup_bytes);
+    if batch == 0 {
+        0
+    } else if matches!(kind, EventKind::EntryForbidden)
+        || EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) + size_of::<RootEvent>() as u64 >= batch
+    {
+        u64::from(BPF_RB_FORCE_WAKEUP)
+    } else {
+        u64::from(BPF_RB_NO_WAKEUP)
     }
 }
 
@@ -616,6 +635,34 @@ pub fn kvm_run_exit(ctx: RawTracePointContext) -> u32 {
 }
 
 #[cfg(not(test))]
+// ---------------------------------------------------------------------------
+// Floors: empty programs, attached beside the real ones on the same hooks
+// with `--baseline`, so the kernel's run-time stats give each hook's floor.
+
+macro_rules! floor {
+    ($($attr:ident $(($($arg:tt)*))? $name:ident($ctx:ty);)*) => {$(
+        #[$attr $(($($arg)*))?]
+        pub fn $name(_ctx: $ctx) -> u32 {
+            0
+        }
+    )*};
+}
+
+floor! {
+    kprobe floor_mmu_load(ProbeContext);
+    kretprobe floor_mmu_load_ret(RetProbeContext);
+    kprobe floor_alloc_direct(ProbeContext);
+    kprobe floor_alloc_root(ProbeContext);
+    kretprobe floor_alloc_root_ret(RetProbeContext);
+    kprobe floor_zap_kprobe(ProbeContext);
+    raw_tracepoint(tracepoint = "kvm_mmu_zap_all_fast") floor_zap_tp(RawTracePointContext);
+    kprobe floor_invalidate(ProbeContext);
+    raw_tracepoint(tracepoint = "kvm_entry") floor_kvm_entry(RawTracePointContext);
+    raw_tracepoint(tracepoint = "sys_exit") floor_sys_exit(RawTracePointContext);
+    kprobe floor_mmu_destroy(ProbeContext);
+    kprobe floor_destroy_vm(ProbeContext);
+}
+
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}

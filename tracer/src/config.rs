@@ -76,6 +76,12 @@ impl LogConfig {
 pub struct ProbesConfig {
     /// Ring buffer bytes: a power of two, at least 4096.
     pub ringbuf_size: u32,
+    /// Wake the daemon once this many bytes wait in the ring buffer; 0 wakes
+    /// it for every event.
+    pub wakeup_bytes: u32,
+    /// Drain the ring buffer at least this often.
+    #[serde(deserialize_with = "de_duration")]
+    pub poll_interval: Duration,
     pub entry_transitions: bool,
 }
 
@@ -83,6 +89,8 @@ impl Default for ProbesConfig {
     fn default() -> Self {
         Self {
             ringbuf_size: 4 << 20,
+            wakeup_bytes: DEFAULT_WAKEUP_BYTES,
+            poll_interval: DEFAULT_POLL_INTERVAL,
             entry_transitions: true,
         }
     }
@@ -181,6 +189,8 @@ impl Config {
                 "key `probes.ringbuf_size`: {rb} is not a power of two of at least 4096"
             ));
         }
+        check_batching(rb, self.probes.wakeup_bytes, self.probes.poll_interval)
+            .map_err(|e| format!("key `probes.{e}"))?;
         if self.log.max_files < 2 {
             return Err("key `log.max_files`: must be at least 2".into());
         }
@@ -271,6 +281,26 @@ fn de_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
         Size::N(_) => Err(serde::de::Error::custom("must be a positive size")),
         Size::S(s) => parse_size(&s).map_err(serde::de::Error::custom),
     }
+}
+
+/// Default wakeup threshold: 64 KiB, about 450 events per wakeup at most.
+pub const DEFAULT_WAKEUP_BYTES: u32 = 64 << 10;
+/// Default drain interval: the longest an event waits below the threshold.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Checks the batching settings against the ring-buffer size. The error
+/// starts with the key's name.
+pub fn check_batching(ringbuf: u32, wakeup_bytes: u32, poll: Duration) -> Result<(), String> {
+    if wakeup_bytes > ringbuf / 2 {
+        return Err(format!(
+            "wakeup_bytes`: {wakeup_bytes} is more than half the ring buffer ({ringbuf} bytes); \
+             events would be dropped before the reader wakes"
+        ));
+    }
+    if poll < Duration::from_millis(1) || poll > Duration::from_secs(10) {
+        return Err(format!("poll_interval`: {poll:?} is outside 1ms..=10s"));
+    }
+    Ok(())
 }
 
 fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {

@@ -34,6 +34,8 @@ pub struct Session {
     /// Kept alive and drained: dropping it closes the log map.
     pub logger: Option<Logger>,
     pub attached: Vec<(ProbeId, AttachKind, String)>,
+    /// Probes whose empty floor program is attached beside them.
+    pub floors: Vec<ProbeId>,
     pub failures: Vec<AttachFailure>,
     /// From the start of `load` to the last attach.
     pub attach_time: Duration,
@@ -133,20 +135,32 @@ impl Session {
     /// Loads the object and attaches every probe of `plan` that is not off.
     /// A probe that fails to load or attach is recorded, not fatal: the rest
     /// keep working, and the failure is reported.
-    pub fn start(plan: &AttachPlan, ringbuf_bytes: u32) -> Result<Self> {
+    ///
+    /// With `baseline`, an empty program is attached beside each probe on the
+    /// same hook, so [`Session::costs`] can compare each probe's cost per hit
+    /// with the hook's floor.
+    pub fn start(plan: &AttachPlan, ringbuf_bytes: u32, baseline: bool) -> Result<Self> {
         let started = Instant::now();
         let (mut ebpf, logger) = open(plan, ringbuf_bytes)?;
         let mut attached = Vec::new();
+        let mut floors = Vec::new();
         let mut failures = Vec::new();
         for p in plan.attached() {
-            match attach_one(&mut ebpf, p.probe, p.attach, &p.target) {
-                Ok(()) => attached.push((p.probe, p.attach, p.target.clone())),
-                Err(e) => failures.push(AttachFailure {
-                    program: p.program,
-                    target: p.target.clone(),
-                    attach: p.attach,
-                    error: format!("{e:#}"),
-                }),
+            let mut programs = vec![(p.program, p.probe.program_name())];
+            if baseline {
+                programs.push((p.probe.floor_program_name(), p.probe.floor_program_name()));
+            }
+            for (i, (program, name)) in programs.into_iter().enumerate() {
+                match attach_one(&mut ebpf, name, p.attach, &p.target) {
+                    Ok(()) if i == 0 => attached.push((p.probe, p.attach, p.target.clone())),
+                    Ok(()) => floors.push(p.probe),
+                    Err(e) => failures.push(AttachFailure {
+                        program,
+                        target: p.target.clone(),
+                        attach: p.attach,
+                        error: format!("{e:#}"),
+                    }),
+                }
             }
         }
         let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
@@ -156,6 +170,7 @@ impl Session {
             ebpf,
             logger,
             attached,
+            floors,
             failures,
             attach_time: started.elapsed(),
             _stats: stats,
@@ -176,12 +191,41 @@ impl Session {
         self.attached
             .iter()
             .filter_map(|(id, _, _)| {
-                let info = self.ebpf.program(id.program_name())?.info().ok()?;
-                Some((
-                    id.program_name(),
-                    u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
-                    info.run_count(),
-                ))
+                let (ns, runs) = self.run_stats(id.program_name())?;
+                Some((id.program_name(), ns, runs))
+            })
+            .collect()
+    }
+
+    fn run_stats(&self, program: &str) -> Option<(u64, u64)> {
+        let info = self.ebpf.program(program)?.info().ok()?;
+        Some((
+            u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
+            info.run_count(),
+        ))
+    }
+
+    /// Each attached program's cost per hit, beside its floor's when
+    /// `--baseline` attached one.
+    pub fn costs(&self) -> Vec<Cost> {
+        self.attached
+            .iter()
+            .filter_map(|(id, attach, target)| {
+                let (run_time_ns, run_count) = self.run_stats(id.program_name())?;
+                let floor = self
+                    .floors
+                    .contains(id)
+                    .then(|| self.run_stats(id.floor_program_name()))
+                    .flatten();
+                Some(Cost {
+                    program: id.program_name(),
+                    attach: *attach,
+                    target: target.clone(),
+                    run_time_ns,
+                    run_count,
+                    floor_run_time_ns: floor.map(|f| f.0),
+                    floor_run_count: floor.map(|f| f.1),
+                })
             })
             .collect()
     }
@@ -220,8 +264,46 @@ impl Session {
     }
 }
 
-fn attach_one(ebpf: &mut Ebpf, probe: ProbeId, kind: AttachKind, target: &str) -> Result<()> {
-    let name = probe.program_name();
+/// One program's measured cost, from the kernel's BPF run-time stats.
+#[derive(Clone, Debug, Serialize)]
+pub struct Cost {
+    pub program: &'static str,
+    pub attach: AttachKind,
+    pub target: String,
+    pub run_time_ns: u64,
+    pub run_count: u64,
+    /// The empty program on the same hook (`--baseline`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub floor_run_time_ns: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub floor_run_count: Option<u64>,
+}
+
+impl Cost {
+    /// Nanoseconds per run, if it ran.
+    pub fn ns_per_run(&self) -> Option<f64> {
+        per_run(self.run_time_ns, self.run_count)
+    }
+
+    pub fn floor_ns_per_run(&self) -> Option<f64> {
+        per_run(self.floor_run_time_ns?, self.floor_run_count?)
+    }
+
+    /// Cost per hit over the floor's.
+    pub fn ratio(&self) -> Option<f64> {
+        Some(self.ns_per_run()? / self.floor_ns_per_run()?)
+    }
+}
+
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "nanosecond averages, printed with one decimal"
+)]
+fn per_run(ns: u64, runs: u64) -> Option<f64> {
+    (runs > 0).then(|| ns as f64 / runs as f64)
+}
+
+fn attach_one(ebpf: &mut Ebpf, name: &str, kind: AttachKind, target: &str) -> Result<()> {
     let prog = ebpf
         .program_mut(name)
         .ok_or_else(|| anyhow!("program {name} is missing from the eBPF object"))?;

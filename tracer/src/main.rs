@@ -76,10 +76,21 @@ struct ProbeArgs {
     /// Size of the event ring buffer in bytes: a power of two, at least 4096.
     #[arg(long, value_name = "BYTES", default_value = "4194304", value_parser = parse_ringbuf)]
     ringbuf_size: u32,
+    /// Wake the reader only once this many bytes wait in the ring buffer
+    /// (0: on every event); the forbidden TDX state always wakes it.
+    #[arg(long, value_name = "BYTES", default_value_t = tracer::config::DEFAULT_WAKEUP_BYTES)]
+    wakeup_bytes: u32,
+    /// Drain the ring buffer at least this often (1ms to 10s).
+    #[arg(long, value_name = "TIME", default_value = "100ms", value_parser = parse_duration)]
+    poll_interval: Duration,
     /// Don't report each vCPU's first guest entry with new roots; the
     /// kvm_entry gate then only reports the forbidden TDX state.
     #[arg(long)]
     no_entry_transitions: bool,
+    /// Also attach an empty program beside each probe, on the same hook, and
+    /// report each probe's in-kernel cost per hit against it at exit.
+    #[arg(long)]
+    baseline: bool,
 }
 
 #[derive(Args)]
@@ -142,6 +153,12 @@ struct RunArgs {
     /// [probes] ringbuf_size.
     #[arg(long, value_name = "BYTES")]
     ringbuf_size: Option<u32>,
+    /// [probes] wakeup_bytes.
+    #[arg(long, value_name = "BYTES")]
+    wakeup_bytes: Option<u32>,
+    /// [probes] poll_interval.
+    #[arg(long, value_name = "TIME", value_parser = parse_duration)]
+    poll_interval: Option<Duration>,
     /// [probes] entry_transitions = false.
     #[arg(long)]
     no_entry_transitions: bool,
@@ -191,6 +208,8 @@ impl RunArgs {
         set!(c.log.fsync, self.fsync);
         set!(c.log.flight_events, self.flight_events);
         set!(c.probes.ringbuf_size, self.ringbuf_size);
+        set!(c.probes.wakeup_bytes, self.wakeup_bytes);
+        set!(c.probes.poll_interval, self.poll_interval);
         set!(c.metrics.listen, self.metrics_listen);
         set!(c.alertmanager.url, self.alertmanager_url);
         set!(c.alertmanager.timeout, self.alertmanager_timeout);
@@ -357,14 +376,25 @@ fn main() -> ExitCode {
             }
         }
         Command::Simulate(args) => simulate(&args),
-        Command::Watch(args) => watch::run(&watch::WatchOptions {
-            launched,
-            stdout: Some(args.json),
-            duration: args.duration,
-            ringbuf_bytes: args.probes.ringbuf_size,
-            entry_transitions: !args.probes.no_entry_transitions,
-            record: args.record.map(|dir| args.log.options(dir)),
-            service: watch::ServiceOptions::default(),
+        Command::Watch(args) => tracer::config::check_batching(
+            args.probes.ringbuf_size,
+            args.probes.wakeup_bytes,
+            args.probes.poll_interval,
+        )
+        .map_err(|e| Failure::from(anyhow::anyhow!("flag `--{}", e.replace('_', "-"))))
+        .and_then(|()| {
+            watch::run(&watch::WatchOptions {
+                launched,
+                stdout: Some(args.json),
+                duration: args.duration,
+                ringbuf_bytes: args.probes.ringbuf_size,
+                wakeup_bytes: args.probes.wakeup_bytes,
+                poll_interval: args.probes.poll_interval,
+                baseline: args.probes.baseline,
+                entry_transitions: !args.probes.no_entry_transitions,
+                record: args.record.map(|dir| args.log.options(dir)),
+                service: watch::ServiceOptions::default(),
+            })
         }),
         Command::Run(args) => args.config().and_then(|c| {
             let host = if c.alertmanager.host.is_empty() {
@@ -379,6 +409,9 @@ fn main() -> ExitCode {
                 stdout: None,
                 duration: args.duration,
                 ringbuf_bytes: c.probes.ringbuf_size,
+                wakeup_bytes: c.probes.wakeup_bytes,
+                poll_interval: c.probes.poll_interval,
+                baseline: false,
                 entry_transitions: c.probes.entry_transitions,
                 record: Some(RecordOptions {
                     dir: c.log.dir.clone(),

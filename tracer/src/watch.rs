@@ -25,7 +25,7 @@ use crate::{
     doctor::kernel_failure,
     event::Event,
     kernel::{self, KernelInfo, PlanOptions},
-    loader::{Counters, Session},
+    loader::{Cost, Counters, Session},
     log::{
         ClockPair, Header, Loss, PlanEntry,
         writer::{RecordConfig, Recorder},
@@ -63,6 +63,12 @@ pub struct WatchOptions {
     pub stdout: Option<bool>,
     pub duration: Option<Duration>,
     pub ringbuf_bytes: u32,
+    /// Wake the reader once this many bytes wait (0: every event).
+    pub wakeup_bytes: u32,
+    /// Drain the ring buffer at least this often.
+    pub poll_interval: Duration,
+    /// Attach an empty program beside each probe and report the cost ratio.
+    pub baseline: bool,
     pub entry_transitions: bool,
     pub record: Option<RecordOptions>,
     pub service: ServiceOptions,
@@ -81,6 +87,7 @@ pub fn run(opts: &WatchOptions) -> Result<(), Failure> {
         &info,
         PlanOptions {
             entry_transitions: opts.entry_transitions,
+            wakeup_bytes: opts.wakeup_bytes,
         },
     );
     if plan.attached().next().is_none() {
@@ -377,7 +384,8 @@ async fn live_pipeline(
 
 async fn watch(plan: &kernel::AttachPlan, opts: &WatchOptions) -> Result<(), Failure> {
     let (mut p, metrics, alert_task) = live_pipeline(plan, opts).await?;
-    let mut session = Session::start(plan, opts.ringbuf_bytes).map_err(Failure::from)?;
+    let mut session =
+        Session::start(plan, opts.ringbuf_bytes, opts.baseline).map_err(Failure::from)?;
     report_attach(&session, plan, opts)?;
     // Loading parsed and relocated the object: give the scratch back.
     // SAFETY: malloc_trim only returns free heap pages to the kernel.
@@ -392,6 +400,10 @@ async fn watch(plan: &kernel::AttachPlan, opts: &WatchOptions) -> Result<(), Fai
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // With wakeup batching the kernel doesn't wake us for every event: this
+    // drains whatever waits below the wakeup threshold.
+    let mut poll = tokio::time::interval(opts.poll_interval);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut losses = LossWatch {
         last: BTreeMap::new(),
         last_decode_errors: 0,
@@ -412,6 +424,7 @@ async fn watch(plan: &kernel::AttachPlan, opts: &WatchOptions) -> Result<(), Fai
                 drain(guard.get_inner_mut(), &mut p);
                 guard.clear_ready();
             }
+            _ = poll.tick() => drain(events.get_mut(), &mut p),
             guard = async {
                 match logs.as_mut() {
                     Some(l) => l.readable_mut().await,
@@ -458,13 +471,14 @@ async fn watch(plan: &kernel::AttachPlan, opts: &WatchOptions) -> Result<(), Fai
         .attached
         .iter()
         .any(|(p, _, _)| *p == ProbeId::KvmEntry);
+    let costs = session.costs();
     drop(session);
     p.end_batch(ClockPair::now().monotonic_ns)
         .map_err(|e| anyhow!("writing the event log: {e}"))?;
     let rec = p
         .finish()
         .map_err(|e| anyhow!("closing the event log: {e}"))?;
-    summarize(&mut p, &counters, elapsed);
+    summarize(&mut p, &counters, &costs, elapsed);
     if let Some(rec) = rec {
         eprintln!(
             "tracer: event log: {} record(s), {} bytes in {} segment(s), {} dropped",
@@ -494,7 +508,7 @@ pub fn blind_gate(gate_attached: bool, counters: &Counters) -> Option<String> {
     })
 }
 
-fn summarize(p: &mut Pipeline, counters: &Counters, elapsed: Duration) {
+fn summarize(p: &mut Pipeline, counters: &Counters, costs: &[Cost], elapsed: Duration) {
     let tally: &Tally = &p.tally;
     let total: u64 = tally.by_kind.values().sum();
     let dropped = counters.reserve_failed();
@@ -520,6 +534,18 @@ fn summarize(p: &mut Pipeline, counters: &Counters, elapsed: Duration) {
             "forbidden_entries": counters.entry.forbidden_entries,
             "slow_path": counters.entry.slow_path,
         },
+        "bpf_cost": costs.iter().map(|c| serde_json::json!({
+            "program": c.program,
+            "attach": c.attach,
+            "target": c.target,
+            "run_count": c.run_count,
+            "run_time_ns": c.run_time_ns,
+            "ns_per_run": c.ns_per_run(),
+            "floor_run_count": c.floor_run_count,
+            "floor_run_time_ns": c.floor_run_time_ns,
+            "floor_ns_per_run": c.floor_ns_per_run(),
+            "ratio_to_floor": c.ratio(),
+        })).collect::<Vec<_>>(),
     });
     let mut e = io::stderr().lock();
     let _ = writeln!(
@@ -559,6 +585,26 @@ fn summarize(p: &mut Pipeline, counters: &Counters, elapsed: Duration) {
         counters.entry.forbidden_entries,
         counters.entry.slow_path
     );
+    if costs.iter().any(|c| c.run_count > 0) {
+        let _ = writeln!(
+            e,
+            "  {:<28} {:>10} {:>10} {:>10} {:>7}",
+            "in-kernel cost", "runs", "ns/run", "floor", "ratio"
+        );
+        let f =
+            |v: Option<f64>, prec: usize| v.map_or_else(|| "-".into(), |v| format!("{v:.prec$}"));
+        for c in costs.iter().filter(|c| c.run_count > 0) {
+            let _ = writeln!(
+                e,
+                "  {:<28} {:>10} {:>10} {:>10} {:>7}",
+                c.program,
+                c.run_count,
+                f(c.ns_per_run(), 1),
+                f(c.floor_ns_per_run(), 1),
+                f(c.ratio(), 2)
+            );
+        }
+    }
     drop(e);
     if let Some(o) = p.out.as_mut()
         && o.is_json()

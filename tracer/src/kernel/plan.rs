@@ -67,12 +67,16 @@ pub struct Feature {
 pub struct PlanOptions {
     /// Report each vCPU's first guest entry with new roots.
     pub entry_transitions: bool,
+    /// Wake the reader only once this many bytes wait in the ring buffer
+    /// (0: on every event).
+    pub wakeup_bytes: u32,
 }
 
 impl Default for PlanOptions {
     fn default() -> Self {
         Self {
             entry_transitions: true,
+            wakeup_bytes: 0,
         }
     }
 }
@@ -465,6 +469,7 @@ pub fn plan(k: &KernelInfo, opts: PlanOptions) -> AttachPlan {
         config: ProbeConfig {
             entry_transitions: u32::from(opts.entry_transitions),
             alloc_root_mirror_arg: u32::from(alloc_mirror_arg),
+            wakeup_bytes: opts.wakeup_bytes,
         },
     }
 }
