@@ -33,6 +33,8 @@ pub struct Tally {
 pub struct Output {
     out: io::BufWriter<io::Stdout>,
     json: bool,
+    /// Reused for each JSON line: streaming allocates nothing per event.
+    line: Vec<u8>,
     /// stdout was closed (e.g. `| head`): stop writing, keep counting.
     pub closed: bool,
 }
@@ -42,6 +44,7 @@ impl Output {
         Self {
             out: io::BufWriter::with_capacity(64 * 1024, io::stdout()),
             json,
+            line: Vec::with_capacity(1024),
             closed: false,
         }
     }
@@ -56,13 +59,20 @@ impl Output {
         if self.closed {
             return;
         }
-        let line = if self.json {
-            ev.to_json_record()
+        if self.json {
+            let mut line = std::mem::take(&mut self.line);
+            line.clear();
+            ev.write_json_record(&mut line);
+            line.push(b'\n');
+            if self.out.write_all(&line).is_err() {
+                self.closed = true;
+            }
+            self.line = line;
         } else {
-            ev.to_line()
-        };
-        self.write(&line);
-        self.write("\n");
+            let line = ev.to_line();
+            self.write(&line);
+            self.write("\n");
+        }
     }
 
     fn finding(&mut self, f: &Finding) {

@@ -96,6 +96,9 @@ pub struct Recorder {
     /// Background compressions still running.
     compressors: Vec<std::thread::JoinHandle<()>>,
     line: Vec<u8>,
+    /// `dir` for statvfs, built once: the per-batch space check allocates
+    /// nothing.
+    dir_c: Option<std::ffi::CString>,
     /// Re-read the clocks for each segment's header (live recording); a
     /// simulation keeps the header's fixed model clock.
     live_clock: bool,
@@ -126,6 +129,10 @@ impl Recorder {
             pending_loss: None,
             compressors: Vec::new(),
             line: Vec::with_capacity(1024),
+            dir_c: {
+                use std::os::unix::ffi::OsStrExt as _;
+                std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()
+            },
             live_clock,
         };
         r.open_segment()?;
@@ -191,7 +198,10 @@ impl Recorder {
     }
 
     fn has_room(&self) -> bool {
-        free_bytes(&self.dir).is_none_or(|free| free >= self.cfg.min_free_bytes)
+        self.dir_c
+            .as_deref()
+            .and_then(free_bytes)
+            .is_none_or(|free| free >= self.cfg.min_free_bytes)
     }
 
     /// Appends one record line (without newline).
@@ -400,9 +410,7 @@ pub fn list_segments(dir: &Path) -> io::Result<Vec<(PathBuf, u64)>> {
 }
 
 /// Free bytes for unprivileged users on the filesystem of `dir`.
-fn free_bytes(dir: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt as _;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+fn free_bytes(c: &std::ffi::CStr) -> Option<u64> {
     // SAFETY: statvfs fills the zeroed struct we pass for a NUL-terminated
     // path; the result is checked.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
