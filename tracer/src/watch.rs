@@ -383,6 +383,11 @@ async fn live_pipeline(
 }
 
 async fn watch(plan: &kernel::AttachPlan, opts: &WatchOptions) -> Result<(), Failure> {
+    // Signals first: a SIGINT or SIGTERM that arrives once "attached" is
+    // printed must detach cleanly, not kill the process.
+    let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let (mut p, metrics, alert_task) = live_pipeline(plan, opts).await?;
     let mut session =
         Session::start(plan, opts.ringbuf_bytes, opts.baseline).map_err(Failure::from)?;
@@ -396,9 +401,6 @@ async fn watch(plan: &kernel::AttachPlan, opts: &WatchOptions) -> Result<(), Fai
     let (mut events, mut logs) = register(&mut session)?;
     let started = Instant::now();
     let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
-    let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    let mut sighup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     // With wakeup batching the kernel doesn't wake us for every event: this
     // drains whatever waits below the wakeup threshold.
@@ -585,31 +587,36 @@ fn summarize(p: &mut Pipeline, counters: &Counters, costs: &[Cost], elapsed: Dur
         counters.entry.forbidden_entries,
         counters.entry.slow_path
     );
-    if costs.iter().any(|c| c.run_count > 0) {
-        let _ = writeln!(
-            e,
-            "  {:<28} {:>10} {:>10} {:>10} {:>7}",
-            "in-kernel cost", "runs", "ns/run", "floor", "ratio"
-        );
-        let f =
-            |v: Option<f64>, prec: usize| v.map_or_else(|| "-".into(), |v| format!("{v:.prec$}"));
-        for c in costs.iter().filter(|c| c.run_count > 0) {
-            let _ = writeln!(
-                e,
-                "  {:<28} {:>10} {:>10} {:>10} {:>7}",
-                c.program,
-                c.run_count,
-                f(c.ns_per_run(), 1),
-                f(c.floor_ns_per_run(), 1),
-                f(c.ratio(), 2)
-            );
-        }
-    }
+    print_costs(&mut e, costs);
     drop(e);
     if let Some(o) = p.out.as_mut()
         && o.is_json()
     {
         o.write_raw(&format!("{json}\n"));
         o.flush();
+    }
+}
+
+/// The in-kernel cost table of the summary.
+fn print_costs(e: &mut impl io::Write, costs: &[Cost]) {
+    if !costs.iter().any(|c| c.run_count > 0) {
+        return;
+    }
+    let _ = writeln!(
+        e,
+        "  {:<28} {:>10} {:>10} {:>10} {:>7}",
+        "in-kernel cost", "runs", "ns/run", "floor", "ratio"
+    );
+    let f = |v: Option<f64>, prec: usize| v.map_or_else(|| "-".into(), |v| format!("{v:.prec$}"));
+    for c in costs.iter().filter(|c| c.run_count > 0) {
+        let _ = writeln!(
+            e,
+            "  {:<28} {:>10} {:>10} {:>10} {:>7}",
+            c.program,
+            c.run_count,
+            f(c.ns_per_run(), 1),
+            f(c.floor_ns_per_run(), 1),
+            f(c.ratio(), 2)
+        );
     }
 }

@@ -5,6 +5,7 @@
 //! - `cargo xtask run -- <tracer args>`: build the tracer and run it;
 //! - `cargo xtask test`: fmt, clippy, and every test.
 
+mod bench;
 mod vmtest;
 
 use std::{
@@ -40,8 +41,6 @@ enum Task {
     /// Provision, then check formatting, run clippy with warnings denied,
     /// and run every test (the real-kernel ones need root and /dev/kvm).
     Test,
-    /// Fuzz the event-log reader with cargo-fuzz (installed into .tools/
-    /// on first use) for a while.
     /// Boot stock Debian kernels in QEMU with real KVM inside, and check
     /// the kprobe path on each (kernels are cached in target/vm-test/).
     VmTest {
@@ -52,6 +51,22 @@ enum Task {
         #[arg(long, default_value_t = 300)]
         timeout: u64,
     },
+    /// Measure what the tracer costs on this machine: in-kernel cost per hit
+    /// against empty programs (this host, and a Debian kernel in QEMU for
+    /// the kprobes and kvm_entry), userspace and replay throughput, memory,
+    /// start-up, and a side-by-side run with bpftrace. Prints a table and
+    /// writes target/bench/results.json (needs root and /dev/kvm).
+    Bench {
+        /// Memslot deletions per churn process (two run at once) in the
+        /// bpftrace comparison.
+        #[arg(long, default_value_t = 50_000)]
+        churns: u64,
+        /// Skip the QEMU guest (kprobe and kvm_entry costs).
+        #[arg(long)]
+        no_vm: bool,
+    },
+    /// Fuzz the event-log reader with cargo-fuzz (installed into .tools/
+    /// on first use) for a while.
     Fuzz {
         /// How long to fuzz.
         #[arg(long, default_value_t = 60)]
@@ -86,6 +101,21 @@ fn main() -> Result<()> {
                 ],
             )?;
             vmtest::vm_test(&root, &kernels, std::time::Duration::from_secs(timeout))
+        }
+        Task::Bench { churns, no_vm } => {
+            setup(&root)?;
+            cargo(
+                &root,
+                &[
+                    "build",
+                    "--release",
+                    "--package",
+                    "tracer",
+                    "--examples",
+                    "--bins",
+                ],
+            )?;
+            bench::bench(&root, &bench::Options { churns, no_vm })
         }
         Task::Fuzz { seconds } => {
             setup(&root)?;

@@ -39,9 +39,22 @@ Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 ";
 
-/// The workload inside the VM: vCPUs and memslot deletions.
-const VCPUS: u64 = 2;
-const CHURNS: u64 = 3;
+/// The workload inside the VM, and how the tracer watches it.
+#[derive(Clone, Copy)]
+pub struct Workload {
+    pub vcpus: u64,
+    /// Memslot deletions (each one fast zap), the vCPUs run after each.
+    pub churns: u64,
+    /// `tracer watch --baseline`: empty programs beside the probes.
+    pub baseline: bool,
+}
+
+/// The matrix check: a small guest, three memslot deletions.
+pub const CHECK: Workload = Workload {
+    vcpus: 2,
+    churns: 3,
+    baseline: false,
+};
 
 /// apt options that use a private sources list and state under `dir`.
 fn apt_opts(dir: &Path) -> Vec<String> {
@@ -353,7 +366,13 @@ impl Cpio {
 }
 
 /// The init script run inside the VM.
-fn init_script(modules: &[(String, Vec<u8>)]) -> String {
+fn init_script(modules: &[(String, Vec<u8>)], w: Workload) -> String {
+    let Workload {
+        vcpus,
+        churns,
+        baseline,
+    } = w;
+    let baseline = if baseline { " --baseline" } else { "" };
     let mut insmods = String::new();
     for (n, _) in modules {
         let _ = writeln!(
@@ -376,14 +395,14 @@ echo "@@VMTEST uname $(uname -r)"
 echo "@@VMTEST begin doctor"
 tracer doctor --json --verify
 echo "@@VMTEST end doctor $?"
-tracer watch --json --record /tmp/log --no-compress --min-free 1M > /tmp/watch.jsonl 2> /tmp/watch.err &
+tracer watch --json{baseline} --record /tmp/log --no-compress --min-free 1M > /tmp/watch.jsonl 2> /tmp/watch.err &
 W=$!
 i=0
 while ! grep -q "probe(s) in" /tmp/watch.err 2>/dev/null; do
   sleep 1; i=$((i+1)); [ $i -gt 120 ] && break
 done
 echo "@@VMTEST begin workload"
-kvm_workload {VCPUS} {CHURNS}
+kvm_workload {vcpus} {churns}
 echo "@@VMTEST end workload $?"
 sleep 2
 kill -INT $W
@@ -428,10 +447,11 @@ fn build_initramfs(
     modules: &[(String, Vec<u8>)],
     tracer: &Path,
     workload: &Path,
+    w: Workload,
 ) -> Result<()> {
     let mut c = Cpio::default();
     c.file("bin/busybox", 0o755, &std::fs::read("/bin/busybox")?);
-    c.file("init", 0o755, init_script(modules).as_bytes());
+    c.file("init", 0o755, init_script(modules, w).as_bytes());
     for (name, bytes) in modules {
         c.file(&format!("lib/modules/{name}.ko"), 0o644, bytes);
     }
@@ -488,11 +508,13 @@ pub struct Outcome {
     pub plan: Vec<(String, String)>,
     pub events: BTreeMap<String, u64>,
     pub entries: u64,
+    /// The summary's in-kernel cost per program (`bpf_cost`).
+    pub costs: Vec<Value>,
     pub failures: Vec<String>,
     pub serial_log: PathBuf,
 }
 
-fn check(release: &str, serial: &str, host_tracer: &Path, work: &Path) -> Outcome {
+fn check(release: &str, serial: &str, host_tracer: &Path, work: &Path, w: Workload) -> Outcome {
     let (blocks, marks) = sections(serial);
     let mut o = Outcome {
         release: release.to_owned(),
@@ -500,6 +522,7 @@ fn check(release: &str, serial: &str, host_tracer: &Path, work: &Path) -> Outcom
         plan: Vec::new(),
         events: BTreeMap::new(),
         entries: 0,
+        costs: Vec::new(),
         failures: Vec::new(),
         serial_log: work.join("serial.log"),
     };
@@ -518,7 +541,7 @@ fn check(release: &str, serial: &str, host_tracer: &Path, work: &Path) -> Outcom
     let has_mirror = series >= vec![6, 14];
     let plan = check_plan(&blocks, &marks, has_mirror, &mut o.failures);
     o.plan = plan.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    let n_events = check_events(&blocks, &plan, has_mirror, &mut o);
+    let n_events = check_events(&blocks, &plan, has_mirror, w, &mut o);
     check_replay(
         &blocks,
         &marks,
@@ -605,6 +628,7 @@ fn check_events(
     blocks: &BTreeMap<String, String>,
     plan: &BTreeMap<String, String>,
     has_mirror: bool,
+    w: Workload,
     o: &mut Outcome,
 ) -> usize {
     let records: Vec<Value> = blocks
@@ -625,6 +649,9 @@ fn check_events(
     o.entries = summary
         .and_then(|s| s["kvm_entry"]["entries"].as_u64())
         .unwrap_or(0);
+    o.costs = summary
+        .and_then(|s| s["bpf_cost"].as_array().cloned())
+        .unwrap_or_default();
     let count = |k: &str| o.events.get(k).copied().unwrap_or(0);
     let attach = |p: &str| plan.get(p).map_or("", String::as_str);
     let fail = &mut o.failures;
@@ -636,10 +663,11 @@ fn check_events(
     if attach("kvm_tdp_mmu_alloc_root") == "kprobe" && count("alloc_root") == 0 {
         fail.push("no alloc_root events".into());
     }
-    if count("zap_all_fast") != CHURNS {
+    if count("zap_all_fast") != w.churns {
         fail.push(format!(
-            "{} zap events for {CHURNS} memslot deletions",
-            count("zap_all_fast")
+            "{} zap events for {} memslot deletions",
+            count("zap_all_fast"),
+            w.churns
         ));
     }
     if attach("kvm_mmu_zap_all_fast") == "kprobe"
@@ -729,15 +757,19 @@ fn boot(
     pkg: &str,
     release: &str,
     timeout: Duration,
+    w: Workload,
 ) -> Result<Outcome> {
     let kernel_dir = fetch(apt, cache, pkg, release)?;
-    let work = root.join("target/vm-test/runs").join(release);
+    let work = root.join("target/vm-test/runs").join(format!(
+        "{release}{}",
+        if w.baseline { "-bench" } else { "" }
+    ));
     std::fs::create_dir_all(&work)?;
     let modules = kvm_modules(&kernel_dir, release)?;
     let tracer = root.join("target/release/tracer");
     let workload = root.join("target/release/examples/kvm_workload");
     let initrd = work.join("initramfs.cpio");
-    build_initramfs(&initrd, &modules, &tracer, &workload)?;
+    build_initramfs(&initrd, &modules, &tracer, &workload, w)?;
     let vmlinuz = kernel_dir.join("boot").join(format!("vmlinuz-{release}"));
     let serial = work.join("serial.log");
     let _ = std::fs::remove_file(&serial);
@@ -771,7 +803,7 @@ fn boot(
     }
     let boot_s = started.elapsed().as_secs_f64();
     let text = std::fs::read_to_string(&serial).unwrap_or_default();
-    let mut o = check(release, &text, &tracer, &work);
+    let mut o = check(release, &text, &tracer, &work, w);
     o.boot_s = boot_s;
     if timed_out {
         o.failures
@@ -805,7 +837,7 @@ pub fn vm_test(root: &Path, kernels: &[String], timeout: Duration) -> Result<()>
             }
         };
         eprintln!("vm-test: {release}: booting");
-        let o = boot(root, &apt, &cache, pkg, release, timeout)?;
+        let o = boot(root, &apt, &cache, pkg, release, timeout, CHECK)?;
         eprintln!(
             "vm-test: {release}: {} in {:.1} s; events {:?}; kvm_entry {}",
             if o.failures.is_empty() {
@@ -876,4 +908,21 @@ pub fn vm_test(root: &Path, kernels: &[String], timeout: Duration) -> Result<()>
         bail!("{failed} kernel(s) failed");
     }
     Ok(())
+}
+
+/// Boots one kernel of the matrix with workload `w`, for `cargo xtask
+/// bench`: the same checks, and the summary's in-kernel costs.
+pub fn boot_one(root: &Path, series: &str, timeout: Duration, w: Workload) -> Result<Outcome> {
+    ensure_host_tools()?;
+    let base = root.join("target/vm-test");
+    let apt = base.join("apt");
+    let cache = base.join("cache");
+    std::fs::create_dir_all(&cache)?;
+    let resolved = resolve(&apt, &[series])?;
+    let (_, r) = resolved
+        .into_iter()
+        .next()
+        .context("the kernel series resolved to nothing")?;
+    let (pkg, release) = r.map_err(|why| anyhow::anyhow!("{series}: {why}"))?;
+    boot(root, &apt, &cache, &pkg, &release, timeout, w)
 }
