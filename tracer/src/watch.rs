@@ -293,6 +293,9 @@ async fn start_service(
 
 /// Feeds recorded events into the live pipeline.
 fn inject(p: &mut Pipeline, files: &[PathBuf]) -> Result<(), Failure> {
+    if files.is_empty() {
+        return Ok(());
+    }
     let files = crate::log::reader::expand_inputs(files).map_err(|e| anyhow!("--inject: {e}"))?;
     let mut stats = crate::log::reader::ReadStats::default();
     let mut n = 0u64;

@@ -236,12 +236,18 @@ impl Proc {
         self.wait_for(&stderr, "probe(s) in", Duration::from_mins(1))
     }
 
-    /// Sends `signal`, waits, returns stderr.
-    fn stop(mut self, signal: i32) -> Result<String> {
+    /// Sends `signal`, waits (at most `timeout`), returns stderr.
+    fn stop_within(mut self, signal: i32, timeout: Duration) -> Result<String> {
         let pid = i32::try_from(self.pid()).context("pid")?;
         // SAFETY: kill has no memory preconditions; the pid is our child's.
         unsafe { libc::kill(pid, signal) };
-        let status = wait_timeout(&mut self.child, Duration::from_secs(30))?;
+        let started = Instant::now();
+        let status = wait_timeout(&mut self.child, timeout)
+            .with_context(|| format!("{} after the signal", self.stderr.display()))?;
+        eprintln!(
+            "bench: pid {pid} exited {:.1} s after signal {signal}",
+            started.elapsed().as_secs_f64()
+        );
         let err = std::fs::read_to_string(&self.stderr).unwrap_or_default();
         if !status.success() {
             bail!("exited with {status}:\n{err}");
@@ -249,9 +255,23 @@ impl Proc {
         Ok(err)
     }
 
+    fn stop(self, signal: i32) -> Result<String> {
+        self.stop_within(signal, Duration::from_secs(30))
+    }
+
     /// User + system CPU seconds so far.
     fn cpu_s(&self) -> Result<f64> {
         cpu_seconds(self.pid())
+    }
+}
+
+impl Drop for Proc {
+    /// A section that failed half-way leaves nothing running.
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
@@ -419,9 +439,11 @@ fn host_costs(tracer: &Path, workload: &Path, work: &Path, r: &mut Report) -> Re
 /// TCG inflates every time; the ratios to the empty programs are the
 /// figures that carry over.
 fn vm_costs(root: &Path, r: &mut Report) -> Result<()> {
+    // Few zaps (a storm is a finding), many guest entries.
     let w = Workload {
         vcpus: 2,
-        churns: 300,
+        churns: 3,
+        extra_runs: 500,
         baseline: true,
     };
     let o = vmtest::boot_one(root, "6.18", Duration::from_mins(15), w)?;
@@ -792,8 +814,9 @@ fn versus_inner(
     std::thread::sleep(Duration::from_secs(1));
     let cpu1 = (bt.cpu_s()?, t.cpu_s()?);
     let bpf1 = (bpf_run_time(bt.pid())?, bpf_run_time(t.pid())?);
-    bt.stop(libc::SIGINT)?;
     let terr = t.stop(libc::SIGTERM)?;
+    // bpftrace prints what it holds before it exits: give it time.
+    bt.stop_within(libc::SIGINT, Duration::from_mins(2))?;
 
     let rate = deletions as f64 / secs;
     let (bt_events, bt_lost) = bpftrace_counts(&bt_out)?;

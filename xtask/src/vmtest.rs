@@ -45,6 +45,8 @@ pub struct Workload {
     pub vcpus: u64,
     /// Memslot deletions (each one fast zap), the vCPUs run after each.
     pub churns: u64,
+    /// Then run the vCPUs to `hlt` this many more times (guest entries).
+    pub extra_runs: u64,
     /// `tracer watch --baseline`: empty programs beside the probes.
     pub baseline: bool,
 }
@@ -53,6 +55,7 @@ pub struct Workload {
 pub const CHECK: Workload = Workload {
     vcpus: 2,
     churns: 3,
+    extra_runs: 0,
     baseline: false,
 };
 
@@ -370,6 +373,7 @@ fn init_script(modules: &[(String, Vec<u8>)], w: Workload) -> String {
     let Workload {
         vcpus,
         churns,
+        extra_runs,
         baseline,
     } = w;
     let baseline = if baseline { " --baseline" } else { "" };
@@ -402,7 +406,7 @@ while ! grep -q "probe(s) in" /tmp/watch.err 2>/dev/null; do
   sleep 1; i=$((i+1)); [ $i -gt 120 ] && break
 done
 echo "@@VMTEST begin workload"
-kvm_workload {vcpus} {churns}
+kvm_workload {vcpus} {churns} extra-runs={extra_runs}
 echo "@@VMTEST end workload $?"
 sleep 2
 kill -INT $W
