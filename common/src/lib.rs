@@ -67,7 +67,9 @@ pub struct KernelOffsets {
     pub file_dentry: u32,
     /// `struct dentry::d_name.name`.
     pub dentry_name: u32,
-    pub _pad: u32,
+    /// `struct kvm_vcpu::arch.root_mmu` (the embedded `struct kvm_mmu` that
+    /// `arch.mmu` points to outside nested guests).
+    pub vcpu_arch_root_mmu: u32,
 }
 
 impl KernelOffsets {
@@ -95,7 +97,7 @@ impl KernelOffsets {
         file_private_data: OFFSET_ABSENT,
         file_dentry: OFFSET_ABSENT,
         dentry_name: OFFSET_ABSENT,
-        _pad: 0,
+        vcpu_arch_root_mmu: OFFSET_ABSENT,
     };
 }
 
@@ -381,7 +383,7 @@ pub struct ProbeCounters {
 
 const _: () = assert!(core::mem::size_of::<ProbeCounters>() == 40);
 
-/// Per-CPU counters of the `kvm_entry` gate (the map `ENTRY_COUNTERS`).
+/// Per-CPU counters of the `kvm_entry` gate (in the map `ENTRY_STATE`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EntryCounters {
@@ -411,6 +413,19 @@ pub struct SeenRoots {
 
 const _: () = assert!(core::mem::size_of::<SeenRoots>() == 32);
 
+/// The `kvm_entry` gate's per-CPU state (the map `ENTRY_STATE`): its
+/// fast-path cache and its counters, in one slot so a guest entry costs one
+/// map lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EntryState {
+    /// The last vCPU and roots that entered the guest on this CPU.
+    pub cache: SeenRoots,
+    pub counters: EntryCounters,
+}
+
+const _: () = assert!(core::mem::size_of::<EntryState>() == 64);
+
 /// State kept between an entry probe and its return probe (the map
 /// `PENDING_CALLS`, keyed by probe id and thread id).
 #[repr(C)]
@@ -429,7 +444,8 @@ const _: () = assert!(core::mem::size_of::<PendingCall>() == 40);
 #[cfg(feature = "user")]
 mod user {
     use super::{
-        EntryCounters, KernelOffsets, PendingCall, ProbeConfig, ProbeCounters, RootEvent, SeenRoots,
+        EntryCounters, EntryState, KernelOffsets, PendingCall, ProbeConfig, ProbeCounters,
+        RootEvent, SeenRoots,
     };
 
     // SAFETY: all of these are #[repr(C)] plain integers and byte arrays with
@@ -439,6 +455,8 @@ mod user {
     unsafe impl aya::Pod for ProbeConfig {}
     // SAFETY: as above.
     unsafe impl aya::Pod for RootEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for EntryState {}
     // SAFETY: as above.
     unsafe impl aya::Pod for ProbeCounters {}
     // SAFETY: as above.

@@ -32,7 +32,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use common::{
-    EntryCounters, EventKind, INVALID_PAGE, KVM_RUN, KVM_X86_TDX_VM, KernelOffsets, NR_IOCTL,
+    EntryState, EventKind, INVALID_PAGE, KVM_RUN, KVM_X86_TDX_VM, KernelOffsets, NR_IOCTL,
     OFFSET_ABSENT, PendingCall, ProbeConfig, ProbeCounters, ProbeId, RootEvent, SeenRoots,
     VCPU_FILE_NAME, field,
 };
@@ -57,12 +57,9 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 static PROBE_COUNTERS: PerCpuArray<ProbeCounters> =
     PerCpuArray::with_max_entries(ProbeId::COUNT, 0);
 
+/// The `kvm_entry` gate's fast-path cache and counters, per CPU.
 #[map]
-static ENTRY_COUNTERS: PerCpuArray<EntryCounters> = PerCpuArray::with_max_entries(1, 0);
-
-/// The last vCPU and roots that entered the guest on this CPU.
-#[map]
-static ENTRY_CACHE: PerCpuArray<SeenRoots> = PerCpuArray::with_max_entries(1, 0);
+static ENTRY_STATE: PerCpuArray<EntryState> = PerCpuArray::with_max_entries(1, 0);
 
 /// The last roots each vCPU entered with, keyed by `struct kvm_vcpu *`.
 #[map]
@@ -77,6 +74,15 @@ fn offsets() -> KernelOffsets {
     // SAFETY: OFFSETS is a valid static; the volatile read stops the compiler
     // from folding the placeholder value the tracer overwrites at load time.
     unsafe { core::ptr::read_volatile(&raw const OFFSETS) }
+}
+
+/// One field of `OFFSETS`, without copying the whole struct: the
+/// `kvm_entry` hot path reads only what it uses.
+macro_rules! offset {
+    ($field:ident) => {
+        // SAFETY: as for `offsets`.
+        unsafe { core::ptr::read_volatile(&raw const OFFSETS.$field) }
+    };
 }
 
 #[inline(always)]
@@ -470,23 +476,60 @@ pub fn kvm_tdp_mmu_invalidate_roots(ctx: ProbeContext) -> u32 {
 // ---------------------------------------------------------------------------
 // kvm_entry(vcpu, force_immediate_exit): the mirror-root invariant gate.
 
+/// Bytes read from `vcpu->arch.mmu` on: the pointer, then (where BTF says
+/// `root_mmu` follows it) the start of `root_mmu` up to its mirror root.
+const ENTRY_READ: usize = 12;
+
+/// The roots a vCPU is about to enter with, in as few reads as the layout
+/// allows: one read covering `arch.mmu` and the embedded `arch.root_mmu`
+/// when `arch.mmu` points there (every vCPU outside a nested guest), else a
+/// read of the pointer and one of the roots.
+#[inline(always)]
+fn entry_roots(vcpu: u64) -> (u64, u64) {
+    let (arch_mmu, root_mmu) = (offset!(vcpu_arch_mmu), offset!(vcpu_arch_root_mmu));
+    let (root_hpa, mirror_hpa) = (offset!(mmu_root_hpa), offset!(mmu_mirror_root_hpa));
+    let adjacent = mirror_hpa != OFFSET_ABSENT && mirror_hpa == root_hpa + 8;
+    if adjacent
+        && root_mmu != OFFSET_ABSENT
+        && root_mmu == arch_mmu + 8
+        && let Some(words) = read_at::<[u64; ENTRY_READ]>(vcpu, arch_mmu)
+    {
+        let i = (8 + root_hpa as usize) / 8;
+        if words[0] == vcpu + u64::from(root_mmu)
+            && let (Some(&root), Some(&mirror)) = (words.get(i), words.get(i + 1))
+        {
+            return (root, mirror);
+        }
+        return read_roots(words[0], root_hpa, mirror_hpa, adjacent);
+    }
+    let mmu = read_at::<u64>(vcpu, arch_mmu).unwrap_or(0);
+    read_roots(mmu, root_hpa, mirror_hpa, adjacent)
+}
+
+/// `root.hpa` and `mirror_root_hpa` of one `struct kvm_mmu`.
+#[inline(always)]
+fn read_roots(mmu: u64, root_hpa: u32, mirror_hpa: u32, adjacent: bool) -> (u64, u64) {
+    if adjacent {
+        read_at::<[u64; 2]>(mmu, root_hpa).map_or((INVALID_PAGE, INVALID_PAGE), |r| (r[0], r[1]))
+    } else {
+        (
+            read_at::<u64>(mmu, root_hpa).unwrap_or(INVALID_PAGE),
+            read_at::<u64>(mmu, mirror_hpa).unwrap_or(INVALID_PAGE),
+        )
+    }
+}
+
 #[raw_tracepoint(tracepoint = "kvm_entry")]
 pub fn kvm_entry_gate(ctx: RawTracePointContext) -> u32 {
     let vcpu = ctx.arg::<u64>(0);
-    let off = offsets();
-    let mmu = read_at::<u64>(vcpu, off.vcpu_arch_mmu).unwrap_or(0);
-    let root = read_at::<u64>(mmu, off.mmu_root_hpa).unwrap_or(INVALID_PAGE);
-    let mirror = read_at::<u64>(mmu, off.mmu_mirror_root_hpa).unwrap_or(INVALID_PAGE);
-
-    let Some(cache) = ENTRY_CACHE.get_ptr_mut(0) else {
+    let (root, mirror) = entry_roots(vcpu);
+    let Some(state) = ENTRY_STATE.get_ptr_mut(0) else {
         return 0;
     };
-    let Some(counters) = ENTRY_COUNTERS.get_ptr_mut(0) else {
-        return 0;
-    };
-    // SAFETY: per-CPU array slots, valid for the program's run and only used
+    // SAFETY: a per-CPU array slot, valid for the program's run and only used
     // by this CPU while it runs.
-    let (cache, counters) = unsafe { (&mut *cache, &mut *counters) };
+    let state = unsafe { &mut *state };
+    let (cache, counters) = (&mut state.cache, &mut state.counters);
     counters.entries += 1;
 
     let fast = cache.vcpu == vcpu && cache.root_hpa == root && cache.mirror_root_hpa == mirror;
@@ -494,8 +537,8 @@ pub fn kvm_entry_gate(ctx: RawTracePointContext) -> u32 {
         cache.vm_type
     } else {
         counters.slow_path += 1;
-        let kvm = read_at::<u64>(vcpu, off.vcpu_kvm).unwrap_or(0);
-        read_at::<u8>(kvm, off.kvm_vm_type).unwrap_or(0)
+        let kvm = read_at::<u64>(vcpu, offset!(vcpu_kvm)).unwrap_or(0);
+        read_at::<u8>(kvm, offset!(kvm_vm_type)).unwrap_or(0)
     };
     let forbidden = vm_type == KVM_X86_TDX_VM && root != INVALID_PAGE && mirror == INVALID_PAGE;
     if vm_type == KVM_X86_TDX_VM {
@@ -536,12 +579,12 @@ pub fn kvm_entry_gate(ctx: RawTracePointContext) -> u32 {
             "TDX vCPU entered with valid root.hpa {:x} and INVALID mirror_root_hpa", root
         );
         emit(ProbeId::KvmEntry, EventKind::EntryForbidden, |ev, r| {
-            fill_vcpu(ev, r, &off, vcpu);
+            fill_vcpu(ev, r, &offsets(), vcpu);
         });
     } else if config().entry_transitions != 0 {
         hit(ProbeId::KvmEntry);
         emit(ProbeId::KvmEntry, EventKind::EntryTransition, |ev, r| {
-            fill_vcpu(ev, r, &off, vcpu);
+            fill_vcpu(ev, r, &offsets(), vcpu);
         });
     }
     0

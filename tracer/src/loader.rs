@@ -12,7 +12,7 @@ use aya::{
 use aya_log::EbpfLogger;
 use serde::Serialize;
 
-use common::{EntryCounters, ProbeCounters, ProbeId};
+use common::{EntryCounters, EntryState, ProbeCounters, ProbeId};
 
 use crate::kernel::{AttachKind, AttachPlan};
 
@@ -197,6 +197,47 @@ impl Session {
             .collect()
     }
 
+    /// Runs a loaded raw-tracepoint program once through `BPF_PROG_TEST_RUN`
+    /// with these tracepoint arguments, in the calling thread, as the hook
+    /// would. Its run counts in the kernel's stats like a real hit.
+    pub fn test_run_raw_tp(&self, program: &str, args: &[u64]) -> Result<u32> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let prog = self
+            .ebpf
+            .program(program)
+            .ok_or_else(|| anyhow!("no program {program}"))?;
+        let fd = prog.fd()?.as_fd().as_raw_fd();
+        let mut attr = TestRunAttr {
+            prog_fd: u32::try_from(fd)?,
+            ctx_size_in: u32::try_from(size_of_val(args))?,
+            ctx_in: args.as_ptr() as u64,
+            ..TestRunAttr::default()
+        };
+        // SAFETY: BPF_PROG_TEST_RUN reads `attr` (its size given) and the
+        // argument array it points to, which outlive the call; it writes
+        // only `retval` inside `attr`.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_TEST_RUN,
+                &raw mut attr,
+                size_of::<TestRunAttr>(),
+            )
+        };
+        if ret != 0 {
+            return Err(anyhow!(
+                "BPF_PROG_TEST_RUN of {program}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(attr.retval)
+    }
+
+    /// The kernel's run time (ns) and run count of one loaded program.
+    pub fn program_stats(&self, program: &str) -> Option<(u64, u64)> {
+        self.run_stats(program)
+    }
+
     fn run_stats(&self, program: &str) -> Option<(u64, u64)> {
         let info = self.ebpf.program(program)?.info().ok()?;
         Some((
@@ -249,12 +290,12 @@ impl Session {
             }
             out.probes.push((id.program_name(), sum));
         }
-        let entry: PerCpuArray<_, EntryCounters> = PerCpuArray::try_from(
+        let entry: PerCpuArray<_, EntryState> = PerCpuArray::try_from(
             self.ebpf
-                .map("ENTRY_COUNTERS")
-                .ok_or_else(|| anyhow!("no ENTRY_COUNTERS map"))?,
+                .map("ENTRY_STATE")
+                .ok_or_else(|| anyhow!("no ENTRY_STATE map"))?,
         )?;
-        for c in entry.get(&0, 0)?.iter() {
+        for c in entry.get(&0, 0)?.iter().map(|s| &s.counters) {
             out.entry.entries += c.entries;
             out.entry.tdx_entries += c.tdx_entries;
             out.entry.forbidden_entries += c.forbidden_entries;
@@ -262,6 +303,30 @@ impl Session {
         }
         Ok(out)
     }
+}
+
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+
+/// `union bpf_attr`'s `test` member (BPF_PROG_TEST_RUN).
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    _pad: u32,
 }
 
 /// One program's measured cost, from the kernel's BPF run-time stats.

@@ -18,6 +18,8 @@ enum Shape {
     Word4,
     /// An array of pointers; the offset is that of element 0.
     PtrArray,
+    /// An embedded struct.
+    Struct,
 }
 
 /// One field the probes read.
@@ -56,6 +58,14 @@ const FIELDS: &[FieldSpec] = &[
         shape: Shape::Ptr,
         missing_means: "no root can be read",
         set: |o, v| o.vcpu_arch_mmu = v,
+    },
+    FieldSpec {
+        name: "kvm_vcpu.arch.root_mmu",
+        strukt: "kvm_vcpu",
+        path: "arch.root_mmu",
+        shape: Shape::Struct,
+        missing_means: "the kvm_entry gate reads the roots in two steps",
+        set: |o, v| o.vcpu_arch_root_mmu = v,
     },
     FieldSpec {
         name: "kvm_mmu.root.hpa",
@@ -381,6 +391,7 @@ fn check_shape(btf: &Btf, t: &Type, shape: Shape) -> Result<(), String> {
         (Shape::Int(n), Type::Enum(e)) => e.size() == n,
         (Shape::Word4, Type::Int(i)) => i.size() == 4,
         (Shape::Word4, Type::Union(s) | Type::Struct(s)) => s.size() == 4,
+        (Shape::Struct, Type::Struct(_)) => true,
         (Shape::PtrArray, Type::Array(a)) => {
             let elem = btf
                 .resolve_chained_type(a)
