@@ -462,3 +462,73 @@ fn watch_record_survives_kill_9() {
     child.wait().unwrap();
     assert_eq!(our_zaps(&log, me), 20, "nothing written was lost");
 }
+
+/// The `kvm_entry` gate on this host, where `kvm:kvm_entry` never fires
+/// (PVM): the kernel runs the loaded gate through `BPF_PROG_TEST_RUN` on a
+/// real guest's `struct kvm_vcpu *`, as the tracepoint would. The first
+/// entry reports the roots read from kernel memory; the next ones take the
+/// per-CPU fast path and report nothing.
+#[test]
+fn entry_gate_reads_a_real_vcpus_roots_and_then_stays_quiet() {
+    use tracer::{
+        event::{Event, Kind},
+        kernel::{KernelInfo, PlanOptions, plan::plan},
+        loader::Session,
+    };
+    if !live_or_skip("entry_gate_reads_a_real_vcpus_roots_and_then_stays_quiet") {
+        return;
+    }
+    let mut guest = kvm::Guest::new(1).expect("a KVM guest");
+    let plan = plan(&KernelInfo::live().unwrap(), PlanOptions::default());
+    let mut session = Session::start(&plan, 1 << 20, false).unwrap();
+    let mut rb = session.take_events().unwrap();
+    let me = std::process::id();
+    let mut drain = || {
+        let mut evs = Vec::new();
+        while let Some(item) = rb.next() {
+            let ev = Event::decode(&item).unwrap();
+            if ev.pid == me {
+                evs.push(ev);
+            }
+        }
+        evs
+    };
+    guest.run_to_hlt().unwrap();
+    // This process's vCPU, and the root it ran with (sampled at KVM_RUN exit
+    // here, at kvm_mmu_load where kprobes exist).
+    let seen = drain();
+    let ran = seen
+        .iter()
+        .rev()
+        .find(|e| e.vcpu.is_some() && e.root_hpa.is_some())
+        .unwrap_or_else(|| panic!("no event with this guest's vCPU: {seen:?}"));
+    let vcpu = ran.vcpu.unwrap();
+
+    session
+        .test_run_raw_tp(common::ProbeId::KvmEntry.program_name(), &[vcpu])
+        .unwrap();
+    let first = drain();
+    assert_eq!(first.len(), 1, "{first:?}");
+    let e = &first[0];
+    assert_eq!(e.kind, Kind::EntryTransition);
+    assert_eq!(e.vcpu, Some(vcpu));
+    assert_eq!(e.root_hpa, ran.root_hpa, "the gate read another root");
+    assert_ne!(e.root_hpa, Some(INVALID_PAGE));
+    assert_eq!(e.mirror_root_hpa, Some(INVALID_PAGE), "non-TDX vCPU");
+    assert_ne!(e.vm_type, Some(5), "not a TDX VM");
+
+    for _ in 0..99 {
+        session
+            .test_run_raw_tp(common::ProbeId::KvmEntry.program_name(), &[vcpu])
+            .unwrap();
+    }
+    assert!(
+        drain().is_empty(),
+        "unchanged roots must not be reported again"
+    );
+    let c = session.counters().unwrap().entry;
+    assert_eq!(
+        (c.entries, c.slow_path, c.forbidden_entries, c.tdx_entries),
+        (100, 1, 0, 0)
+    );
+}

@@ -112,6 +112,8 @@ pub fn bench(root: &Path, opts: &Options) -> Result<()> {
         let res = vm_costs(root, &mut r);
         r.section("in-kernel cost (QEMU guest)", res);
     }
+    let res = gate_native(&bin.join("examples/gate_cost"), &mut r);
+    r.section("kvm_entry gate (native)", res);
     let res = startup(&tracer, &work, &mut r);
     r.section("start-up", res);
     let res = memory(&tracer, &work, &mut r);
@@ -463,6 +465,38 @@ fn vm_costs(root: &Path, r: &mut Report) -> Result<()> {
         "vm_bpf_cost".into(),
         json!({ "kernel": o.release, "costs": o.costs, "kvm_entry_entries": o.entries }),
     );
+    Ok(())
+}
+
+/// The kvm_entry gate on this host's CPU through BPF_PROG_TEST_RUN on a real
+/// guest's vCPUs (kvm:kvm_entry never fires on this PVM host).
+fn gate_native(gate_cost: &Path, r: &mut Report) -> Result<()> {
+    const SECTION: &str = "kvm_entry gate (native)";
+    let out = crate::run(Command::new(gate_cost).arg("220000"))?;
+    let v: Value = serde_json::from_str(&out).context("gate_cost output")?;
+    for (key, what) in [
+        ("fast_path", "fast path (same vCPU, same roots)"),
+        ("alternating_vcpus", "2 vCPUs alternating on one CPU"),
+    ] {
+        let fig = &v[key];
+        let gate = fig["kvm_entry_gate"].as_f64().context("no gate figure")?;
+        let empty = fig["floor_kvm_entry"].as_f64().context("no floor figure")?;
+        let ratio = fig["ratio"].as_f64().context("no ratio")?;
+        r.add(SECTION, format!("{what}: gate ns/run"), gate, "ns");
+        r.note(format!(
+            "empty program on the same hook, interleaved: {empty:.1} ns/run"
+        ));
+        r.add(SECTION, format!("{what}: gate / empty program"), ratio, "x");
+        r.note(format!(
+            "median of 11 blocks; range {:.2}..{:.2}",
+            fig["ratio_min"].as_f64().unwrap_or(0.0),
+            fig["ratio_max"].as_f64().unwrap_or(0.0)
+        ));
+        if key == "fast_path" {
+            r.target("<= 1.5x", ratio <= 1.5);
+        }
+    }
+    r.raw.insert("gate_native".into(), v);
     Ok(())
 }
 

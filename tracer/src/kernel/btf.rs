@@ -386,12 +386,11 @@ fn field_offset(btf: &Btf, strukt: &str, path: &str, shape: Shape) -> Result<u32
 
 fn check_shape(btf: &Btf, t: &Type, shape: Shape) -> Result<(), String> {
     let ok = match (shape, t) {
-        (Shape::Ptr, Type::Ptr(_)) => true,
+        (Shape::Ptr, Type::Ptr(_)) | (Shape::Struct, Type::Struct(_)) => true,
         (Shape::Int(n), Type::Int(i)) => i.size() == n,
         (Shape::Int(n), Type::Enum(e)) => e.size() == n,
         (Shape::Word4, Type::Int(i)) => i.size() == 4,
         (Shape::Word4, Type::Union(s) | Type::Struct(s)) => s.size() == 4,
-        (Shape::Struct, Type::Struct(_)) => true,
         (Shape::PtrArray, Type::Array(a)) => {
             let elem = btf
                 .resolve_chained_type(a)
