@@ -12,7 +12,10 @@
 //! /dev/kvm; `cargo xtask bench` runs it.
 
 #[path = "../tests/support/kvm.rs"]
-#[expect(dead_code, reason = "the shared guest helper; this example churns no memslot")]
+#[expect(
+    dead_code,
+    reason = "the shared guest helper; this example churns no memslot"
+)]
 mod kvm;
 
 use anyhow::{Context as _, Result, bail};

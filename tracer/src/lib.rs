@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod model;
 pub mod pipeline;
 pub mod replay;
+pub mod top;
 pub mod watch;
 
 /// Exit code for a usage or runtime error.

@@ -54,6 +54,39 @@ enum Command {
     /// DIR). Pipe it into `tracer replay -` to see what the detector finds,
     /// or into your alert routing, without a TDX host.
     Simulate(SimulateArgs),
+    /// A full-screen live view: VMs (type, vCPUs, load and zap rates,
+    /// findings), the selected VM's vCPUs with their direct and mirror roots,
+    /// and the latest findings. Keys: q quit, arrows select, s sort, r
+    /// reverse, / filter; with --replay, space pauses and +/- change speed.
+    Top(TopArgs),
+}
+
+#[derive(Args)]
+struct TopArgs {
+    /// Show a recorded log (file, folder of segments, or `-`) instead of
+    /// attaching to this kernel; no root needed.
+    #[arg(long, value_name = "LOG", num_args = 1..)]
+    replay: Vec<PathBuf>,
+    /// Replay speed: log seconds per wall second (0.125 to 1048576).
+    #[arg(long, default_value_t = 1.0, value_parser = parse_speed)]
+    speed: f64,
+    /// Size of the event ring buffer in bytes (live): a power of two, at
+    /// least 4096.
+    #[arg(long, value_name = "BYTES", default_value = "4194304", value_parser = parse_ringbuf)]
+    ringbuf_size: u32,
+}
+
+fn parse_speed(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if (tracer::top::MIN_SPEED..=tracer::top::MAX_SPEED).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!(
+            "{v} is outside {}..={}",
+            tracer::top::MIN_SPEED,
+            tracer::top::MAX_SPEED
+        ))
+    }
 }
 
 #[derive(Args)]
@@ -376,6 +409,11 @@ fn main() -> ExitCode {
             }
         }
         Command::Simulate(args) => simulate(&args),
+        Command::Top(args) => tracer::top::run(&tracer::top::TopOptions {
+            replay: args.replay,
+            speed: args.speed,
+            ringbuf_bytes: args.ringbuf_size,
+        }),
         Command::Watch(args) => tracer::config::check_batching(
             args.probes.ringbuf_size,
             args.probes.wakeup_bytes,

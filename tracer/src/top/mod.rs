@@ -1,0 +1,412 @@
+//! `tracer top`: a full-screen live view of VMs, vCPUs and root health, from
+//! the probes or from a recorded log (`--replay`, at adjustable speed).
+//!
+//! One thread, no runtime: each frame drains the ring buffer (or advances
+//! the replay clock), redraws, and waits for a key at most one frame. The
+//! terminal is restored on every exit, panics and SIGTERM included.
+
+pub mod state;
+pub mod ui;
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, anyhow};
+use aya::maps::{MapData, RingBuf};
+use ratatui::crossterm::event::{self, Event as TermEvent, KeyEventKind};
+
+use crate::{
+    Failure,
+    event::Event,
+    kernel::{self, KernelInfo, PlanOptions},
+    loader::Session,
+    log::{
+        ClockPair, PlanEntry,
+        reader::{self, ReadStats, Record},
+    },
+};
+use state::{Action, TopState};
+
+/// How often the screen is redrawn (and the ring buffer drained).
+const FRAME: Duration = Duration::from_millis(200);
+/// Events a replay feeds per frame at most, so keys stay responsive.
+const REPLAY_BATCH: usize = 200_000;
+
+pub struct TopOptions {
+    /// Recorded logs to replay; empty: attach to this kernel.
+    pub replay: Vec<PathBuf>,
+    /// Replay speed: log seconds per wall second.
+    pub speed: f64,
+    pub ringbuf_bytes: u32,
+}
+
+static QUIT: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    QUIT.store(true, Ordering::Relaxed);
+}
+
+fn catch_signals() {
+    for sig in [libc::SIGTERM, libc::SIGHUP, libc::SIGINT] {
+        // SAFETY: the handler only stores to an atomic, which is
+        // async-signal-safe.
+        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    }
+}
+
+pub fn run(opts: &TopOptions) -> Result<(), Failure> {
+    // SAFETY: isatty only inspects the descriptor.
+    if unsafe { libc::isatty(1) } == 0 {
+        return Err(anyhow!(
+            "tracer top draws a full-screen view and needs a terminal on stdout; for a stream \
+             use `tracer watch --json` or `tracer replay`"
+        )
+        .into());
+    }
+    let mut source = if opts.replay.is_empty() {
+        Source::Live(Box::new(Live::start(opts)?))
+    } else {
+        Source::Replay(Replay::load(opts)?)
+    };
+    let mut state = source.state();
+    catch_signals();
+    // Installs a panic hook that restores the terminal first.
+    let mut terminal = ratatui::init();
+    let result = ui_loop(&mut terminal, &mut source, &mut state);
+    ratatui::restore();
+    result.map_err(Failure::from)
+}
+
+fn ui_loop(
+    terminal: &mut ratatui::DefaultTerminal,
+    source: &mut Source,
+    state: &mut TopState,
+) -> anyhow::Result<()> {
+    let mut last_tick = Instant::now();
+    source.pump(state);
+    source.tick(state);
+    while !QUIT.load(Ordering::Relaxed) {
+        source.pump(state);
+        if last_tick.elapsed() >= Duration::from_secs(1) {
+            source.tick(state);
+            last_tick = Instant::now();
+        }
+        terminal.draw(|f| ui::draw(f, state))?;
+        if !event::poll(FRAME)? {
+            continue;
+        }
+        // Everything that is waiting, then redraw.
+        loop {
+            if let TermEvent::Key(k) = event::read()?
+                && k.kind == KeyEventKind::Press
+            {
+                match state.key(k) {
+                    Action::Quit => return Ok(()),
+                    Action::TogglePause => source.toggle_pause(state),
+                    Action::Faster => source.scale_speed(state, 2.0),
+                    Action::Slower => source.scale_speed(state, 0.5),
+                    Action::None => {}
+                }
+            }
+            if !event::poll(Duration::ZERO)? {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+enum Source {
+    Live(Box<Live>),
+    Replay(Replay),
+}
+
+impl Source {
+    fn state(&self) -> TopState {
+        match self {
+            Self::Live(l) => l.state(),
+            Self::Replay(r) => r.state(),
+        }
+    }
+
+    fn pump(&mut self, s: &mut TopState) {
+        match self {
+            Self::Live(l) => l.pump(s),
+            Self::Replay(r) => r.pump(s),
+        }
+    }
+
+    fn tick(&mut self, s: &mut TopState) {
+        match self {
+            Self::Live(l) => l.tick(s),
+            Self::Replay(r) => s.tick(r.position_ns()),
+        }
+    }
+
+    fn toggle_pause(&mut self, s: &mut TopState) {
+        if let Self::Replay(r) = self {
+            r.advance();
+            r.paused = !r.paused;
+            s.paused = r.paused;
+        }
+    }
+
+    fn scale_speed(&mut self, s: &mut TopState, by: f64) {
+        if let Self::Replay(r) = self {
+            r.advance();
+            r.speed = (r.speed * by).clamp(MIN_SPEED, MAX_SPEED);
+            s.speed = Some(r.speed);
+        }
+    }
+}
+
+pub const MIN_SPEED: f64 = 0.125;
+pub const MAX_SPEED: f64 = 1_048_576.0;
+
+/// Attached to this kernel.
+struct Live {
+    session: Session,
+    events: RingBuf<MapData>,
+    kernel: String,
+    plan_summary: String,
+    decode_errors: u64,
+}
+
+impl Live {
+    fn start(opts: &TopOptions) -> Result<Self, Failure> {
+        // SAFETY: geteuid has no preconditions and can't fail.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(Failure::unsupported(anyhow!(
+                "tracer top must run as root to load eBPF programs (CAP_BPF, CAP_PERFMON); \
+                 `tracer top --replay LOG` works without root"
+            )));
+        }
+        let info = KernelInfo::live().map_err(crate::doctor::kernel_failure)?;
+        let plan = kernel::plan::plan(
+            &info,
+            PlanOptions {
+                entry_transitions: true,
+                wakeup_bytes: crate::config::DEFAULT_WAKEUP_BYTES,
+            },
+        );
+        drop(info);
+        if plan.attached().next().is_none() {
+            return Err(Failure::unsupported(anyhow!(
+                "no probe can attach on this kernel; run `tracer doctor` for the reasons"
+            )));
+        }
+        let mut session = Session::start(&plan, opts.ringbuf_bytes, false)?;
+        let events = session.take_events()?;
+        let mut by_kind: BTreeMap<String, usize> = BTreeMap::new();
+        for (_, kind, _) in &session.attached {
+            *by_kind.entry(kind.to_string()).or_default() += 1;
+        }
+        let off = plan
+            .probes
+            .iter()
+            .filter(|p| p.attach == kernel::AttachKind::Off)
+            .count();
+        let plan_summary = format!(
+            "{} probe(s) attached ({}), {off} off, {} failed; `tracer doctor` explains",
+            session.attached.len(),
+            by_kind
+                .iter()
+                .map(|(k, n)| format!("{n} {k}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            session.failures.len()
+        );
+        Ok(Self {
+            session,
+            events,
+            kernel: plan.kernel_release,
+            plan_summary,
+            decode_errors: 0,
+        })
+    }
+
+    fn state(&self) -> TopState {
+        TopState::new(
+            hostname(),
+            self.kernel.clone(),
+            "live".into(),
+            self.plan_summary.clone(),
+        )
+    }
+
+    fn pump(&mut self, s: &mut TopState) {
+        while let Some(item) = self.events.next() {
+            match Event::decode(&item) {
+                Ok(ev) => s.event(&ev),
+                Err(_) => self.decode_errors += 1,
+            }
+        }
+    }
+
+    fn tick(&mut self, s: &mut TopState) {
+        if let Ok(c) = self.session.counters() {
+            s.drops = c.reserve_failed() + self.decode_errors;
+        }
+        s.tick(ClockPair::now().monotonic_ns);
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// A recorded log played back on its own clock.
+struct Replay {
+    events: Vec<Event>,
+    next: usize,
+    lost: u64,
+    first_ns: u64,
+    /// Log nanoseconds played so far.
+    played_ns: f64,
+    last_wall: Instant,
+    speed: f64,
+    paused: bool,
+    host: String,
+    kernel: String,
+    source: String,
+    plan_summary: String,
+}
+
+impl Replay {
+    fn load(opts: &TopOptions) -> Result<Self, Failure> {
+        let files = reader::expand_inputs(&opts.replay).map_err(|e| anyhow!("{e}"))?;
+        let mut stats = ReadStats::default();
+        let mut events = Vec::new();
+        let mut lost = 0;
+        let mut header = None;
+        reader::read_all(&files, &mut stats, |_, r| match r {
+            Record::Event(ev) => events.push(*ev),
+            Record::Loss(l) => lost += l.lost,
+            Record::Header(h) if header.is_none() => header = Some(h),
+            _ => {}
+        });
+        if events.is_empty() {
+            let why = stats
+                .problems
+                .first()
+                .map_or(String::new(), |p| format!(": {p}"));
+            return Err(anyhow!(
+                "no events in {}{why}",
+                files
+                    .iter()
+                    .map(|f| f.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+            .into());
+        }
+        if !stats.problems.is_empty() {
+            eprintln!(
+                "tracer: {} problem(s) reading the log; {} line(s) skipped (`tracer replay` lists them)",
+                stats.problems.len(),
+                stats.skipped_lines
+            );
+        }
+        // Segments are in order; a stable sort keeps it so within a tie.
+        events.sort_by_key(|e| e.ts_ns);
+        let h = header.context("the log has no header record")?;
+        let plan_summary = if h.attach_plan.is_empty() {
+            format!("none recorded ({})", h.source)
+        } else {
+            summarize_plan(&h.attach_plan)
+        };
+        Ok(Self {
+            first_ns: events[0].ts_ns,
+            events,
+            next: 0,
+            lost,
+            played_ns: 0.0,
+            last_wall: Instant::now(),
+            speed: opts.speed.clamp(MIN_SPEED, MAX_SPEED),
+            paused: false,
+            host: h.hostname.clone(),
+            kernel: h.kernel_release.clone(),
+            source: format!(
+                "replay of {} ({})",
+                opts.replay
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                h.source
+            ),
+            plan_summary,
+        })
+    }
+
+    fn state(&self) -> TopState {
+        let mut s = TopState::new(
+            self.host.clone(),
+            self.kernel.clone(),
+            self.source.clone(),
+            self.plan_summary.clone(),
+        );
+        s.speed = Some(self.speed);
+        s
+    }
+
+    /// Moves the log clock on by the wall time since the last call.
+    fn advance(&mut self) {
+        let now = Instant::now();
+        if !self.paused {
+            self.played_ns += now.duration_since(self.last_wall).as_secs_f64() * 1e9 * self.speed;
+        }
+        self.last_wall = now;
+    }
+
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "a non-negative count of nanoseconds"
+    )]
+    fn position_ns(&self) -> u64 {
+        let last = self.events.last().map_or(0, |e| e.ts_ns);
+        (self.first_ns + self.played_ns as u64).min(last)
+    }
+
+    fn pump(&mut self, s: &mut TopState) {
+        self.advance();
+        let until = self.position_ns();
+        let mut fed = 0;
+        while let Some(ev) = self.events.get(self.next)
+            && (ev.ts_ns <= until || self.next == 0)
+            && fed < REPLAY_BATCH
+        {
+            s.event(ev);
+            self.next += 1;
+            fed += 1;
+        }
+        s.drops = self.lost;
+        if self.next == self.events.len() {
+            s.status = format!("end of log: {} events", self.events.len());
+        }
+    }
+}
+
+/// "12 probe(s): 9 kprobe, 3 raw-tracepoint, 2 off" from a log header.
+pub fn summarize_plan(plan: &[PlanEntry]) -> String {
+    let mut by_kind: BTreeMap<&str, usize> = BTreeMap::new();
+    for p in plan {
+        *by_kind.entry(p.attach.as_str()).or_default() += 1;
+    }
+    format!(
+        "{} probe(s) as recorded: {}",
+        plan.len(),
+        by_kind
+            .iter()
+            .map(|(k, n)| format!("{n} {k}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
