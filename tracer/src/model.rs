@@ -547,7 +547,13 @@ pub enum Scenario {
     ZapStorm,
     /// A TDX VM whose root loads sometimes fail with -ENOMEM.
     LoadFailure,
+    /// A busy host: 100 VMs (one in four TDX) of --vcpus vCPUs each; every
+    /// round all vCPUs enter and a few VMs zap.
+    Fleet,
 }
+
+/// VMs in the `fleet` scenario.
+pub const FLEET_VMS: usize = 100;
 
 /// Runs a scenario: `vcpus` per VM, deterministic for a `seed`.
 pub fn run_scenario(model: &mut Model, scenario: Scenario, vcpus: usize, rounds: usize) {
@@ -635,6 +641,23 @@ pub fn run_scenario(model: &mut Model, scenario: Scenario, vcpus: usize, rounds:
                     cause: ZapCause::MemslotDelete,
                 });
                 enter_all(model);
+            }
+        }
+        Scenario::Fleet => {
+            for i in 0..FLEET_VMS {
+                spawn(model, i % 4 == 0);
+            }
+            for _ in 0..rounds {
+                enter_all(model);
+                for _ in 0..3 {
+                    let vm = rng.below(FLEET_VMS as u64) as usize;
+                    let cause = if vm % 4 == 0 {
+                        ZapCause::GenerationWrap
+                    } else {
+                        ZapCause::MemslotDelete
+                    };
+                    model.apply(Op::Zap { vm, cause });
+                }
             }
         }
         Scenario::LoadFailure => {

@@ -123,8 +123,10 @@ fn main() -> Result<()> {
         }
         Task::Test => {
             setup(&root)?;
-            // The fleet tests run the real Prometheus and Alertmanager.
+            // The fleet tests run the real Prometheus and Alertmanager; the
+            // `tracer top` end-to-end test drives it in tmux.
             apt_install(&[
+                ("/usr/bin/tmux", "tmux"),
                 ("/usr/bin/prometheus", "prometheus"),
                 ("/usr/bin/promtool", "prometheus"),
                 (

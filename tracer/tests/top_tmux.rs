@@ -1,0 +1,184 @@
+//! End to end: the real `tracer top --replay` in a real terminal (tmux),
+//! driven with keys, on a model log of a faulty kernel. Checks what the
+//! screen shows, sorting, filtering, a resize to a tiny window and back,
+//! and that `q` and SIGTERM both leave the terminal as it was.
+//!
+//! Needs tmux (`cargo xtask test` installs it). Without it the test fails
+//! saying so, unless TRACER_SKIP_TMUX=1, when it prints SKIPPED.
+
+use std::{
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+const TRACER: &str = env!("CARGO_BIN_EXE_tracer");
+
+/// A private tmux server, killed on drop.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    fn cmd(&self, args: &[&str]) -> String {
+        let out = Command::new("tmux")
+            .args(["-L", &self.socket, "-f", "/dev/null"])
+            .args(args)
+            .output()
+            .expect("tmux runs");
+        assert!(
+            out.status.success(),
+            "tmux {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn screen(&self) -> String {
+        self.cmd(&["capture-pane", "-p", "-t", "top"])
+    }
+
+    /// Waits until the screen satisfies `ok`; panics with the screen if it
+    /// never does.
+    fn wait(&self, what: &str, ok: impl Fn(&str) -> bool) -> String {
+        let started = Instant::now();
+        loop {
+            let s = self.screen();
+            if ok(&s) {
+                return s;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "timed out waiting for {what}; the screen:\n{s}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn keys(&self, keys: &[&str]) {
+        let mut args = vec!["send-keys", "-t", "top"];
+        args.extend_from_slice(keys);
+        self.cmd(&args);
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .args(["-L", &self.socket, "kill-server"])
+            .output();
+    }
+}
+
+fn vm_rows(screen: &str) -> usize {
+    screen
+        .lines()
+        .filter(|l| {
+            let mut w = l.split_whitespace();
+            w.next().is_some_and(|p| p.parse::<u32>().is_ok())
+                && w.next().is_some_and(|t| ["tdx", "default"].contains(&t))
+        })
+        .count()
+}
+
+/// The pid of the `tracer` the pane's shell is running.
+fn tracer_pid(tmux: &Tmux) -> Option<i32> {
+    let shell = tmux.cmd(&["display", "-p", "-t", "top", "#{pane_pid}"]);
+    let children = std::fs::read_to_string(format!(
+        "/proc/{}/task/{}/children",
+        shell.trim(),
+        shell.trim()
+    ))
+    .ok()?;
+    children.split_whitespace().next()?.parse().ok()
+}
+
+#[test]
+fn top_replays_a_faulty_kernel_in_a_real_terminal() {
+    if Command::new("tmux").arg("-V").output().is_err() {
+        if std::env::var_os("TRACER_SKIP_TMUX").is_some_and(|v| v == "1") {
+            eprintln!("SKIPPED top_replays_a_faulty_kernel_in_a_real_terminal: no tmux");
+            return;
+        }
+        panic!(
+            "tmux is missing, so the end-to-end test of `tracer top` can't run: \
+             `cargo xtask test` installs it (apt-get install tmux); \
+             TRACER_SKIP_TMUX=1 skips the test explicitly"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let sim = Command::new(TRACER)
+        .args(["simulate", "--kernel", "mirror-invalidated-by-zap"])
+        .args(["--scenario", "steady", "--rounds", "200", "--record"])
+        .arg(&log)
+        .output()
+        .unwrap();
+    assert!(sim.status.success(), "{sim:?}");
+
+    // Two runs in one pane: the first quits with q, the second gets
+    // SIGTERM; after each the shell prints the exit code on the normal
+    // screen.
+    let run = format!(
+        "{TRACER} top --replay {log} --speed 100000",
+        log = log.display()
+    );
+    let script = format!("{run}; echo EXIT1=$?; {run}; echo EXIT2=$?; sleep 120");
+    let tmux = Tmux {
+        socket: format!("tracer-top-test-{}", std::process::id()),
+    };
+    tmux.cmd(&[
+        "new-session",
+        "-d",
+        "-s",
+        "top",
+        "-x",
+        "150",
+        "-y",
+        "45",
+        "sh",
+        "-c",
+        &script,
+    ]);
+
+    let s = tmux.wait("the end of the log", |s| s.contains("end of log"));
+    assert!(s.contains("tracer top"), "{s}");
+    assert!(s.contains("model:mirror-invalidated-by-zap"), "{s}");
+    assert!(s.contains("VMs 3 (2 TDX)"), "{s}");
+    assert_eq!(vm_rows(&s), 3, "{s}");
+    assert!(s.contains("INVALID"), "{s}");
+    assert!(s.contains("mirror_roots_invalidated_live"), "{s}");
+    assert!(s.contains("sort: findings"), "{s}");
+
+    tmux.keys(&["s"]);
+    tmux.wait("sorting by zaps/s", |s| s.contains("sort: zaps/s"));
+    tmux.keys(&["/", "4003", "Enter"]);
+    let s = tmux.wait("the filter", |s| {
+        s.contains("filter: 4003") && vm_rows(s) == 1
+    });
+    assert!(s.contains("vCPUs of VMM 4003"), "{s}");
+    tmux.keys(&["Escape"]);
+    tmux.wait("the filter cleared", |s| vm_rows(s) == 3);
+
+    tmux.cmd(&["resize-window", "-t", "top", "-x", "40", "-y", "10"]);
+    tmux.wait("the too-small notice", |s| s.contains("needs 60x16"));
+    tmux.cmd(&["resize-window", "-t", "top", "-x", "150", "-y", "45"]);
+    tmux.wait("the full view again", |s| vm_rows(s) == 3);
+
+    tmux.keys(&["q"]);
+    let s = tmux.wait("the first run to exit", |s| s.contains("EXIT1="));
+    assert!(s.contains("EXIT1=0"), "{s}");
+
+    // The second run: SIGTERM restores the terminal too.
+    let s = tmux.wait("the second run", |s| s.contains("end of log"));
+    assert!(!s.contains("EXIT1"), "the UI covers the screen:\n{s}");
+    let pid = tracer_pid(&tmux).expect("the second tracer's pid");
+    // SAFETY: kill has no memory preconditions; the pid is the test's own
+    // grandchild, alive (the pane shows it).
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let s = tmux.wait("the second run to exit", |s| s.contains("EXIT2="));
+    assert!(s.contains("EXIT2=0"), "{s}");
+    assert!(s.contains("EXIT1=0"), "the normal screen is back:\n{s}");
+    assert!(!s.contains("tracer top"), "the UI is gone:\n{s}");
+    assert!(Path::new(&log).exists());
+}
