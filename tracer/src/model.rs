@@ -555,6 +555,35 @@ pub enum Scenario {
 /// VMs in the `fleet` scenario.
 pub const FLEET_VMS: usize = 100;
 
+/// The `fleet` scenario: FLEET_VMS VMs, one in four TDX; every round all
+/// vCPUs enter and three VMs zap.
+fn fleet(model: &mut Model, rng: &mut Rng, vcpus: usize, rounds: usize) {
+    for i in 0..FLEET_VMS {
+        model.apply(Op::CreateVm {
+            tdx: i.is_multiple_of(4),
+        });
+        for _ in 0..vcpus {
+            model.apply(Op::AddVcpu { vm: i });
+        }
+    }
+    for _ in 0..rounds {
+        for vm in 0..model.live_vms() {
+            for vcpu in 0..model.vms[vm].vcpus.len() {
+                model.apply(Op::Enter { vm, vcpu });
+            }
+        }
+        for _ in 0..3 {
+            let vm = rng.below(FLEET_VMS as u64) as usize;
+            let cause = if vm.is_multiple_of(4) {
+                ZapCause::GenerationWrap
+            } else {
+                ZapCause::MemslotDelete
+            };
+            model.apply(Op::Zap { vm, cause });
+        }
+    }
+}
+
 /// Runs a scenario: `vcpus` per VM, deterministic for a `seed`.
 pub fn run_scenario(model: &mut Model, scenario: Scenario, vcpus: usize, rounds: usize) {
     let vcpus = vcpus.max(1);
@@ -643,23 +672,7 @@ pub fn run_scenario(model: &mut Model, scenario: Scenario, vcpus: usize, rounds:
                 enter_all(model);
             }
         }
-        Scenario::Fleet => {
-            for i in 0..FLEET_VMS {
-                spawn(model, i % 4 == 0);
-            }
-            for _ in 0..rounds {
-                enter_all(model);
-                for _ in 0..3 {
-                    let vm = rng.below(FLEET_VMS as u64) as usize;
-                    let cause = if vm % 4 == 0 {
-                        ZapCause::GenerationWrap
-                    } else {
-                        ZapCause::MemslotDelete
-                    };
-                    model.apply(Op::Zap { vm, cause });
-                }
-            }
-        }
+        Scenario::Fleet => fleet(model, &mut rng, vcpus, rounds),
         Scenario::LoadFailure => {
             spawn(model, true);
             for _ in 0..rounds {

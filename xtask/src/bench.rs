@@ -120,6 +120,8 @@ pub fn bench(root: &Path, opts: &Options) -> Result<()> {
     r.section("memory", res);
     let res = userspace(root, &mut r);
     r.section("userspace throughput", res);
+    let res = top(root, &tracer, &work, &mut r);
+    r.section("tracer top", res);
     let res = replay(&tracer, &work, &mut r);
     r.section("replay", res);
     let res = versus_bpftrace(&tracer, &workload, &work, opts.churns, &mut r);
@@ -661,7 +663,20 @@ fn memory(tracer: &Path, work: &Path, r: &mut Report) -> Result<()> {
 
 /// The criterion benches, short runs; events/s from their own estimates.
 fn userspace(root: &Path, r: &mut Report) -> Result<()> {
-    let crit = root.join("target/criterion/pipeline");
+    let rows = criterion(root, "pipeline")?;
+    for (name, per_s) in rows {
+        r.add("userspace (1 core)", name.clone(), per_s, "events/s");
+        if name == "decode+detect" {
+            r.target(">= 2,000,000/s", per_s >= 2e6);
+        }
+    }
+    Ok(())
+}
+
+/// Runs one criterion bench of the tracer, short; (name, elements per
+/// second) from criterion's own estimates, fastest first.
+fn criterion(root: &Path, bench: &str) -> Result<Vec<(String, f64)>> {
+    let crit = root.join("target/criterion").join(bench);
     let _ = std::fs::remove_dir_all(&crit);
     crate::cargo(
         root,
@@ -670,7 +685,7 @@ fn userspace(root: &Path, r: &mut Report) -> Result<()> {
             "--package",
             "tracer",
             "--bench",
-            "pipeline",
+            bench,
             "--",
             "--warm-up-time",
             "1",
@@ -698,12 +713,103 @@ fn userspace(root: &Path, r: &mut Report) -> Result<()> {
         bail!("criterion wrote no estimates under {}", crit.display());
     }
     rows.sort_by(|a, b| b.1.total_cmp(&a.1));
-    for (name, per_s) in rows {
-        r.add("userspace (1 core)", name.clone(), per_s, "events/s");
-        if name == "decode+detect" {
-            r.target(">= 2,000,000/s", per_s >= 2e6);
+    Ok(rows)
+}
+
+/// `tracer top` with 100 VMs of 64 vCPUs: frame time (criterion, test
+/// backend), and the real binary's CPU use replaying the model's `fleet`
+/// log in a 150x50 tmux window.
+fn top(root: &Path, tracer: &Path, work: &Path, r: &mut Report) -> Result<()> {
+    const SECTION: &str = "tracer top, 100 VMs x 64";
+    for (name, per_s) in criterion(root, "top")? {
+        if name.starts_with("frame") {
+            r.add(
+                SECTION,
+                "frame time (200x60, test backend)",
+                1e3 / per_s,
+                "ms",
+            );
+        } else {
+            r.add(SECTION, name, per_s, "events/s");
         }
     }
+    crate::apt_install(&[("/usr/bin/tmux", "tmux")])?;
+    let log = work.join("top-fleet");
+    let _ = std::fs::remove_dir_all(&log);
+    crate::run(
+        tracer_cmd(
+            tracer,
+            &[
+                "simulate",
+                "--scenario",
+                "fleet",
+                "--vcpus",
+                "64",
+                "--rounds",
+                "100",
+                "--record",
+                &log.to_string_lossy(),
+            ],
+        )
+        .stdout(Stdio::null()),
+    )?;
+    let socket = format!("tracer-bench-{}", std::process::id());
+    let tmux = |args: &[&str]| {
+        crate::run(
+            Command::new("tmux")
+                .args(["-L", &socket, "-f", "/dev/null"])
+                .args(args),
+        )
+    };
+    // The model log spans about 320 s: at 20x it plays for about 16 s.
+    let cmd = format!(
+        "{} top --replay {} --speed 20",
+        tracer.display(),
+        log.display()
+    );
+    tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        "top",
+        "-x",
+        "150",
+        "-y",
+        "50",
+        &cmd,
+    ])?;
+    let result = (|| -> Result<(f64, String)> {
+        std::thread::sleep(Duration::from_secs(2));
+        let mut pid: u32 = tmux(&["display", "-p", "-t", "top", "#{pane_pid}"])?
+            .trim()
+            .parse()?;
+        // The pane may run a shell that runs tracer.
+        if std::fs::read_to_string(format!("/proc/{pid}/comm"))?.trim() != "tracer" {
+            pid = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))?
+                .split_whitespace()
+                .next()
+                .context("the pane runs no tracer")?
+                .parse()?;
+        }
+        let cpu0 = cpu_seconds(pid)?;
+        std::thread::sleep(Duration::from_secs(10));
+        let cpu1 = cpu_seconds(pid)?;
+        let screen = tmux(&["capture-pane", "-p", "-t", "top"])?;
+        Ok((cpu1 - cpu0, screen))
+    })();
+    let _ = tmux(&["kill-server"]);
+    let (cpu, screen) = result?;
+    if !screen.contains("VMs 100 (25 TDX)") {
+        bail!("tracer top did not show the fleet:\n{screen}");
+    }
+    r.add(
+        SECTION,
+        "CPU while replaying at 20x (5 frames/s)",
+        cpu / 10.0 * 100.0,
+        "% core",
+    );
+    r.note("the real binary in tmux, 150x50, over 10 s of playback");
+    std::fs::write(work.join("top-screen.txt"), &screen)?;
     Ok(())
 }
 
