@@ -94,6 +94,14 @@ fn shows_vms_vcpu_roots_and_findings_of_a_faulty_kernel() {
     assert!(text.contains("valid 0x"), "{text}");
     assert!(text.contains("mirror_roots_invalidated_live"), "{text}");
     assert!(text.contains("newest: "), "{text}");
+    // The critical kind leads the summary even when newer errors fill the
+    // list.
+    let summary = text.lines().find(|l| l.contains("by kind:")).unwrap();
+    assert!(
+        summary.find("mirror_root_invalid_at_entry ×")
+            < summary.find("mirror_roots_invalidated_live ×"),
+        "{summary}"
+    );
     assert!(s.findings_total > 0 && s.critical_total > 0);
 }
 

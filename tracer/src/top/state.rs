@@ -11,7 +11,7 @@ use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use common::{INVALID_PAGE, KVM_X86_TDX_VM};
 
 use crate::{
-    detector::{Detector, DetectorConfig, Finding, Severity},
+    detector::{Detector, DetectorConfig, Finding, FindingKind, Severity},
     event::{Event, Kind, vm_type_name},
 };
 
@@ -123,6 +123,8 @@ pub struct TopState {
     pub events: u64,
     pub findings_total: u64,
     pub critical_total: u64,
+    /// Findings by kind since the start.
+    pub by_kind: BTreeMap<FindingKind, u64>,
     /// Events lost (ring buffer full, or recorded as lost in a log).
     pub drops: u64,
     pub events_per_s: f64,
@@ -158,6 +160,7 @@ impl TopState {
             events: 0,
             findings_total: 0,
             critical_total: 0,
+            by_kind: BTreeMap::new(),
             drops: 0,
             events_per_s: 0.0,
             events_at_tick: 0,
@@ -251,6 +254,7 @@ impl TopState {
 
     fn finding(&mut self, f: Finding) {
         self.findings_total += 1;
+        *self.by_kind.entry(f.kind).or_default() += 1;
         if f.severity == Severity::Critical {
             self.critical_total += 1;
         }

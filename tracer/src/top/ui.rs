@@ -272,31 +272,33 @@ fn draw_findings(f: &mut Frame, s: &TopState, area: Rect) {
     let detail_height = (inner.height / 2).clamp(1, 4);
     let [list, detail] =
         Layout::vertical([Constraint::Min(1), Constraint::Length(detail_height)]).areas(inner);
-    let lines: Vec<Line> = s
-        .findings
-        .iter()
-        .take(usize::from(list.height))
-        .map(|x| {
-            let color = match x.severity {
-                Severity::Critical | Severity::Error => Color::Red,
-                Severity::Warning => Color::Yellow,
-                Severity::Info => Color::Reset,
-            };
-            let age = s.now_ns.saturating_sub(x.ts_ns) as f64 / 1e9;
-            Line::from(vec![
-                Span::raw(format!("{age:>7.1}s ago ")),
-                Span::styled(
-                    format!("{:<8} {:<36} ", x.severity.name(), x.kind.name()),
-                    Style::default().fg(color).add_modifier(Modifier::BOLD),
-                ),
-                Span::raw(format!(
-                    "vmm={} vcpu={}",
-                    x.userspace_pid.map_or("?".into(), |p| p.to_string()),
-                    x.vcpu_id.map_or("-".into(), |i| i.to_string()),
-                )),
-            ])
-        })
-        .collect();
+    // Worst kinds first, so a critical one never scrolls out of sight.
+    let mut kinds: Vec<_> = s.by_kind.iter().collect();
+    kinds.sort_by_key(|(k, n)| (std::cmp::Reverse(k.severity()), std::cmp::Reverse(**n)));
+    let mut summary = vec![Span::raw("by kind: ")];
+    for (k, n) in kinds {
+        summary.push(Span::styled(
+            format!("{} ×{n}  ", k.name()),
+            Style::default().fg(severity_color(k.severity())),
+        ));
+    }
+    let mut lines = vec![Line::from(summary)];
+    lines.extend(s.findings.iter().take(usize::from(list.height)).map(|x| {
+        let color = severity_color(x.severity);
+        let age = s.now_ns.saturating_sub(x.ts_ns) as f64 / 1e9;
+        Line::from(vec![
+            Span::raw(format!("{age:>7.1}s ago ")),
+            Span::styled(
+                format!("{:<8} {:<36} ", x.severity.name(), x.kind.name()),
+                Style::default().fg(color).add_modifier(Modifier::BOLD),
+            ),
+            Span::raw(format!(
+                "vmm={} vcpu={}",
+                x.userspace_pid.map_or("?".into(), |p| p.to_string()),
+                x.vcpu_id.map_or("-".into(), |i| i.to_string()),
+            )),
+        ])
+    }));
     f.render_widget(Paragraph::new(lines), list);
     f.render_widget(
         Paragraph::new(format!("newest: {}", newest.explanation))
@@ -304,6 +306,14 @@ fn draw_findings(f: &mut Frame, s: &TopState, area: Rect) {
             .wrap(Wrap { trim: true }),
         detail,
     );
+}
+
+fn severity_color(s: Severity) -> Color {
+    match s {
+        Severity::Critical | Severity::Error => Color::Red,
+        Severity::Warning => Color::Yellow,
+        Severity::Info => Color::Reset,
+    }
 }
 
 fn draw_keys(f: &mut Frame, s: &TopState, area: Rect) {
