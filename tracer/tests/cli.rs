@@ -27,6 +27,28 @@ fn bad_flags_exit_2_with_clap_usage() {
     assert_eq!(r.code, Some(2));
     assert!(r.stderr.contains("power of two"), "{}", r.stderr);
 
+    let r = run(tracer().args([
+        "watch",
+        "--ringbuf-size",
+        "65536",
+        "--wakeup-bytes",
+        "65536",
+    ]));
+    assert_eq!(r.code, Some(2));
+    assert!(
+        r.stderr.contains("flag `--wakeup-bytes`") && r.stderr.contains("more than half"),
+        "{}",
+        r.stderr
+    );
+
+    let r = run(tracer().args(["watch", "--poll-interval", "20s"]));
+    assert_eq!(r.code, Some(2));
+    assert!(r.stderr.contains("flag `--poll-interval`"), "{}", r.stderr);
+
+    let r = run(tracer().args(["run", "--wakeup-bytes", "99999999"]));
+    assert_eq!(r.code, Some(2));
+    assert!(r.stderr.contains("probes.wakeup_bytes"), "{}", r.stderr);
+
     let r = run(tracer().arg("frobnicate"));
     assert_eq!(r.code, Some(2));
 }
@@ -246,4 +268,33 @@ fn replay_skips_bad_lines_naming_file_and_line() {
         "{}",
         r.stderr
     );
+}
+
+#[test]
+fn top_rejects_bad_logs_speeds_and_a_missing_terminal() {
+    let r = run(tracer().args(["top", "--replay", "/nonexistent/log"]));
+    assert_eq!(r.code, Some(2), "{}", r.stderr);
+    assert!(r.stderr.contains("/nonexistent/log"), "{}", r.stderr);
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "not json\n").unwrap();
+    let r = run(tracer().arg("top").arg("--replay").arg(&bad));
+    assert_eq!(r.code, Some(2), "{}", r.stderr);
+    assert!(r.stderr.contains("no events in"), "{}", r.stderr);
+    assert!(r.stderr.contains("bad.jsonl:1"), "{}", r.stderr);
+
+    let r = run(tracer().args(["top", "--replay", "-", "--speed", "0"]));
+    assert_eq!(r.code, Some(2), "{}", r.stderr);
+    assert!(r.stderr.contains("outside"), "{}", r.stderr);
+
+    // A good log, but stdout is a pipe here: no full-screen view.
+    let log = dir.path().join("log");
+    let sim = run(tracer()
+        .args(["simulate", "--rounds", "2", "--record"])
+        .arg(&log));
+    assert_eq!(sim.code, Some(0), "{}", sim.stderr);
+    let r = run(tracer().arg("top").arg("--replay").arg(&log));
+    assert_eq!(r.code, Some(2), "{}", r.stderr);
+    assert!(r.stderr.contains("needs a terminal"), "{}", r.stderr);
 }

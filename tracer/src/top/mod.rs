@@ -59,18 +59,26 @@ fn catch_signals() {
 }
 
 pub fn run(opts: &TopOptions) -> Result<(), Failure> {
-    // SAFETY: isatty only inspects the descriptor.
-    if unsafe { libc::isatty(1) } == 0 {
-        return Err(anyhow!(
-            "tracer top draws a full-screen view and needs a terminal on stdout; for a stream \
-             use `tracer watch --json` or `tracer replay`"
-        )
-        .into());
-    }
+    let need_terminal = || -> Result<(), Failure> {
+        // SAFETY: isatty only inspects the descriptor.
+        if unsafe { libc::isatty(1) } == 0 {
+            return Err(anyhow!(
+                "tracer top draws a full-screen view and needs a terminal on stdout; for a \
+                 stream use `tracer watch --json` or `tracer replay`"
+            )
+            .into());
+        }
+        Ok(())
+    };
+    // Bad input is reported before the terminal check, and the terminal
+    // before anything attaches.
     let mut source = if opts.replay.is_empty() {
+        need_terminal()?;
         Source::Live(Box::new(Live::start(opts)?))
     } else {
-        Source::Replay(Replay::load(opts)?)
+        let replay = Replay::load(opts)?;
+        need_terminal()?;
+        Source::Replay(replay)
     };
     let mut state = source.state();
     catch_signals();
