@@ -677,7 +677,6 @@ pub fn kvm_run_exit(ctx: RawTracePointContext) -> u32 {
     0
 }
 
-#[cfg(not(test))]
 // ---------------------------------------------------------------------------
 // Floors: empty programs, attached beside the real ones on the same hooks
 // with `--baseline`, so the kernel's run-time stats give each hook's floor.
@@ -706,6 +705,7 @@ floor! {
     kprobe floor_destroy_vm(ProbeContext);
 }
 
+#[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
