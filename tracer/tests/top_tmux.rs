@@ -123,7 +123,8 @@ fn top_replays_a_faulty_kernel_in_a_real_terminal() {
         "{TRACER} top --replay {log} --speed 100000",
         log = log.display()
     );
-    let script = format!("{run}; echo EXIT1=$?; {run}; echo EXIT2=$?; sleep 120");
+    let script =
+        format!("{run}; echo EXIT1=$?; {run}; echo EXIT2=$?; {run}; echo EXIT3=$?; sleep 120");
     let tmux = Tmux {
         socket: format!("tracer-top-test-{}", std::process::id()),
     };
@@ -181,4 +182,21 @@ fn top_replays_a_faulty_kernel_in_a_real_terminal() {
     assert!(s.contains("EXIT1=0"), "the normal screen is back:\n{s}");
     assert!(!s.contains("tracer top"), "the UI is gone:\n{s}");
     assert!(Path::new(&log).exists());
+
+    // The third run: the terminal goes away under it (the tmux server is
+    // killed); it must exit, not spin on a dead terminal.
+    let s = tmux.wait("the third run", |s| s.contains("end of log"));
+    assert!(!s.contains("EXIT2"), "{s}");
+    let pid = tracer_pid(&tmux).expect("the third tracer's pid");
+    tmux.cmd(&["kill-server"]);
+    let started = Instant::now();
+    while Path::new(&format!("/proc/{pid}")).exists()
+        && std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|st| !st.contains(") Z "))
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "tracer top (pid {pid}) still runs 5 s after its terminal went away"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -5,6 +5,7 @@
 //! the replay clock), redraws, and waits for a key at most one frame. The
 //! terminal is restored on every exit, panics and SIGTERM included.
 
+pub mod keys;
 pub mod state;
 pub mod ui;
 
@@ -17,7 +18,6 @@ use std::{
 
 use anyhow::{Context as _, anyhow};
 use aya::maps::{MapData, RingBuf};
-use ratatui::crossterm::event::{self, Event as TermEvent, KeyEventKind};
 
 use crate::{
     Failure,
@@ -84,6 +84,7 @@ pub fn run(opts: &TopOptions) -> Result<(), Failure> {
     catch_signals();
     // Installs a panic hook that restores the terminal first.
     let mut terminal = ratatui::init();
+    watchdog();
     let result = ui_loop(&mut terminal, &mut source, &mut state);
     ratatui::restore();
     result.map_err(Failure::from)
@@ -104,28 +105,69 @@ fn ui_loop(
             last_tick = Instant::now();
         }
         terminal.draw(|f| ui::draw(f, state))?;
-        if !event::poll(FRAME)? {
-            continue;
-        }
-        // Everything that is waiting, then redraw.
-        loop {
-            if let TermEvent::Key(k) = event::read()?
-                && k.kind == KeyEventKind::Press
-            {
-                match state.key(k) {
-                    Action::Quit => return Ok(()),
-                    Action::TogglePause => source.toggle_pause(state),
-                    Action::Faster => source.scale_speed(state, 2.0),
-                    Action::Slower => source.scale_speed(state, 0.5),
-                    Action::None => {}
-                }
-            }
-            if !event::poll(Duration::ZERO)? {
-                break;
+        // Keys are read here, level-triggered, not through crossterm's
+        // reader: that one spins forever on a terminal that hung up and can
+        // miss a key that arrives with a resize. Resizes need no event:
+        // every draw fits the current size.
+        let bytes = match keys::wait(input_fd(), FRAME) {
+            keys::Input::Idle => continue,
+            keys::Input::HungUp => return Ok(()),
+            keys::Input::Bytes(b) => b,
+        };
+        for k in keys::parse(&bytes) {
+            match state.key(k) {
+                Action::Quit => return Ok(()),
+                Action::TogglePause => source.toggle_pause(state),
+                Action::Faster => source.scale_speed(state, 2.0),
+                Action::Slower => source.scale_speed(state, 0.5),
+                Action::None => {}
             }
         }
     }
     Ok(())
+}
+
+/// The terminal keys come from: stdin when it is one, else /dev/tty
+/// (opened once, kept open).
+fn input_fd() -> libc::c_int {
+    static FD: std::sync::OnceLock<libc::c_int> = std::sync::OnceLock::new();
+    *FD.get_or_init(|| {
+        // SAFETY: isatty only inspects the descriptor.
+        if unsafe { libc::isatty(0) } == 1 {
+            return 0;
+        }
+        std::fs::File::open("/dev/tty").map_or(-1, std::os::fd::IntoRawFd::into_raw_fd)
+    })
+}
+
+/// Last resort: if the terminal hangs up, or a SIGTERM/SIGHUP is not
+/// honoured within a second (the main thread stuck writing to the
+/// terminal), restore what can be restored and exit.
+fn watchdog() {
+    std::thread::spawn(|| {
+        let mut quit_seen: Option<Instant> = None;
+        loop {
+            std::thread::sleep(Duration::from_millis(250));
+            let mut p = libc::pollfd {
+                fd: input_fd(),
+                events: 0,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd, for the duration of the call.
+            let hung_up = unsafe { libc::poll(&raw mut p, 1, 0) } > 0
+                && p.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0;
+            if QUIT.load(Ordering::Relaxed) {
+                quit_seen.get_or_insert_with(Instant::now);
+            }
+            let stuck = quit_seen.is_some_and(|t| t.elapsed() > Duration::from_secs(1));
+            if hung_up || stuck {
+                // Give the main thread a moment to leave on its own.
+                std::thread::sleep(Duration::from_millis(500));
+                ratatui::restore();
+                std::process::exit(0);
+            }
+        }
+    });
 }
 
 enum Source {
