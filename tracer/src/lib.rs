@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod model;
 pub mod pipeline;
 pub mod replay;
+#[cfg(feature = "top")]
 pub mod top;
 pub mod watch;
 

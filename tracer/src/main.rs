@@ -54,6 +54,7 @@ enum Command {
     /// DIR). Pipe it into `tracer replay -` to see what the detector finds,
     /// or into your alert routing, without a TDX host.
     Simulate(SimulateArgs),
+    #[cfg(feature = "top")]
     /// A full-screen live view: VMs (type, vCPUs, load and zap rates,
     /// findings), the selected VM's vCPUs with their direct and mirror roots,
     /// and the latest findings. Keys: q quit, arrows select, s sort, r
@@ -61,6 +62,7 @@ enum Command {
     Top(TopArgs),
 }
 
+#[cfg(feature = "top")]
 #[derive(Args)]
 struct TopArgs {
     /// Show a recorded log (file, folder of segments, or `-`) instead of
@@ -76,6 +78,7 @@ struct TopArgs {
     ringbuf_size: u32,
 }
 
+#[cfg(feature = "top")]
 fn parse_speed(s: &str) -> Result<f64, String> {
     let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
     if (tracer::top::MIN_SPEED..=tracer::top::MAX_SPEED).contains(&v) {
@@ -409,6 +412,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Simulate(args) => simulate(&args),
+        #[cfg(feature = "top")]
         Command::Top(args) => tracer::top::run(&tracer::top::TopOptions {
             replay: args.replay,
             speed: args.speed,
