@@ -191,7 +191,7 @@ impl Session {
         self.attached
             .iter()
             .filter_map(|(id, _, _)| {
-                let (ns, runs) = self.run_stats(id.program_name())?;
+                let (ns, runs) = self.program_stats(id.program_name())?;
                 Some((id.program_name(), ns, runs))
             })
             .collect()
@@ -235,10 +235,6 @@ impl Session {
 
     /// The kernel's run time (ns) and run count of one loaded program.
     pub fn program_stats(&self, program: &str) -> Option<(u64, u64)> {
-        self.run_stats(program)
-    }
-
-    fn run_stats(&self, program: &str) -> Option<(u64, u64)> {
         let info = self.ebpf.program(program)?.info().ok()?;
         Some((
             u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
@@ -252,11 +248,11 @@ impl Session {
         self.attached
             .iter()
             .filter_map(|(id, attach, target)| {
-                let (run_time_ns, run_count) = self.run_stats(id.program_name())?;
+                let (run_time_ns, run_count) = self.program_stats(id.program_name())?;
                 let floor = self
                     .floors
                     .contains(id)
-                    .then(|| self.run_stats(id.floor_program_name()))
+                    .then(|| self.program_stats(id.floor_program_name()))
                     .flatten();
                 Some(Cost {
                     program: id.program_name(),

@@ -1,7 +1,12 @@
 //! `tracer top`: its state and its screen, drawn on ratatui's test backend
 //! from model event streams, and driven with keys.
 
+#[path = "support/screen.rs"]
+mod screen;
+
 use std::borrow::Cow;
+
+use screen::vm_rows;
 
 use ratatui::{
     Terminal,
@@ -62,17 +67,6 @@ fn key(c: char) -> KeyEvent {
 
 fn code(c: KeyCode) -> KeyEvent {
     KeyEvent::new(c, KeyModifiers::NONE)
-}
-
-/// The VM table's data rows (lines that start with a pid and a type).
-fn vm_rows(text: &str) -> Vec<&str> {
-    text.lines()
-        .filter(|l| {
-            let mut w = l.split_whitespace();
-            w.next().is_some_and(|p| p.parse::<u32>().is_ok())
-                && w.next().is_some_and(|t| ["tdx", "default"].contains(&t))
-        })
-        .collect()
 }
 
 #[test]

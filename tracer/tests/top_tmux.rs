@@ -6,11 +6,16 @@
 //! Needs tmux (`cargo xtask test` installs it). Without it the test fails
 //! saying so, unless TRACER_SKIP_TMUX=1, when it prints SKIPPED.
 
+#[path = "support/screen.rs"]
+mod screen;
+
 use std::{
     path::Path,
     process::Command,
     time::{Duration, Instant},
 };
+
+use screen::vm_rows;
 
 const TRACER: &str = env!("CARGO_BIN_EXE_tracer");
 
@@ -68,17 +73,6 @@ impl Drop for Tmux {
             .args(["-L", &self.socket, "kill-server"])
             .output();
     }
-}
-
-fn vm_rows(screen: &str) -> usize {
-    screen
-        .lines()
-        .filter(|l| {
-            let mut w = l.split_whitespace();
-            w.next().is_some_and(|p| p.parse::<u32>().is_ok())
-                && w.next().is_some_and(|t| ["tdx", "default"].contains(&t))
-        })
-        .count()
 }
 
 /// The pid of the `tracer` the pane's shell is running.
@@ -146,7 +140,7 @@ fn top_replays_a_faulty_kernel_in_a_real_terminal() {
     assert!(s.contains("tracer top"), "{s}");
     assert!(s.contains("model:mirror-invalidated-by-zap"), "{s}");
     assert!(s.contains("VMs 3 (2 TDX)"), "{s}");
-    assert_eq!(vm_rows(&s), 3, "{s}");
+    assert_eq!(vm_rows(&s).len(), 3, "{s}");
     assert!(s.contains("INVALID"), "{s}");
     assert!(s.contains("mirror_roots_invalidated_live"), "{s}");
     assert!(s.contains("sort: findings"), "{s}");
@@ -155,16 +149,16 @@ fn top_replays_a_faulty_kernel_in_a_real_terminal() {
     tmux.wait("sorting by zaps/s", |s| s.contains("sort: zaps/s"));
     tmux.keys(&["/", "4003", "Enter"]);
     let s = tmux.wait("the filter", |s| {
-        s.contains("filter: 4003") && vm_rows(s) == 1
+        s.contains("filter: 4003") && vm_rows(s).len() == 1
     });
     assert!(s.contains("vCPUs of VMM 4003"), "{s}");
     tmux.keys(&["Escape"]);
-    tmux.wait("the filter cleared", |s| vm_rows(s) == 3);
+    tmux.wait("the filter cleared", |s| vm_rows(s).len() == 3);
 
     tmux.cmd(&["resize-window", "-t", "top", "-x", "40", "-y", "10"]);
     tmux.wait("the too-small notice", |s| s.contains("needs 60x16"));
     tmux.cmd(&["resize-window", "-t", "top", "-x", "150", "-y", "45"]);
-    tmux.wait("the full view again", |s| vm_rows(s) == 3);
+    tmux.wait("the full view again", |s| vm_rows(s).len() == 3);
 
     tmux.keys(&["q"]);
     let s = tmux.wait("the first run to exit", |s| s.contains("EXIT1="));

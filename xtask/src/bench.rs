@@ -385,6 +385,35 @@ fn tracer_cmd(tracer: &Path, args: &[&str]) -> Command {
     c
 }
 
+/// `tracer simulate ARGS --record DIR` into a fresh `dir`.
+fn simulate(tracer: &Path, dir: &Path, args: &[&str]) -> Result<()> {
+    let _ = std::fs::remove_dir_all(dir);
+    crate::run(
+        tracer_cmd(tracer, &["simulate"])
+            .args(args)
+            .arg("--record")
+            .arg(dir)
+            .stdout(Stdio::null()),
+    )?;
+    Ok(())
+}
+
+/// `tracer run` with its log in a fresh `work/NAME` and its stderr in
+/// `work/NAME.err`, plus `args`; returns once every probe is attached.
+fn daemon(tracer: &Path, work: &Path, name: &str, args: &[&str]) -> Result<Proc> {
+    let log = work.join(name);
+    let _ = std::fs::remove_dir_all(&log);
+    let mut t = Proc::spawn(
+        tracer_cmd(tracer, &["run", "--log-dir"])
+            .arg(&log)
+            .args(args),
+        Stdio::null(),
+        &work.join(format!("{name}.err")),
+    )?;
+    t.wait_attached()?;
+    Ok(t)
+}
+
 // ---------------------------------------------------------------------------
 // Sections
 
@@ -562,25 +591,8 @@ fn scrape(port: u16, metric: &str) -> Option<f64> {
 
 /// Daemon RSS idle, and with 10,000 vCPUs tracked (model events injected).
 fn memory(tracer: &Path, work: &Path, r: &mut Report) -> Result<()> {
-    let _ = std::fs::remove_dir_all(work.join("mem-log"));
-    let port = free_port()?;
-    let log = work.join("mem-log");
-    let listen = format!("127.0.0.1:{port}");
-    let mut t = Proc::spawn(
-        &mut tracer_cmd(
-            tracer,
-            &[
-                "run",
-                "--log-dir",
-                &log.to_string_lossy(),
-                "--metrics-listen",
-                &listen,
-            ],
-        ),
-        Stdio::null(),
-        &work.join("mem-idle.err"),
-    )?;
-    t.wait_attached()?;
+    let listen = format!("127.0.0.1:{}", free_port()?);
+    let t = daemon(tracer, work, "mem-log", &["--metrics-listen", &listen])?;
     std::thread::sleep(Duration::from_secs(3));
     let (rss, hwm) = rss_kib(t.pid())?;
     t.stop(libc::SIGTERM)?;
@@ -597,45 +609,24 @@ fn memory(tracer: &Path, work: &Path, r: &mut Report) -> Result<()> {
 
     // 3 VMs x 3334 vCPUs from the model.
     let sim = work.join("mem-sim");
-    let _ = std::fs::remove_dir_all(&sim);
-    crate::run(
-        tracer_cmd(
-            tracer,
-            &[
-                "simulate",
-                "--scenario",
-                "steady",
-                "--vcpus",
-                "3334",
-                "--rounds",
-                "3",
-                "--record",
-                &sim.to_string_lossy(),
-            ],
-        )
-        .stdout(Stdio::null()),
+    simulate(
+        tracer,
+        &sim,
+        &["--scenario", "steady", "--vcpus", "3334", "--rounds", "3"],
     )?;
-    let log = work.join("mem-log-10k");
-    let _ = std::fs::remove_dir_all(&log);
     let port = free_port()?;
     let listen = format!("127.0.0.1:{port}");
-    let mut t = Proc::spawn(
-        &mut tracer_cmd(
-            tracer,
-            &[
-                "run",
-                "--log-dir",
-                &log.to_string_lossy(),
-                "--metrics-listen",
-                &listen,
-                "--inject",
-                &sim.to_string_lossy(),
-            ],
-        ),
-        Stdio::null(),
-        &work.join("mem-10k.err"),
+    let t = daemon(
+        tracer,
+        work,
+        "mem-log-10k",
+        &[
+            "--metrics-listen",
+            &listen,
+            "--inject",
+            &sim.to_string_lossy(),
+        ],
     )?;
-    t.wait_attached()?;
     let started = Instant::now();
     let tracked = loop {
         let v = scrape(port, "kvm_root_tracer_tracked_vcpus").unwrap_or(0.0);
@@ -735,23 +726,10 @@ fn top(root: &Path, tracer: &Path, work: &Path, r: &mut Report) -> Result<()> {
     }
     crate::apt_install(&[("/usr/bin/tmux", "tmux")])?;
     let log = work.join("top-fleet");
-    let _ = std::fs::remove_dir_all(&log);
-    crate::run(
-        tracer_cmd(
-            tracer,
-            &[
-                "simulate",
-                "--scenario",
-                "fleet",
-                "--vcpus",
-                "64",
-                "--rounds",
-                "100",
-                "--record",
-                &log.to_string_lossy(),
-            ],
-        )
-        .stdout(Stdio::null()),
+    simulate(
+        tracer,
+        &log,
+        &["--scenario", "fleet", "--vcpus", "64", "--rounds", "100"],
     )?;
     let socket = format!("tracer-bench-{}", std::process::id());
     let tmux = |args: &[&str]| {
@@ -816,33 +794,19 @@ fn top(root: &Path, tracer: &Path, work: &Path, r: &mut Report) -> Result<()> {
 /// `tracer replay` over a model log of ~120k events, and its size on disk,
 /// zstd-compressed (as the daemon leaves closed segments) and not.
 fn replay(tracer: &Path, work: &Path, r: &mut Report) -> Result<()> {
-    let simulate = |dir: &Path, extra: &[&str]| -> Result<u64> {
-        let _ = std::fs::remove_dir_all(dir);
-        crate::run(
-            tracer_cmd(
-                tracer,
-                &[
-                    "simulate",
-                    "--scenario",
-                    "churn",
-                    "--vcpus",
-                    "64",
-                    "--rounds",
-                    "200",
-                    "--record",
-                    &dir.to_string_lossy(),
-                ],
-            )
-            .args(extra),
-        )?;
+    // On-disk bytes of a fresh model log.
+    let recorded = |dir: &Path, extra: &[&str]| -> Result<u64> {
+        let mut args = vec!["--scenario", "churn", "--vcpus", "64", "--rounds", "200"];
+        args.extend_from_slice(extra);
+        simulate(tracer, dir, &args)?;
         Ok(std::fs::read_dir(dir)?
             .filter_map(|e| e.ok()?.metadata().ok())
             .map(|m| m.len())
             .sum())
     };
     let dir = work.join("replay-log");
-    let compressed = simulate(&dir, &[])?;
-    let raw = simulate(&work.join("replay-log-raw"), &["--no-compress"])?;
+    let compressed = recorded(&dir, &[])?;
+    let raw = recorded(&work.join("replay-log-raw"), &["--no-compress"])?;
     let started = Instant::now();
     let o = Command::new(tracer)
         .args(["replay", "--json"])
@@ -928,23 +892,12 @@ fn versus_inner(
     )?;
     bt.wait_for(&bt_out, "attached_probes", Duration::from_mins(1))?;
     let log = work.join("vs-log");
-    let _ = std::fs::remove_dir_all(&log);
-    let mut t = Proc::spawn(
-        &mut tracer_cmd(
-            tracer,
-            &[
-                "run",
-                "--log-dir",
-                &log.to_string_lossy(),
-                "--metrics-listen",
-                "",
-                "--no-compress",
-            ],
-        ),
-        Stdio::null(),
-        &work.join("vs-tracer.err"),
+    let t = daemon(
+        tracer,
+        work,
+        "vs-log",
+        &["--metrics-listen", "", "--no-compress"],
     )?;
-    t.wait_attached()?;
     // Start-up (BTF parsing, LLVM) is not what we compare.
     std::thread::sleep(Duration::from_millis(500));
     let cpu0 = (bt.cpu_s()?, t.cpu_s()?);

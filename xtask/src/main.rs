@@ -89,32 +89,12 @@ fn main() -> Result<()> {
         }
         Task::VmTest { kernels, timeout } => {
             setup(&root)?;
-            cargo(
-                &root,
-                &[
-                    "build",
-                    "--release",
-                    "--package",
-                    "tracer",
-                    "--examples",
-                    "--bins",
-                ],
-            )?;
+            build_release(&root)?;
             vmtest::vm_test(&root, &kernels, std::time::Duration::from_secs(timeout))
         }
         Task::Bench { churns, no_vm } => {
             setup(&root)?;
-            cargo(
-                &root,
-                &[
-                    "build",
-                    "--release",
-                    "--package",
-                    "tracer",
-                    "--examples",
-                    "--bins",
-                ],
-            )?;
+            build_release(&root)?;
             bench::bench(&root, &bench::Options { churns, no_vm })
         }
         Task::Fuzz { seconds } => {
@@ -281,6 +261,22 @@ fn fuzz(root: &Path, seconds: u64) -> Result<()> {
         &args,
         &[],
         "the fuzzer found a failure (see tracer/fuzz/artifacts/), or fuzzing",
+    )
+}
+
+/// The tracer and its example workloads, release build: what the QEMU
+/// matrix ships into its guests and the benchmarks run.
+fn build_release(root: &Path) -> Result<()> {
+    cargo(
+        root,
+        &[
+            "build",
+            "--release",
+            "--package",
+            "tracer",
+            "--examples",
+            "--bins",
+        ],
     )
 }
 
