@@ -75,16 +75,23 @@ impl Drop for Tmux {
     }
 }
 
-/// The pid of the `tracer` the pane's shell is running.
-fn tracer_pid(tmux: &Tmux) -> Option<i32> {
-    let shell = tmux.cmd(&["display", "-p", "-t", "top", "#{pane_pid}"]);
-    let children = std::fs::read_to_string(format!(
-        "/proc/{}/task/{}/children",
-        shell.trim(),
-        shell.trim()
-    ))
-    .ok()?;
-    children.split_whitespace().next()?.parse().ok()
+/// The pid of the running `tracer top` replaying `log` (its command line
+/// names the test's own temporary log). `/proc/PID/task/TID/children` is
+/// not used: the kernel documents it as unreliable for running tasks.
+fn tracer_pid(log: &Path) -> Option<i32> {
+    let needle = log.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .find(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let c = String::from_utf8_lossy(&c);
+                c.contains("top\0--replay")
+                    && c.contains(&needle)
+                    && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                        .is_ok_and(|st| !st.contains(") Z "))
+            })
+        })
 }
 
 #[test]
@@ -110,15 +117,17 @@ fn top_replays_a_faulty_kernel_in_a_real_terminal() {
         .unwrap();
     assert!(sim.status.success(), "{sim:?}");
 
-    // Two runs in one pane: the first quits with q, the second gets
-    // SIGTERM; after each the shell prints the exit code on the normal
-    // screen.
+    // Three runs in one pane: the first quits with q, the second gets
+    // SIGTERM, the third loses its terminal. After each the shell prints the
+    // exit code on the normal screen, and waits for Enter before the next
+    // run, so the test can read it before another run covers the screen.
     let run = format!(
         "{TRACER} top --replay {log} --speed 100000",
         log = log.display()
     );
-    let script =
-        format!("{run}; echo EXIT1=$?; {run}; echo EXIT2=$?; {run}; echo EXIT3=$?; sleep 120");
+    let script = format!(
+        "{run}; echo EXIT1=$?; read _; {run}; echo EXIT2=$?; read _; {run}; echo EXIT3=$?; sleep 120"
+    );
     let tmux = Tmux {
         socket: format!("tracer-top-test-{}", std::process::id()),
     };
@@ -163,11 +172,12 @@ fn top_replays_a_faulty_kernel_in_a_real_terminal() {
     tmux.keys(&["q"]);
     let s = tmux.wait("the first run to exit", |s| s.contains("EXIT1="));
     assert!(s.contains("EXIT1=0"), "{s}");
+    tmux.keys(&["Enter"]);
 
     // The second run: SIGTERM restores the terminal too.
     let s = tmux.wait("the second run", |s| s.contains("end of log"));
     assert!(!s.contains("EXIT1"), "the UI covers the screen:\n{s}");
-    let pid = tracer_pid(&tmux).expect("the second tracer's pid");
+    let pid = tracer_pid(&log).expect("the second tracer's pid");
     // SAFETY: kill has no memory preconditions; the pid is the test's own
     // grandchild, alive (the pane shows it).
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
@@ -175,13 +185,14 @@ fn top_replays_a_faulty_kernel_in_a_real_terminal() {
     assert!(s.contains("EXIT2=0"), "{s}");
     assert!(s.contains("EXIT1=0"), "the normal screen is back:\n{s}");
     assert!(!s.contains("tracer top"), "the UI is gone:\n{s}");
+    tmux.keys(&["Enter"]);
     assert!(Path::new(&log).exists());
 
     // The third run: the terminal goes away under it (the tmux server is
     // killed); it must exit, not spin on a dead terminal.
     let s = tmux.wait("the third run", |s| s.contains("end of log"));
     assert!(!s.contains("EXIT2"), "{s}");
-    let pid = tracer_pid(&tmux).expect("the third tracer's pid");
+    let pid = tracer_pid(&log).expect("the third tracer's pid");
     tmux.cmd(&["kill-server"]);
     let started = Instant::now();
     while Path::new(&format!("/proc/{pid}")).exists()
