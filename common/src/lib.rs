@@ -70,6 +70,19 @@ pub struct KernelOffsets {
     /// `struct kvm_vcpu::arch.root_mmu` (the embedded `struct kvm_mmu` that
     /// `arch.mmu` points to outside nested guests).
     pub vcpu_arch_root_mmu: u32,
+    /// `sizeof(struct page)`: a root's `struct page` is at
+    /// `vmemmap_base + (hpa >> 12) * page_size`.
+    pub page_size: u32,
+    /// `struct page::private` (a shadow page's `struct kvm_mmu_page *`).
+    pub page_private: u32,
+    /// `struct kvm_mmu_page::role` (u32 union word).
+    pub mmu_page_role: u32,
+    /// Bit of `role.invalid` in that word.
+    pub role_invalid_bit: u32,
+    pub _pad: u32,
+    /// Address of the kernel variable `vmemmap_base` (0: unknown, and the
+    /// stale-mirror-root check is off).
+    pub vmemmap_base_addr: u64,
 }
 
 impl KernelOffsets {
@@ -98,10 +111,25 @@ impl KernelOffsets {
         file_dentry: OFFSET_ABSENT,
         dentry_name: OFFSET_ABSENT,
         vcpu_arch_root_mmu: OFFSET_ABSENT,
+        page_size: OFFSET_ABSENT,
+        page_private: OFFSET_ABSENT,
+        mmu_page_role: OFFSET_ABSENT,
+        role_invalid_bit: OFFSET_ABSENT,
+        _pad: 0,
+        vmemmap_base_addr: 0,
     };
+
+    /// Whether the probes can follow a mirror root to its page's role.
+    pub const fn can_read_root_role(&self) -> bool {
+        self.vmemmap_base_addr != 0
+            && self.page_size != OFFSET_ABSENT
+            && self.page_private != OFFSET_ABSENT
+            && self.mmu_page_role != OFFSET_ABSENT
+            && self.role_invalid_bit < 32
+    }
 }
 
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 92);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 120);
 
 /// Run-time switches for the programs, the global `PROBE_CONFIG`.
 #[repr(C)]
@@ -285,6 +313,7 @@ pub mod field {
     pub const ARG: u32 = 1 << 12;
     pub const BEFORE_HPA: u32 = 1 << 13;
     pub const DURATION: u32 = 1 << 14;
+    pub const MIRROR_ROLE: u32 = 1 << 15;
 }
 
 /// One root-lifecycle event, as written to the ring buffer.
@@ -326,9 +355,13 @@ pub struct RootEvent {
     pub root_role: u32,
     /// [`field`] bits: which of the fields above hold a value.
     pub valid: u32,
+    /// `kvm_mmu_page_role` word of the page the mirror root points at (read
+    /// through `vmemmap_base` for TDX vCPUs with a valid mirror root): its
+    /// `invalid` bit says the root was invalidated under the vCPU.
+    pub mirror_role: u32,
     pub vm_type: u8,
     pub mmu_valid_gen: u8,
-    pub _pad: [u8; 2],
+    pub _pad: [u8; 6],
     pub comm: [u8; COMM_LEN],
 }
 
@@ -354,14 +387,15 @@ impl RootEvent {
         userspace_pid: 0,
         root_role: 0,
         valid: 0,
+        mirror_role: 0,
         vm_type: 0,
         mmu_valid_gen: 0,
-        _pad: [0; 2],
+        _pad: [0; 6],
         comm: [0; COMM_LEN],
     };
 }
 
-const _: () = assert!(core::mem::size_of::<RootEvent>() == 144);
+const _: () = assert!(core::mem::size_of::<RootEvent>() == 152);
 const _: () = assert!(core::mem::align_of::<RootEvent>() == 8);
 
 /// Per-CPU, per-probe counters (the map `PROBE_COUNTERS`, indexed by
@@ -395,9 +429,17 @@ pub struct EntryCounters {
     pub forbidden_entries: u64,
     /// Entries that left the per-CPU fast path (new vCPU or new roots).
     pub slow_path: u64,
+    /// Entries whose roots (or VM type) could not be read: not judged.
+    pub read_failed: u64,
+    /// Entries in the stale state (TDX, valid root, mirror root whose page
+    /// has `role.invalid` set).
+    pub stale_entries: u64,
+    /// Events the gate had to report but could not reserve (ring buffer
+    /// full): the state is not cached, so it is retried (rate-limited).
+    pub retries: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<EntryCounters>() == 32);
+const _: () = assert!(core::mem::size_of::<EntryCounters>() == 56);
 
 /// Last root pair a vCPU entered with (the map `VCPU_ROOTS`, and the per-CPU
 /// fast-path cache).
@@ -408,7 +450,9 @@ pub struct SeenRoots {
     pub root_hpa: u64,
     pub mirror_root_hpa: u64,
     pub vm_type: u8,
-    pub _pad: [u8; 7],
+    /// 1: the mirror root's page had `role.invalid` set.
+    pub stale: u8,
+    pub _pad: [u8; 6],
 }
 
 const _: () = assert!(core::mem::size_of::<SeenRoots>() == 32);
@@ -422,9 +466,13 @@ pub struct EntryState {
     /// The last vCPU and roots that entered the guest on this CPU.
     pub cache: SeenRoots,
     pub counters: EntryCounters,
+    /// No retry of a failed report before this `bpf_ktime_get_ns()`.
+    pub retry_after_ns: u64,
+    /// The value of `vmemmap_base`, read once per CPU (0: not yet).
+    pub vmemmap_base: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<EntryState>() == 64);
+const _: () = assert!(core::mem::size_of::<EntryState>() == 104);
 
 /// State kept between an entry probe and its return probe (the map
 /// `PENDING_CALLS`, keyed by probe id and thread id).

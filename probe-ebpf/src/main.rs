@@ -200,18 +200,51 @@ fn fill_vcpu(ev: &mut RootEvent, r: &mut Reader, off: &KernelOffsets, vcpu: u64)
     fill_mmu(ev, r, off, mmu);
     let kvm = r.read::<u64>(vcpu, off.vcpu_kvm).unwrap_or(0);
     fill_kvm(ev, r, off, kvm);
+    let both = field::VM_TYPE | field::MIRROR_ROOT_HPA;
+    if ev.valid & both == both
+        && ev.vm_type == KVM_X86_TDX_VM
+        && ev.mirror_root_hpa != INVALID_PAGE
+        && off.can_read_root_role()
+    {
+        let role = read_at::<u64>(off.vmemmap_base_addr, 0).and_then(|vmemmap| {
+            root_role(
+                vmemmap,
+                ev.mirror_root_hpa,
+                off.page_size,
+                off.page_private,
+                off.mmu_page_role,
+            )
+        });
+        if let Some(role) = role {
+            ev.mirror_role = role;
+            ev.valid |= field::MIRROR_ROLE;
+        } else {
+            r.failed = true;
+        }
+    }
+}
+
+/// The role word of the shadow page a root points at: hpa → `struct page`
+/// (through `vmemmap_base`) → `page.private` (the `struct kvm_mmu_page *`)
+/// → `role`. `None` when any read fails.
+#[inline(always)]
+fn root_role(vmemmap: u64, hpa: u64, page_size: u32, private: u32, role: u32) -> Option<u32> {
+    let page = vmemmap.wrapping_add((hpa >> 12).wrapping_mul(u64::from(page_size)));
+    let sp = read_at::<u64>(page, private)?;
+    read_at::<u32>(sp, role)
 }
 
 /// Reserves, fills and submits one event. `fill` sets the probe-specific
-/// fields; the common header is set here.
+/// fields; the common header is set here. False when the ring buffer had no
+/// room (counted).
 #[inline(always)]
-fn emit(probe: ProbeId, kind: EventKind, fill: impl FnOnce(&mut RootEvent, &mut Reader)) {
+fn emit(probe: ProbeId, kind: EventKind, fill: impl FnOnce(&mut RootEvent, &mut Reader)) -> bool {
     let counters = counters(probe);
     let Some(mut entry) = EVENTS.reserve::<RootEvent>(0) else {
         if let Some(c) = counters {
             c.reserve_failed += 1;
         }
-        return;
+        return false;
     };
     let mut ev = RootEvent::ZERO;
     // SAFETY: helpers without preconditions.
@@ -234,6 +267,7 @@ fn emit(probe: ProbeId, kind: EventKind, fill: impl FnOnce(&mut RootEvent, &mut 
             c.read_failed += 1;
         }
     }
+    true
 }
 
 /// Batches reader wakeups: below `wakeup_bytes` of waiting data the reader
@@ -316,7 +350,7 @@ pub fn kvm_mmu_load(ctx: ProbeContext) -> u32 {
             _pad: 0,
         },
     );
-    emit(ProbeId::MmuLoad, EventKind::LoadEnter, |ev, r| {
+    let _ = emit(ProbeId::MmuLoad, EventKind::LoadEnter, |ev, r| {
         fill_vcpu(ev, r, &off, vcpu);
     });
     0
@@ -330,7 +364,7 @@ pub fn kvm_mmu_load_ret(ctx: RetProbeContext) -> u32 {
         return 0;
     };
     let off = offsets();
-    emit(ProbeId::MmuLoadRet, EventKind::LoadReturn, |ev, r| {
+    let _ = emit(ProbeId::MmuLoadRet, EventKind::LoadReturn, |ev, r| {
         fill_vcpu(ev, r, &off, call.vcpu);
         ev.ret = ret;
         ev.before_hpa = call.before_hpa;
@@ -351,7 +385,7 @@ pub fn mmu_alloc_direct_roots(ctx: ProbeContext) -> u32 {
         return 0;
     };
     let off = offsets();
-    emit(
+    let _ = emit(
         ProbeId::MmuAllocDirectRoots,
         EventKind::AllocDirectRoots,
         |ev, r| fill_vcpu(ev, r, &off, vcpu),
@@ -399,23 +433,22 @@ pub fn kvm_tdp_mmu_alloc_root(ctx: ProbeContext) -> u32 {
 }
 
 #[kretprobe]
-pub fn kvm_tdp_mmu_alloc_root_ret(ctx: RetProbeContext) -> u32 {
+pub fn kvm_tdp_mmu_alloc_root_ret(_ctx: RetProbeContext) -> u32 {
     hit(ProbeId::TdpMmuAllocRootRet);
-    let ret = ctx.ret::<u64>();
+    // kvm_tdp_mmu_alloc_root() returns void (6.14 on): rax holds nothing.
     let Some(call) = unstash(ProbeId::TdpMmuAllocRoot, ProbeId::TdpMmuAllocRootRet) else {
         return 0;
     };
     let off = offsets();
-    emit(
+    let _ = emit(
         ProbeId::TdpMmuAllocRootRet,
         EventKind::AllocRoot,
         |ev, r| {
             fill_vcpu(ev, r, &off, call.vcpu);
-            ev.ret = ret as i64;
             ev.arg = call.arg;
             ev.before_hpa = call.before_hpa;
             ev.duration_ns = ev.ts_ns.wrapping_sub(call.ts_ns);
-            ev.valid |= field::RET | field::ARG | field::DURATION | call.valid;
+            ev.valid |= field::ARG | field::DURATION | call.valid;
         },
     );
     0
@@ -431,7 +464,7 @@ pub fn kvm_mmu_zap_all_fast(ctx: ProbeContext) -> u32 {
         return 0;
     };
     let off = offsets();
-    emit(ProbeId::ZapAllFastKprobe, EventKind::ZapAllFast, |ev, r| {
+    let _ = emit(ProbeId::ZapAllFastKprobe, EventKind::ZapAllFast, |ev, r| {
         fill_kvm(ev, r, &off, kvm);
     });
     0
@@ -442,7 +475,7 @@ pub fn kvm_mmu_zap_all_fast_tp(ctx: RawTracePointContext) -> u32 {
     hit(ProbeId::ZapAllFastTracepoint);
     let kvm = ctx.arg::<u64>(0);
     let off = offsets();
-    emit(
+    let _ = emit(
         ProbeId::ZapAllFastTracepoint,
         EventKind::ZapAllFast,
         |ev, r| fill_kvm(ev, r, &off, kvm),
@@ -461,7 +494,7 @@ pub fn kvm_tdp_mmu_invalidate_roots(ctx: ProbeContext) -> u32 {
     };
     let root_types = ctx.arg::<u64>(1).unwrap_or(0) & 0xffff_ffff;
     let off = offsets();
-    emit(
+    let _ = emit(
         ProbeId::InvalidateRoots,
         EventKind::InvalidateRoots,
         |ev, r| {
@@ -483,9 +516,10 @@ const ENTRY_READ: usize = 12;
 /// The roots a vCPU is about to enter with, in as few reads as the layout
 /// allows: one read covering `arch.mmu` and the embedded `arch.root_mmu`
 /// when `arch.mmu` points there (every vCPU outside a nested guest), else a
-/// read of the pointer and one of the roots.
+/// read of the pointer and one of the roots. `None` when a read fails: an
+/// unknown root is never taken for `INVALID_PAGE`.
 #[inline(always)]
-fn entry_roots(vcpu: u64) -> (u64, u64) {
+fn entry_roots(vcpu: u64) -> Option<(u64, u64)> {
     let (arch_mmu, root_mmu) = (offset!(vcpu_arch_mmu), offset!(vcpu_arch_root_mmu));
     let (root_hpa, mirror_hpa) = (offset!(mmu_root_hpa), offset!(mmu_mirror_root_hpa));
     let adjacent = mirror_hpa != OFFSET_ABSENT && mirror_hpa == root_hpa + 8;
@@ -498,56 +532,91 @@ fn entry_roots(vcpu: u64) -> (u64, u64) {
         if words[0] == vcpu + u64::from(root_mmu)
             && let (Some(&root), Some(&mirror)) = (words.get(i), words.get(i + 1))
         {
-            return (root, mirror);
+            return Some((root, mirror));
         }
         return read_roots(words[0], root_hpa, mirror_hpa, adjacent);
     }
-    let mmu = read_at::<u64>(vcpu, arch_mmu).unwrap_or(0);
+    let mmu = read_at::<u64>(vcpu, arch_mmu)?;
     read_roots(mmu, root_hpa, mirror_hpa, adjacent)
 }
 
-/// `root.hpa` and `mirror_root_hpa` of one `struct kvm_mmu`.
+/// `root.hpa` and `mirror_root_hpa` of one `struct kvm_mmu`. A kernel
+/// without mirror roots reads as `INVALID_PAGE` for the mirror (there is
+/// none); a failed read is `None`.
 #[inline(always)]
-fn read_roots(mmu: u64, root_hpa: u32, mirror_hpa: u32, adjacent: bool) -> (u64, u64) {
+fn read_roots(mmu: u64, root_hpa: u32, mirror_hpa: u32, adjacent: bool) -> Option<(u64, u64)> {
     if adjacent {
-        read_at::<[u64; 2]>(mmu, root_hpa).map_or((INVALID_PAGE, INVALID_PAGE), |r| (r[0], r[1]))
+        read_at::<[u64; 2]>(mmu, root_hpa).map(|r| (r[0], r[1]))
     } else {
-        (
-            read_at::<u64>(mmu, root_hpa).unwrap_or(INVALID_PAGE),
-            read_at::<u64>(mmu, mirror_hpa).unwrap_or(INVALID_PAGE),
-        )
+        let root = read_at::<u64>(mmu, root_hpa)?;
+        let mirror = if mirror_hpa == OFFSET_ABSENT {
+            INVALID_PAGE
+        } else {
+            read_at::<u64>(mmu, mirror_hpa)?
+        };
+        Some((root, mirror))
     }
 }
+
+/// After a report could not be reserved, the gate retries at most this
+/// often per CPU.
+const RETRY_NS: u64 = 1_000_000;
 
 #[raw_tracepoint(tracepoint = "kvm_entry")]
 pub fn kvm_entry_gate(ctx: RawTracePointContext) -> u32 {
     let vcpu = ctx.arg::<u64>(0);
-    let (root, mirror) = entry_roots(vcpu);
     let Some(state) = ENTRY_STATE.get_ptr_mut(0) else {
         return 0;
     };
     // SAFETY: a per-CPU array slot, valid for the program's run and only used
     // by this CPU while it runs.
     let state = unsafe { &mut *state };
-    let (cache, counters) = (&mut state.cache, &mut state.counters);
-    counters.entries += 1;
+    state.counters.entries += 1;
+    let Some((root, mirror)) = entry_roots(vcpu) else {
+        state.counters.read_failed += 1;
+        return 0;
+    };
 
+    let cache = &state.cache;
     let fast = cache.vcpu == vcpu && cache.root_hpa == root && cache.mirror_root_hpa == mirror;
     let vm_type = if fast {
         cache.vm_type
     } else {
-        counters.slow_path += 1;
-        let kvm = read_at::<u64>(vcpu, offset!(vcpu_kvm)).unwrap_or(0);
-        read_at::<u8>(kvm, offset!(kvm_vm_type)).unwrap_or(0)
+        state.counters.slow_path += 1;
+        let Some(t) = read_at::<u64>(vcpu, offset!(vcpu_kvm))
+            .and_then(|kvm| read_at::<u8>(kvm, offset!(kvm_vm_type)))
+        else {
+            state.counters.read_failed += 1;
+            return 0;
+        };
+        t
     };
-    let forbidden = vm_type == KVM_X86_TDX_VM && root != INVALID_PAGE && mirror == INVALID_PAGE;
-    if vm_type == KVM_X86_TDX_VM {
-        counters.tdx_entries += 1;
+    let tdx = vm_type == KVM_X86_TDX_VM;
+    // Only TDX vCPUs with a mirror root pay for following it to its page:
+    // invalidation sets role.invalid there and never rewrites the hpa, so
+    // the cache can't see it.
+    let stale = if tdx && mirror != INVALID_PAGE {
+        match mirror_stale(state, mirror) {
+            Some(s) => u8::from(s),
+            None => {
+                state.counters.read_failed += 1;
+                return 0;
+            }
+        }
+    } else {
+        0
+    };
+    let forbidden = tdx && root != INVALID_PAGE && (mirror == INVALID_PAGE || stale != 0);
+    if tdx {
+        state.counters.tdx_entries += 1;
     }
     if forbidden {
-        counters.forbidden_entries += 1;
+        state.counters.forbidden_entries += 1;
+        if stale != 0 {
+            state.counters.stale_entries += 1;
+        }
     }
-    if fast {
+    if fast && state.cache.stale == stale {
         return 0;
     }
 
@@ -556,38 +625,80 @@ pub fn kvm_entry_gate(ctx: RawTracePointContext) -> u32 {
         root_hpa: root,
         mirror_root_hpa: mirror,
         vm_type,
-        _pad: [0; 7],
+        stale,
+        _pad: [0; 6],
     };
-    *cache = seen;
-
     // A vCPU that moved to this CPU with roots it already entered with is
     // not news.
     // SAFETY: the value is copied out at once.
     let known = unsafe { VCPU_ROOTS.get(vcpu) }.copied();
-    if let Some(k) = known
-        && k.root_hpa == root
-        && k.mirror_root_hpa == mirror
-    {
-        return 0;
+    let news = !known
+        .is_some_and(|k| k.root_hpa == root && k.mirror_root_hpa == mirror && k.stale == stale);
+    if news && (forbidden || config().entry_transitions != 0) {
+        // The state is cached only once its event is reserved: a forbidden
+        // state the ring buffer had no room for is reported again at a
+        // later entry (at most once per RETRY_NS on this CPU), never lost
+        // behind the cache.
+        // SAFETY: helper without preconditions.
+        let now = unsafe { bpf_ktime_get_ns() };
+        if now < state.retry_after_ns {
+            return 0;
+        }
+        hit(ProbeId::KvmEntry);
+        let kind = if forbidden {
+            EventKind::EntryForbidden
+        } else {
+            EventKind::EntryTransition
+        };
+        if forbidden {
+            warn!(
+                &ctx,
+                "TDX vCPU entered with root.hpa {:x}, mirror_root_hpa {:x} (stale {})",
+                root,
+                mirror,
+                stale
+            );
+        }
+        if !emit(ProbeId::KvmEntry, kind, |ev, r| {
+            fill_vcpu(ev, r, &offsets(), vcpu);
+        }) {
+            state.counters.retries += 1;
+            state.retry_after_ns = now + RETRY_NS;
+            return 0;
+        }
     }
-    let _ = VCPU_ROOTS.insert(vcpu, seen, 0);
-
-    if forbidden {
-        hit(ProbeId::KvmEntry);
-        warn!(
-            &ctx,
-            "TDX vCPU entered with valid root.hpa {:x} and INVALID mirror_root_hpa", root
-        );
-        emit(ProbeId::KvmEntry, EventKind::EntryForbidden, |ev, r| {
-            fill_vcpu(ev, r, &offsets(), vcpu);
-        });
-    } else if config().entry_transitions != 0 {
-        hit(ProbeId::KvmEntry);
-        emit(ProbeId::KvmEntry, EventKind::EntryTransition, |ev, r| {
-            fill_vcpu(ev, r, &offsets(), vcpu);
-        });
+    state.cache = seen;
+    if news {
+        let _ = VCPU_ROOTS.insert(vcpu, seen, 0);
     }
     0
+}
+
+/// Whether the mirror root's page has `role.invalid` set. `Some(false)` when
+/// the kernel's layout is unknown (the check is off); `None` when a read
+/// fails.
+#[inline(always)]
+fn mirror_stale(state: &mut EntryState, mirror: u64) -> Option<bool> {
+    let (page_size, private, role, bit) = (
+        offset!(page_size),
+        offset!(page_private),
+        offset!(mmu_page_role),
+        offset!(role_invalid_bit),
+    );
+    let sym = offset!(vmemmap_base_addr);
+    if sym == 0
+        || page_size == OFFSET_ABSENT
+        || private == OFFSET_ABSENT
+        || role == OFFSET_ABSENT
+        || bit >= 32
+    {
+        return Some(false);
+    }
+    if state.vmemmap_base == 0 {
+        state.vmemmap_base = read_at::<u64>(sym, 0)?;
+    }
+    let word = root_role(state.vmemmap_base, mirror, page_size, private, role)?;
+    Some((word >> bit) & 1 != 0)
 }
 
 // ---------------------------------------------------------------------------
@@ -600,7 +711,7 @@ pub fn kvm_mmu_destroy(ctx: ProbeContext) -> u32 {
         return 0;
     };
     let off = offsets();
-    emit(ProbeId::VcpuDestroy, EventKind::VcpuDestroy, |ev, r| {
+    let _ = emit(ProbeId::VcpuDestroy, EventKind::VcpuDestroy, |ev, r| {
         fill_vcpu(ev, r, &off, vcpu);
     });
     0
@@ -613,7 +724,7 @@ pub fn kvm_arch_destroy_vm(ctx: ProbeContext) -> u32 {
         return 0;
     };
     let off = offsets();
-    emit(ProbeId::VmDestroy, EventKind::VmDestroy, |ev, r| {
+    let _ = emit(ProbeId::VmDestroy, EventKind::VmDestroy, |ev, r| {
         fill_kvm(ev, r, &off, kvm);
     });
     0
@@ -669,7 +780,7 @@ pub fn kvm_run_exit(ctx: RawTracePointContext) -> u32 {
         }
         return 0;
     };
-    emit(ProbeId::KvmRunExit, EventKind::RunExit, |ev, r| {
+    let _ = emit(ProbeId::KvmRunExit, EventKind::RunExit, |ev, r| {
         fill_vcpu(ev, r, &off, vcpu);
         ev.ret = ret;
         ev.valid |= field::RET;

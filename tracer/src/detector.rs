@@ -34,12 +34,16 @@ pub enum FindingKind {
     MirrorRootsInvalidatedLive,
     MmuLoadFailed,
     ZapStorm,
+    MirrorRootStaleAtEntry,
+    MirrorRootStaleAfterLoad,
 }
 
 impl FindingKind {
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 9] = [
         Self::MirrorRootInvalidAtEntry,
         Self::MirrorRootInvalidAfterLoad,
+        Self::MirrorRootStaleAtEntry,
+        Self::MirrorRootStaleAfterLoad,
         Self::MirrorRootReallocWhileValid,
         Self::MirrorRootChangedWithoutTeardown,
         Self::MirrorRootsInvalidatedLive,
@@ -56,12 +60,17 @@ impl FindingKind {
             Self::MirrorRootsInvalidatedLive => "mirror_roots_invalidated_live",
             Self::MmuLoadFailed => "mmu_load_failed",
             Self::ZapStorm => "zap_storm",
+            Self::MirrorRootStaleAtEntry => "mirror_root_stale_at_entry",
+            Self::MirrorRootStaleAfterLoad => "mirror_root_stale_after_load",
         }
     }
 
     pub fn severity(self) -> Severity {
         match self {
-            Self::MirrorRootInvalidAtEntry | Self::MirrorRootInvalidAfterLoad => Severity::Critical,
+            Self::MirrorRootInvalidAtEntry
+            | Self::MirrorRootInvalidAfterLoad
+            | Self::MirrorRootStaleAtEntry
+            | Self::MirrorRootStaleAfterLoad => Severity::Critical,
             Self::MirrorRootReallocWhileValid
             | Self::MirrorRootChangedWithoutTeardown
             | Self::MirrorRootsInvalidatedLive => Severity::Error,
@@ -211,7 +220,39 @@ pub struct DetectorStats {
     /// State dropped by the caps, not by teardown.
     pub vms_evicted: u64,
     pub vcpus_evicted: u64,
+    /// A known `struct kvm *` that turned out to be a new VM (another
+    /// `userspace_pid`): the old one was torn down unseen.
+    pub vms_reused: u64,
+    /// Events about a VM after its teardown (a default VM's fast zap in
+    /// `kvm_arch_destroy_vm`, say): ignored, they don't bring it back.
+    pub events_after_teardown: u64,
+    /// Gaps (lost events, a new recording): state since then is unverified.
+    pub gaps: u64,
+    /// New boots: all state dropped.
+    pub boots: u64,
 }
+
+/// What a log boundary or a loss tells the detector.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Boundary {
+    /// A new boot: kernel pointers mean nothing any more. All state goes.
+    NewBoot,
+    /// A new recording on the same boot (the daemon restarted): any vCPU may
+    /// be first seen mid-run, and what was reported is reported afresh.
+    NewRecording,
+    /// Events were lost (a `loss` record, ring-buffer drops): a teardown may
+    /// be missing and its memory reused by a new VM or vCPU.
+    Gap,
+}
+
+/// VMs torn down recently, so their late events don't bring them back.
+const TOMBSTONES: usize = 4096;
+
+/// How long after its teardown a VM's late events are expected.
+const TOMBSTONE_NS: u64 = 10_000_000_000;
+
+/// Stale (invalidated) mirror roots remembered per VM.
+const STALE_MIRRORS: usize = 64;
 
 #[derive(Debug)]
 struct VmState {
@@ -223,8 +264,14 @@ struct VmState {
     zaps: VecDeque<u64>,
     /// End of the window of the last storm reported (one per window).
     storm_reported_until: u64,
+    /// Mirror roots invalidated while the VM lived (`role.invalid` is set on
+    /// their pages; `mirror_root_hpa` still points at them).
+    stale_mirrors: Vec<u64>,
     last_seen: u64,
 }
+
+/// A forbidden state as reported: (root, mirror, stale).
+type Forbidden = (u64, u64, bool);
 
 #[derive(Debug)]
 struct VcpuState {
@@ -236,11 +283,16 @@ struct VcpuState {
     mirror_set_by: Option<Box<Event>>,
     last_load: Option<(u64, i64)>,
     mmu_valid_gen: Option<u8>,
-    /// Seen entering the guest (entry or KVM_RUN exit) since creation.
-    running: bool,
-    /// The (root, mirror) pair last reported as forbidden, so a vCPU stuck
-    /// in that state raises one finding, not one per entry.
-    reported_forbidden: Option<(u64, u64)>,
+    /// Seen alive (any event of its own) since creation or the last gap.
+    alive: bool,
+    /// The stored mirror root was observed after the last gap, so a change
+    /// from it is a real change, not a teardown we missed.
+    verified: bool,
+    /// The forbidden state last reported at entry and after a load, so a
+    /// vCPU stuck in one state raises one finding, not one per entry.
+    /// Cleared when the vCPU is seen in a legal state.
+    reported_entry: Option<Forbidden>,
+    reported_load: Option<Forbidden>,
     last_seen: u64,
 }
 
@@ -254,6 +306,9 @@ pub struct Detector {
     cfg: DetectorConfig,
     vms: HashMap<u64, VmState>,
     vcpus: HashMap<u64, VcpuState>,
+    /// `struct kvm *` → (`userspace_pid`, teardown time), oldest first.
+    tombstones: HashMap<u64, (Option<i32>, u64)>,
+    tombstone_order: VecDeque<u64>,
     stats: DetectorStats,
 }
 
@@ -277,6 +332,12 @@ impl Detector {
         self.vcpus.len()
     }
 
+    /// Whether `kvm` is a VM the detector tracks (not torn down, not
+    /// evicted).
+    pub fn knows_vm(&self, kvm: u64) -> bool {
+        self.vms.contains_key(&kvm)
+    }
+
     /// VMs whose `vm_type` is TDX.
     pub fn tdx_vms(&self) -> usize {
         self.vms
@@ -292,7 +353,9 @@ impl Detector {
         let vm_extra: usize = self
             .vms
             .values()
-            .map(|v| v.vcpus.capacity() * 8 + v.zaps.capacity() * 8)
+            .map(|v| {
+                v.vcpus.capacity() * 8 + v.zaps.capacity() * 8 + v.stale_mirrors.capacity() * 8
+            })
             .sum();
         let evidence = self
             .vcpus
@@ -300,7 +363,33 @@ impl Detector {
             .filter(|v| v.mirror_set_by.is_some())
             .count()
             * size_of::<Event>();
-        self.vms.capacity() * vm + self.vcpus.capacity() * vcpu + vm_extra + evidence
+        let tombs = self.tombstones.capacity() * 40 + self.tombstone_order.capacity() * 8;
+        self.vms.capacity() * vm + self.vcpus.capacity() * vcpu + vm_extra + evidence + tombs
+    }
+
+    /// A boundary in the event stream: a new boot, a new recording, or lost
+    /// events. See [`Boundary`].
+    pub fn boundary(&mut self, b: Boundary) {
+        match b {
+            Boundary::NewBoot => {
+                self.stats.boots += 1;
+                self.vms.clear();
+                self.vcpus.clear();
+                self.tombstones.clear();
+                self.tombstone_order.clear();
+            }
+            Boundary::NewRecording | Boundary::Gap => {
+                self.stats.gaps += 1;
+                for vc in self.vcpus.values_mut() {
+                    vc.alive = false;
+                    vc.verified = false;
+                    if b == Boundary::NewRecording {
+                        vc.reported_entry = None;
+                        vc.reported_load = None;
+                    }
+                }
+            }
+        }
     }
 
     /// Feeds one event; findings it proves are pushed to `out`.
@@ -310,7 +399,13 @@ impl Detector {
         match ev.kind {
             Kind::VmDestroy => {
                 if let Some(kvm) = ev.kvm {
+                    let pid = self
+                        .vms
+                        .get(&kvm)
+                        .and_then(|v| v.userspace_pid)
+                        .or(ev.userspace_pid);
                     self.remove_vm(kvm, true);
+                    self.bury(kvm, pid, ev.ts_ns);
                 }
             }
             Kind::VcpuDestroy => {
@@ -323,10 +418,43 @@ impl Detector {
         self.stats.findings += (out.len() - before) as u64;
     }
 
+    fn bury(&mut self, kvm: u64, pid: Option<i32>, ts: u64) {
+        if self.tombstones.insert(kvm, (pid, ts)).is_none() {
+            self.tombstone_order.push_back(kvm);
+        }
+        while self.tombstone_order.len() > TOMBSTONES {
+            if let Some(old) = self.tombstone_order.pop_front() {
+                self.tombstones.remove(&old);
+            }
+        }
+    }
+
+    /// Whether `ev` is a late event of a VM already torn down. A vCPU event,
+    /// another `userspace_pid` or enough time since the teardown mean a new
+    /// VM at the same address.
+    fn after_teardown(&mut self, kvm: u64, ev: &Event) -> bool {
+        let Some(&(pid, ts)) = self.tombstones.get(&kvm) else {
+            return false;
+        };
+        let new_vm = (ev.vcpu.is_some() && ev.kind != Kind::VcpuDestroy)
+            || matches!((pid, ev.userspace_pid), (Some(a), Some(b)) if a != b)
+            || ev.ts_ns.saturating_sub(ts) > TOMBSTONE_NS;
+        if new_vm {
+            self.tombstones.remove(&kvm);
+            self.tombstone_order.retain(|&k| k != kvm);
+            return false;
+        }
+        self.stats.events_after_teardown += 1;
+        true
+    }
+
     fn observe_live(&mut self, ev: &Event, out: &mut Vec<Finding>) {
         let Some(kvm) = ev.kvm else {
             return;
         };
+        if self.after_teardown(kvm, ev) {
+            return;
+        }
         // A root invalidation is no sign of life: at VM teardown it comes
         // after the VM's own teardown event.
         if ev.kind == Kind::InvalidateRoots && !self.vms.contains_key(&kvm) {
@@ -352,24 +480,34 @@ impl Detector {
     }
 
     fn vcpu_event(&mut self, vcpu: u64, tdx: bool, ev: &Event, out: &mut Vec<Finding>) {
+        let kvm = self.vcpus[&vcpu].kvm;
+        let vm = self.vms.get(&kvm);
         let raise = Raise {
             ev,
             vcpu,
-            pid: self
-                .vms
-                .get(&self.vcpus[&vcpu].kvm)
-                .and_then(|v| v.userspace_pid),
+            pid: vm.and_then(|v| v.userspace_pid),
         };
+        // Stale: the kernel read the page and found it invalid, or this VM's
+        // mirror roots were invalidated under it and this is one of them.
+        let stale = ev
+            .mirror_root_hpa
+            .filter(|&m| m != INVALID_PAGE)
+            .and_then(|m| {
+                ev.mirror_root_stale()
+                    .or_else(|| vm.map(|v| v.stale_mirrors.contains(&m)))
+            })
+            == Some(true);
         let vc = self.vcpus.get_mut(&vcpu).expect("touch_vcpu inserted it");
         if tdx {
             check_realloc(vc, &raise, out);
             check_mirror_change(vc, &raise, out);
         }
         vc.update_roots(ev);
+        vc.alive = true;
         match ev.kind {
-            Kind::LoadReturn => check_load(vc, tdx, &raise, out),
+            Kind::LoadReturn => check_load(vc, tdx, stale, &raise, out),
             Kind::EntryForbidden | Kind::EntryTransition | Kind::RunExit => {
-                check_entry(vc, tdx, &raise, out);
+                check_entry(vc, tdx, stale, &raise, out);
             }
             _ => {}
         }
@@ -411,15 +549,30 @@ impl Detector {
         }
     }
 
+    /// Mirror roots invalidated while the VM lives: its vCPUs' mirror roots
+    /// are stale from now on (the kernel sets `role.invalid` and leaves
+    /// `mirror_root_hpa` alone), and a finding when vCPUs were seen alive
+    /// since the last gap.
     fn invalidated_live(&mut self, kvm: u64, ev: &Event, out: &mut Vec<Finding>) {
-        let vm = &self.vms[&kvm];
-        let running: Vec<u64> = vm
-            .vcpus
-            .iter()
-            .copied()
-            .filter(|v| self.vcpus.get(v).is_some_and(|s| s.running))
-            .collect();
-        if running.is_empty() {
+        let vm = self.vms.get_mut(&kvm).expect("touch_vm inserted it");
+        let mut running = 0;
+        for v in &vm.vcpus {
+            let Some(s) = self.vcpus.get(v) else {
+                continue;
+            };
+            if let Some(m) = s.mirror_root_hpa.filter(|&m| m != INVALID_PAGE)
+                && !vm.stale_mirrors.contains(&m)
+            {
+                if vm.stale_mirrors.len() >= STALE_MIRRORS {
+                    vm.stale_mirrors.remove(0);
+                }
+                vm.stale_mirrors.push(m);
+            }
+            if s.alive {
+                running += 1;
+            }
+        }
+        if running == 0 {
             return;
         }
         out.push(Finding {
@@ -433,19 +586,28 @@ impl Detector {
             evidence: vec![ev.clone()],
             explanation: format!(
                 "kvm_tdp_mmu_invalidate_roots() was called with root_types {:#x}, which \
-                 includes KVM_MIRROR_ROOTS, while {} vCPU(s) of this TDX VM were running. In \
+                 includes KVM_MIRROR_ROOTS, while {running} vCPU(s) of this TDX VM were alive. In \
                  the merged code mirror roots are invalidated only at VM teardown (root_types \
                  6, after the vCPUs are gone); a live VM's fast zap passes KVM_DIRECT_ROOTS only. \
-                 Invalidating mirror roots under running vCPUs is how a vCPU ends up entering \
-                 with an invalid mirror root. Watch for mirror_root_invalid_at_entry on this VM \
-                 and check the kernel's zap paths.",
+                 Invalidation sets role.invalid on the root's page but leaves mirror_root_hpa \
+                 pointing at it, and kvm_mmu_reload() never looks at the mirror root, so the \
+                 vCPUs go on entering with a stale mirror root. Watch for \
+                 mirror_root_stale_at_entry on this VM and check the kernel's zap paths.",
                 ev.arg.unwrap_or(0),
-                running.len()
             ),
         });
     }
 
     fn touch_vm(&mut self, kvm: u64, ev: &Event) {
+        // Another creator on a known pointer: a new VM, the old one's
+        // teardown was missed.
+        if let (Some(vm), Some(pid)) = (self.vms.get(&kvm), ev.userspace_pid)
+            && vm.userspace_pid.is_some_and(|old| old != pid)
+        {
+            self.remove_vm(kvm, false);
+            self.stats.vms_evicted -= 1;
+            self.stats.vms_reused += 1;
+        }
         if !self.vms.contains_key(&kvm) && self.vms.len() >= self.cfg.max_vms {
             self.evict_vms();
         }
@@ -456,6 +618,7 @@ impl Detector {
             vcpus: Vec::new(),
             zaps: VecDeque::new(),
             storm_reported_until: 0,
+            stale_mirrors: Vec::new(),
             last_seen: 0,
         });
         vm.last_seen = ev.ts_ns;
@@ -497,8 +660,10 @@ impl Detector {
                 mirror_set_by: None,
                 last_load: None,
                 mmu_valid_gen: None,
-                running: false,
-                reported_forbidden: None,
+                alive: false,
+                verified: false,
+                reported_entry: None,
+                reported_load: None,
                 last_seen: ev.ts_ns,
             },
         );
@@ -600,34 +765,45 @@ impl VcpuState {
                 self.mirror_set_by = Some(Box::new(ev.clone()));
             }
             self.mirror_root_hpa = Some(m);
+            self.verified = true;
         }
         if ev.mmu_valid_gen.is_some() {
             self.mmu_valid_gen = ev.mmu_valid_gen;
         }
     }
+}
 
-    /// Records `pair` as reported; false when it already was, so a vCPU
-    /// stuck in one forbidden state raises one finding, not one per event.
-    fn first_report(&mut self, pair: (u64, u64)) -> bool {
-        let first = self.reported_forbidden != Some(pair);
-        self.reported_forbidden = Some(pair);
-        first
-    }
+/// The state an event's own fields show, judged on its own: a failed read
+/// is unknown, never `INVALID_PAGE`, and two reads from different moments
+/// are never combined.
+enum Judged {
+    Unknown,
+    Legal,
+    Forbidden(Forbidden),
+}
 
-    /// The (root, mirror) pair, when it is the forbidden state on TDX.
-    fn forbidden_pair(&self, tdx: bool) -> Option<(u64, u64)> {
-        (tdx && valid(self.root_hpa) && self.mirror_root_hpa == Some(INVALID_PAGE))
-            .then(|| (self.root_hpa.unwrap_or(INVALID_PAGE), INVALID_PAGE))
+fn judged_state(ev: &Event, tdx: bool, stale: bool) -> Judged {
+    let (Some(root), Some(mirror)) = (ev.root_hpa, ev.mirror_root_hpa) else {
+        return Judged::Unknown;
+    };
+    if tdx && root != INVALID_PAGE && (mirror == INVALID_PAGE || stale) {
+        Judged::Forbidden((root, mirror, stale && mirror != INVALID_PAGE))
+    } else {
+        Judged::Legal
     }
 }
 
-/// Allocation of a mirror root while the vCPU holds a valid one.
+/// Allocation of a mirror root while the vCPU holds a valid one. Rests on
+/// `before_hpa`, read from the kernel at the call; remembered state stands
+/// in only when it was observed since the last gap.
 fn check_realloc(vc: &VcpuState, r: &Raise<'_>, out: &mut Vec<Finding>) {
     let ev = r.ev;
     if ev.kind != Kind::AllocRoot || ev.arg != Some(1) {
         return;
     }
-    let held = ev.before_hpa.or(vc.mirror_root_hpa);
+    let held = ev
+        .before_hpa
+        .or_else(|| vc.verified.then_some(vc.mirror_root_hpa).flatten());
     if !valid(held) {
         return;
     }
@@ -648,12 +824,14 @@ fn check_realloc(vc: &VcpuState, r: &Raise<'_>, out: &mut Vec<Finding>) {
     ));
 }
 
-/// A valid mirror root that changes while the vCPU lives.
+/// A valid mirror root that changes while the vCPU lives. Only from a root
+/// observed since the last gap: across a gap the vCPU may have been torn
+/// down and its memory reused unseen.
 fn check_mirror_change(vc: &VcpuState, r: &Raise<'_>, out: &mut Vec<Finding>) {
     let Some(new) = r.ev.mirror_root_hpa else {
         return;
     };
-    if !valid(vc.mirror_root_hpa) || vc.mirror_root_hpa == Some(new) {
+    if !vc.verified || !valid(vc.mirror_root_hpa) || vc.mirror_root_hpa == Some(new) {
         return;
     }
     let old = vc.mirror_root_hpa.unwrap_or(INVALID_PAGE);
@@ -675,7 +853,7 @@ fn check_mirror_change(vc: &VcpuState, r: &Raise<'_>, out: &mut Vec<Finding>) {
 }
 
 /// `kvm_mmu_load()` returned: an error, or the forbidden state.
-fn check_load(vc: &mut VcpuState, tdx: bool, r: &Raise<'_>, out: &mut Vec<Finding>) {
+fn check_load(vc: &mut VcpuState, tdx: bool, stale: bool, r: &Raise<'_>, out: &mut Vec<Finding>) {
     let ev = r.ev;
     let ret = ev.ret.unwrap_or(0);
     vc.last_load = Some((ev.ts_ns, ret));
@@ -694,60 +872,104 @@ fn check_load(vc: &mut VcpuState, tdx: bool, r: &Raise<'_>, out: &mut Vec<Findin
         ));
         return;
     }
-    let Some(pair) = vc.forbidden_pair(tdx) else {
-        return;
+    let pair = match judged_state(ev, tdx, stale) {
+        Judged::Unknown => return,
+        Judged::Legal => {
+            vc.reported_load = None;
+            vc.reported_entry = None;
+            return;
+        }
+        Judged::Forbidden(pair) => pair,
     };
-    if !vc.first_report(pair) {
+    if vc.reported_load == Some(pair) {
         return;
     }
-    out.push(r.finding(
-        FindingKind::MirrorRootInvalidAfterLoad,
-        vec![ev.clone()],
-        format!(
-            "kvm_mmu_load() returned 0 on TDX vCPU {} leaving root.hpa = {:#x} valid but \
-             mirror_root_hpa = INVALID_PAGE. kvm_mmu_reload() checks only root.hpa, so the vCPU \
-             will enter the guest without a mirror root: the state kvm_mmu_reload()'s comment \
-             says never happens. Private (secure-EPT) faults have no root to map into. Stop the \
-             VM (or migrate it away) and report the kernel build.",
-            id(ev.vcpu_id),
-            pair.0
-        ),
-    ));
+    vc.reported_load = Some(pair);
+    let (kind, text) = if pair.2 {
+        (
+            FindingKind::MirrorRootStaleAfterLoad,
+            format!(
+                "kvm_mmu_load() returned 0 on TDX vCPU {} with root.hpa = {:#x} and \
+                 mirror_root_hpa = {:#x}, but that mirror root was invalidated (role.invalid is \
+                 set on its page). Invalidation never rewrites mirror_root_hpa and \
+                 kvm_mmu_reload() never checks it, so the vCPU will enter the guest on a mirror \
+                 root KVM has given up: private (secure-EPT) faults go to a dead root. Stop the \
+                 VM (or migrate it away) and report the kernel build.",
+                id(ev.vcpu_id),
+                pair.0,
+                pair.1
+            ),
+        )
+    } else {
+        (
+            FindingKind::MirrorRootInvalidAfterLoad,
+            format!(
+                "kvm_mmu_load() returned 0 on TDX vCPU {} leaving root.hpa = {:#x} valid but \
+                 mirror_root_hpa = INVALID_PAGE. kvm_mmu_reload() checks only root.hpa, so the \
+                 vCPU will enter the guest without a mirror root: the state kvm_mmu_reload()'s \
+                 comment says never happens. Private (secure-EPT) faults have no root to map \
+                 into. Stop the VM (or migrate it away) and report the kernel build.",
+                id(ev.vcpu_id),
+                pair.0
+            ),
+        )
+    };
+    out.push(r.finding(kind, vec![ev.clone()], text));
 }
 
 /// The vCPU entered the guest (the gate) or returned from KVM_RUN.
-fn check_entry(vc: &mut VcpuState, tdx: bool, r: &Raise<'_>, out: &mut Vec<Finding>) {
+fn check_entry(vc: &mut VcpuState, tdx: bool, stale: bool, r: &Raise<'_>, out: &mut Vec<Finding>) {
     let ev = r.ev;
     let ran = ev.kind != Kind::RunExit || ev.ret.is_none_or(|ret| ret >= 0);
-    if ran {
-        vc.running = true;
-    }
-    let pair = match (ev.kind, vc.forbidden_pair(tdx)) {
-        (_, Some(pair)) if ran => pair,
-        // The kernel gate checked the state itself.
-        (Kind::EntryForbidden, _) if tdx => (
-            vc.root_hpa.unwrap_or(INVALID_PAGE),
-            vc.mirror_root_hpa.unwrap_or(INVALID_PAGE),
-        ),
-        _ => return,
-    };
-    if !vc.first_report(pair) {
+    if !ran {
         return;
     }
-    out.push(r.finding(
-        FindingKind::MirrorRootInvalidAtEntry,
-        vec![ev.clone()],
-        format!(
-            "TDX vCPU {} entered the guest with a valid direct root ({:#x}) and an INVALID \
-             mirror root. kvm_mmu_reload() returned early because root.hpa was valid, so the \
-             vCPU runs without the root of its private (secure-EPT) page tables. This is the \
-             forbidden state of kvm_mmu_reload()'s invariant; it follows a mirror root being \
-             invalidated or freed while the vCPU lived. Stop or migrate the VM, keep the event \
-             log, and check the kernel for changes to fast zaps and root invalidation.",
-            id(ev.vcpu_id),
-            pair.0
-        ),
-    ));
+    let pair = match judged_state(ev, tdx, stale) {
+        Judged::Unknown => return,
+        Judged::Legal => {
+            vc.reported_entry = None;
+            vc.reported_load = None;
+            return;
+        }
+        Judged::Forbidden(pair) => pair,
+    };
+    if vc.reported_entry == Some(pair) {
+        return;
+    }
+    vc.reported_entry = Some(pair);
+    let (kind, text) = if pair.2 {
+        (
+            FindingKind::MirrorRootStaleAtEntry,
+            format!(
+                "TDX vCPU {} entered the guest with root.hpa = {:#x} and mirror_root_hpa = \
+                 {:#x}, a mirror root that was invalidated (role.invalid is set on its page). \
+                 Invalidation leaves mirror_root_hpa pointing at the dead root and \
+                 kvm_mmu_reload() checks only root.hpa, so nothing reloads it: the vCPU runs on \
+                 private (secure-EPT) page tables KVM no longer maintains. It follows mirror \
+                 roots being invalidated while the VM's vCPUs lived. Stop or migrate the VM, \
+                 keep the event log, and check the kernel's zap and invalidation paths.",
+                id(ev.vcpu_id),
+                pair.0,
+                pair.1
+            ),
+        )
+    } else {
+        (
+            FindingKind::MirrorRootInvalidAtEntry,
+            format!(
+                "TDX vCPU {} entered the guest with a valid direct root ({:#x}) and an INVALID \
+                 mirror root. kvm_mmu_reload() returned early because root.hpa was valid, so \
+                 the vCPU runs without the root of its private (secure-EPT) page tables. This \
+                 is the forbidden state of kvm_mmu_reload()'s invariant; in merged kernels only \
+                 kvm_mmu_destroy() frees the mirror root, so something freed or overwrote it \
+                 while the vCPU lived. Stop or migrate the VM, keep the event log, and check \
+                 the kernel for changes to mirror-root handling.",
+                id(ev.vcpu_id),
+                pair.0
+            ),
+        )
+    };
+    out.push(r.finding(kind, vec![ev.clone()], text));
 }
 
 fn id(vcpu_id: Option<i32>) -> String {

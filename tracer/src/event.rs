@@ -10,6 +10,18 @@ use serde::{Deserialize, Serialize};
 
 use common::{COMM_LEN, EventKind, INVALID_PAGE, ProbeId, RootEvent, field};
 
+/// The `invalid` bit of `union kvm_mmu_page_role` (after `level:4`,
+/// `has_4_byte_gpte:1`, `quadrant:2`, `direct:1`, `access:3`), the same in
+/// every kernel with mirror roots. The probes use the position BTF gives.
+pub const ROLE_INVALID_BIT: u32 = 11;
+
+impl Event {
+    /// Whether the kernel read the mirror root's page and found it invalid.
+    pub fn mirror_root_stale(&self) -> Option<bool> {
+        self.mirror_role.map(|r| r & (1 << ROLE_INVALID_BIT) != 0)
+    }
+}
+
 /// What an event reports (see `common::EventKind`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -126,6 +138,11 @@ pub struct Event {
     pub mirror_root_hpa: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root_role: Option<u32>,
+    /// The `kvm_mmu_page_role` word of the mirror root's page, read by the
+    /// kernel probe (TDX vCPUs with a valid mirror root, where the kernel
+    /// allows it). Bit [`ROLE_INVALID_BIT`] set: a stale mirror root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror_role: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mmu_valid_gen: Option<u8>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -184,6 +201,7 @@ impl Event {
             root_pgd: opt(field::ROOT_PGD, raw.root_pgd),
             mirror_root_hpa: opt(field::MIRROR_ROOT_HPA, raw.mirror_root_hpa),
             root_role: has(field::ROOT_ROLE).then_some(raw.root_role),
+            mirror_role: has(field::MIRROR_ROLE).then_some(raw.mirror_role),
             mmu_valid_gen: has(field::MMU_VALID_GEN).then_some(raw.mmu_valid_gen),
             memslots_gen: opt(field::MEMSLOTS_GEN, raw.memslots_gen),
             ret: has(field::RET).then_some(raw.ret),
@@ -245,6 +263,9 @@ impl Event {
         }
         if let Some(v) = self.root_role {
             kv("role", format!("{v:#x}"));
+        }
+        if let Some(v) = self.mirror_role {
+            kv("mirror_role", format!("{v:#x}"));
         }
         if let Some(v) = self.mmu_valid_gen {
             kv("gen", v.to_string());

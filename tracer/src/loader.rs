@@ -296,6 +296,9 @@ impl Session {
             out.entry.tdx_entries += c.tdx_entries;
             out.entry.forbidden_entries += c.forbidden_entries;
             out.entry.slow_path += c.slow_path;
+            out.entry.read_failed += c.read_failed;
+            out.entry.stale_entries += c.stale_entries;
+            out.entry.retries += c.retries;
         }
         Ok(out)
     }

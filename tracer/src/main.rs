@@ -502,6 +502,7 @@ fn simulate(args: &SimulateArgs) -> Result<(), Failure> {
     // 2026-01-01T00:00:00Z.
     header.hostname = "model".into();
     header.boot_id = format!("model-seed-{}", args.seed);
+    header.recording = Some(format!("model-seed-{}", args.seed));
     header.clock = ClockPair {
         monotonic_ns: 0,
         realtime_ns: 1_767_225_600_000_000_000,

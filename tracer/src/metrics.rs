@@ -36,6 +36,8 @@ pub struct MetricsState {
     pub bpf: BTreeMap<String, (u64, u64)>,
     pub entries: u64,
     pub forbidden_entries: u64,
+    pub stale_entries: u64,
+    pub entry_report_retries: u64,
     pub alerts_sent: u64,
     pub alerts_failed: u64,
     pub alerts_dropped: u64,
@@ -170,8 +172,18 @@ fn register_totals(r: &mut Registry, s: &MetricsState) {
         ),
         (
             "forbidden_entries",
-            "TDX guest entries with a valid root and an invalid mirror root",
+            "TDX guest entries with a valid root and an invalid (or stale) mirror root",
             s.forbidden_entries,
+        ),
+        (
+            "stale_mirror_entries",
+            "TDX guest entries whose mirror root's page has role.invalid set",
+            s.stale_entries,
+        ),
+        (
+            "entry_report_retries",
+            "Forbidden-state reports the kvm_entry gate retried because the ring buffer was full",
+            s.entry_report_retries,
         ),
         ("alerts_sent", "Alerts Alertmanager accepted", s.alerts_sent),
         (

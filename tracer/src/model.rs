@@ -11,9 +11,21 @@
 //!   allocated the mirror root on every load, taking a reference that was
 //!   never put after a fast zap;
 //! - `mirror-invalidated-by-zap`: a regression where the fast zap also
-//!   invalidates and drops mirror roots while the vCPUs keep their direct
-//!   roots, so `kvm_mmu_reload()` sees a valid `root.hpa`, returns early, and
-//!   the vCPU enters with an invalid mirror root.
+//!   invalidates mirror roots (`KVM_MIRROR_ROOTS`). As in the kernel,
+//!   invalidation only sets `role.invalid` on the root's page and leaves
+//!   `mirror_root_hpa` alone; `kvm_mmu_reload()` frees the obsolete direct
+//!   root only, reloads, and `mmu_alloc_direct_roots()` sees a valid-looking
+//!   mirror root, so the vCPU enters with a *stale* mirror root;
+//! - `mirror-freed-by-zap`: a regression where the fast zap frees the mirror
+//!   roots (writing `INVALID_PAGE`) while the vCPUs keep their direct roots,
+//!   so `kvm_mmu_reload()` sees a valid `root.hpa`, returns early, and the
+//!   vCPU enters with an invalid mirror root: the forbidden state.
+//!
+//! In every behaviour a mirror root stays allocated until the vCPU's
+//! `kvm_mmu_destroy()`, except where the behaviour says otherwise. Events
+//! about TDX vCPUs with a valid mirror root carry the role word of the
+//! root's page (`mirror_role`), as the probes read it where the kernel
+//! allows.
 //!
 //! The model also records the findings a correct detector must raise
 //! (`expected`), which the property tests compare against.
@@ -39,6 +51,11 @@ const ENOMEM: i64 = -12;
 const DIRECT_ROLE: u32 = 0x84;
 /// Role word of a mirror root (is_mirror bit 19).
 const MIRROR_ROLE: u32 = DIRECT_ROLE | (1 << 19);
+/// `role.invalid`.
+const ROLE_INVALID: u32 = 1 << crate::event::ROLE_INVALID_BIT;
+
+/// A root pair and whether the mirror root's page is invalid.
+type Entry = (u64, u64, bool);
 
 /// Which kernel the model behaves like.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -50,9 +67,14 @@ pub enum Behaviour {
     /// load.
     #[value(name = "v3-unconditional-mirror-alloc")]
     V3UnconditionalMirrorAlloc,
-    /// A regression: the fast zap also invalidates mirror roots.
+    /// A regression: the fast zap also invalidates mirror roots, which stay
+    /// in `mirror_root_hpa` (stale).
     #[value(name = "mirror-invalidated-by-zap")]
     MirrorInvalidatedByZap,
+    /// A regression: the fast zap frees mirror roots (`INVALID_PAGE`) while
+    /// the vCPUs keep their direct roots.
+    #[value(name = "mirror-freed-by-zap")]
+    MirrorFreedByZap,
 }
 
 /// What makes a fast zap happen.
@@ -115,10 +137,13 @@ struct MVcpu {
     /// Its direct root was invalidated by a fast zap; freed at next entry.
     obsolete: bool,
     /// The roots it last entered with (the gate's per-vCPU memory).
-    last_entry: Option<(u64, u64)>,
+    last_entry: Option<Entry>,
     /// The mirror value the last event about it carried.
     observed_mirror: Option<u64>,
-    entered: bool,
+    /// The forbidden states a detector reported at entry and after a load
+    /// (once per state; cleared by a legal one).
+    reported_entry: Option<Entry>,
+    reported_load: Option<Entry>,
     fail_next_load: bool,
 }
 
@@ -133,7 +158,20 @@ struct MVm {
     /// role (taking a reference) or allocate a new one.
     direct_root: u64,
     mirror_root: u64,
+    /// Mirror roots invalidated (role.invalid set) but still held by vCPUs.
+    stale: Vec<u64>,
     vcpus: Vec<MVcpu>,
+}
+
+impl MVm {
+    fn entry_of(&self, c: &MVcpu) -> Entry {
+        (c.root, c.mirror, self.stale.contains(&c.mirror))
+    }
+
+    /// The forbidden state (TDX, valid direct root, mirror invalid or stale).
+    fn forbidden(&self, e: Entry) -> bool {
+        self.tdx && e.0 != INVALID_PAGE && (e.1 == INVALID_PAGE || e.2)
+    }
 }
 
 /// SplitMix64: small, seedable, good enough for scheduling.
@@ -234,6 +272,15 @@ impl Model {
             root_pgd: vcpu_fields.map(|_| 0),
             mirror_root_hpa: vcpu_fields.map(|f| f.3),
             root_role: vcpu_fields.map(|_| DIRECT_ROLE),
+            mirror_role: vcpu.and_then(|c| {
+                (vm.tdx && c.mirror != INVALID_PAGE).then(|| {
+                    if vm.stale.contains(&c.mirror) {
+                        MIRROR_ROLE | ROLE_INVALID
+                    } else {
+                        MIRROR_ROLE
+                    }
+                })
+            }),
             mmu_valid_gen: Some(vm.valid_gen),
             memslots_gen: Some(vm.slots_gen),
             ret: None,
@@ -311,6 +358,7 @@ impl Model {
             slots_gen: 0,
             direct_root: INVALID_PAGE,
             mirror_root: INVALID_PAGE,
+            stale: Vec::new(),
             vcpus: Vec::new(),
         });
     }
@@ -331,7 +379,8 @@ impl Model {
             obsolete: false,
             last_entry: None,
             observed_mirror: None,
-            entered: false,
+            reported_entry: None,
+            reported_load: None,
             fail_next_load: false,
         });
     }
@@ -393,7 +442,6 @@ impl Model {
             ev.arg = Some(u64::from(mirror));
             ev.before_hpa = Some(before);
             ev.root_role = Some(if mirror { MIRROR_ROLE } else { DIRECT_ROLE });
-            ev.ret = Some(0);
             ev.duration_ns = Some(5_000);
         });
     }
@@ -413,7 +461,9 @@ impl Model {
             let alloc_mirror = tdx
                 && match self.behaviour {
                     Behaviour::V3UnconditionalMirrorAlloc => true,
-                    Behaviour::Mainline | Behaviour::MirrorInvalidatedByZap => !mirror_valid,
+                    Behaviour::Mainline
+                    | Behaviour::MirrorInvalidatedByZap
+                    | Behaviour::MirrorFreedByZap => !mirror_valid,
                 };
             if alloc_mirror {
                 self.alloc_root(vm, vcpu, true);
@@ -422,11 +472,47 @@ impl Model {
         }
         self.tick(1_000, 50_000);
         let now = self.t_ns;
+        if !fail {
+            let v = &self.vms[vm];
+            let e = v.entry_of(&v.vcpus[vcpu]);
+            let kind = if e.2 {
+                FindingKind::MirrorRootStaleAfterLoad
+            } else {
+                FindingKind::MirrorRootInvalidAfterLoad
+            };
+            self.judge(vm, vcpu, e, kind, |c| &mut c.reported_load);
+        }
         self.push_vcpu_event(Kind::LoadReturn, vm, vcpu, |ev| {
             ev.ret = Some(if fail { ENOMEM } else { 0 });
             ev.before_hpa = Some(before);
             ev.duration_ns = Some(now - start);
         });
+    }
+
+    /// What a detector must report of a vCPU seen in state `e`: a forbidden
+    /// state once (per `slot`, until a legal state clears both slots).
+    fn judge(
+        &mut self,
+        vm: usize,
+        vcpu: usize,
+        e: Entry,
+        kind: FindingKind,
+        slot: fn(&mut MVcpu) -> &mut Option<Entry>,
+    ) {
+        let forbidden = self.vms[vm].forbidden(e);
+        let kvm = self.vms[vm].kvm;
+        let c = &mut self.vms[vm].vcpus[vcpu];
+        if !forbidden {
+            c.reported_entry = None;
+            c.reported_load = None;
+            return;
+        }
+        if *slot(c) == Some(e) {
+            return;
+        }
+        *slot(c) = Some(e);
+        let ptr = c.vcpu;
+        self.expect(kind, kvm, Some(ptr));
     }
 
     /// `kvm_mmu_reload()` and the guest entry, as the `kvm_entry` gate
@@ -441,23 +527,25 @@ impl Model {
         if c.root == INVALID_PAGE {
             self.load(vm, vcpu);
         }
-        let (kvm, tdx) = (self.vms[vm].kvm, self.vms[vm].tdx);
-        let c = &mut self.vms[vm].vcpus[vcpu];
+        let v = &self.vms[vm];
+        let c = &v.vcpus[vcpu];
         if c.root == INVALID_PAGE {
             // The load failed: KVM_RUN returns the error, no entry.
             return;
         }
-        c.entered = true;
-        let pair = (c.root, c.mirror);
+        let pair = v.entry_of(c);
+        let forbidden = v.forbidden(pair);
+        let c = &mut self.vms[vm].vcpus[vcpu];
         if c.last_entry == Some(pair) {
             return;
         }
         c.last_entry = Some(pair);
-        let forbidden = tdx && pair.0 != INVALID_PAGE && pair.1 == INVALID_PAGE;
-        let ptr = c.vcpu;
-        if forbidden {
-            self.expect(FindingKind::MirrorRootInvalidAtEntry, kvm, Some(ptr));
-        }
+        let kind = if pair.2 {
+            FindingKind::MirrorRootStaleAtEntry
+        } else {
+            FindingKind::MirrorRootInvalidAtEntry
+        };
+        self.judge(vm, vcpu, pair, kind, |c| &mut c.reported_entry);
         let kind = if forbidden {
             Kind::EntryForbidden
         } else {
@@ -482,7 +570,10 @@ impl Model {
         // The tracepoint fires before mmu_valid_gen toggles.
         let ev = self.event(Kind::ZapAllFast, &self.vms[vm], None);
         self.events.push(ev);
-        let regression = self.behaviour == Behaviour::MirrorInvalidatedByZap;
+        let regression = matches!(
+            self.behaviour,
+            Behaviour::MirrorInvalidatedByZap | Behaviour::MirrorFreedByZap
+        );
         let v = &mut self.vms[vm];
         v.valid_gen ^= 1;
         v.direct_root = INVALID_PAGE;
@@ -496,21 +587,40 @@ impl Model {
         self.events.push(ev);
         let v = &mut self.vms[vm];
         if regression && v.tdx {
-            // The regression: mirror roots are invalidated and dropped, but
-            // the vCPUs keep their direct roots, so kvm_mmu_reload() sees a
-            // valid root.hpa and returns early.
-            v.mirror_root = INVALID_PAGE;
-            let live = v.vcpus.iter().any(|c| c.entered);
-            for c in &mut v.vcpus {
-                c.mirror = INVALID_PAGE;
-            }
+            // A vCPU the detector has seen (any event) is alive to it.
+            let live = v.vcpus.iter().any(|c| c.observed_mirror.is_some());
             if live {
                 let kvm = v.kvm;
                 self.expect(FindingKind::MirrorRootsInvalidatedLive, kvm, None);
             }
-        } else {
-            for c in &mut v.vcpus {
-                c.obsolete = true;
+        }
+        let v = &mut self.vms[vm];
+        match self.behaviour {
+            Behaviour::MirrorFreedByZap if v.tdx => {
+                // The mirror roots are freed, but the vCPUs keep their direct
+                // roots, so kvm_mmu_reload() sees a valid root.hpa and
+                // returns early.
+                v.mirror_root = INVALID_PAGE;
+                for c in &mut v.vcpus {
+                    c.mirror = INVALID_PAGE;
+                }
+            }
+            Behaviour::MirrorInvalidatedByZap if v.tdx => {
+                // role.invalid on the shared mirror root; mirror_root_hpa
+                // untouched. kvm_tdp_mmu_alloc_root() never reuses an invalid
+                // root, so a new vCPU gets a new one.
+                if v.mirror_root != INVALID_PAGE {
+                    v.stale.push(v.mirror_root);
+                }
+                v.mirror_root = INVALID_PAGE;
+                for c in &mut v.vcpus {
+                    c.obsolete = true;
+                }
+            }
+            _ => {
+                for c in &mut v.vcpus {
+                    c.obsolete = true;
+                }
             }
         }
     }

@@ -310,6 +310,11 @@ impl Pipeline {
 
     pub fn loss(&mut self, l: &Loss) {
         self.tally.lost += l.lost;
+        // Events the probes lost never reached the detector: a teardown may
+        // be among them. (The recorder's own drops are lost to the log only.)
+        if l.lost > 0 && l.probe != "recorder" {
+            self.detector.boundary(crate::detector::Boundary::Gap);
+        }
         if let Some(o) = self.out.as_mut() {
             o.loss(l);
         }

@@ -8,6 +8,8 @@
 //! state, and therefore its findings, match the live run's.
 
 use std::{
+    cmp::Reverse,
+    collections::BinaryHeap,
     fmt::Write as _,
     io::{self, Write as _},
     path::PathBuf,
@@ -17,10 +19,10 @@ use anyhow::anyhow;
 
 use crate::{
     Failure,
-    detector::{Detector, DetectorConfig, Finding},
+    detector::{Boundary, Detector, DetectorConfig, Finding},
     event::{Event, Kind, hpa},
     log::{
-        ClockPair,
+        ClockPair, Header,
         reader::{self, ReadStats, Record},
         writer::utc_rfc3339,
     },
@@ -86,42 +88,238 @@ pub struct Replayed {
     /// Findings that were recorded in the log (by the live run).
     pub recorded_findings: Vec<Finding>,
     pub losses: u64,
+    /// Events more than the reorder window out of order.
+    pub late_events: u64,
     pub stats: ReadStats,
 }
 
-/// Reads the inputs and runs the detector over every event.
+/// Reads the inputs and runs the detector over every event, in timestamp
+/// order within the default reorder window.
 pub fn replay(
     inputs: &[PathBuf],
     filter: &Filter,
+    on_event: impl FnMut(&Event, Option<ClockPair>),
+) -> Result<Replayed, reader::InputError> {
+    replay_with(inputs, filter, REORDER_WINDOW_NS, on_event)
+}
+
+/// [`replay`] with a reorder window of `window_ns`.
+pub fn replay_with(
+    inputs: &[PathBuf],
+    filter: &Filter,
+    window_ns: u64,
     mut on_event: impl FnMut(&Event, Option<ClockPair>),
 ) -> Result<Replayed, reader::InputError> {
     let files = reader::expand_inputs(inputs)?;
     let mut detector = Detector::new(DetectorConfig::default());
     let mut out = Replayed::default();
-    let mut clock: Option<ClockPair> = None;
     let mut found = Vec::new();
     let mut stats = ReadStats::default();
-    reader::read_all(&files, &mut stats, |_, record| match record {
-        Record::Header(h) => clock = Some(h.clock),
-        Record::Event(ev) => {
-            on_event(&ev, clock);
-            detector.observe(&ev, &mut found);
+    let mut seq = Sequencer::new(window_ns);
+    let mut judge = |step: Step<'_>| match step {
+        Step::Boundary(b) => detector.boundary(b),
+        Step::Event(ev, clock) => {
+            on_event(ev, clock);
+            detector.observe(ev, &mut found);
             for f in found.drain(..) {
                 if filter.finding(&f, clock) {
                     out.findings.push(f);
                 }
             }
         }
-        Record::Finding(f) => {
-            if filter.finding(&f, clock) {
-                out.recorded_findings.push(*f);
-            }
+    };
+    let mut recorded = Vec::new();
+    let mut losses = 0;
+    reader::read_all(&files, &mut stats, |_, record| match record {
+        Record::Finding(f) => recorded.push((*f, seq.clock())),
+        Record::Loss(ref l) => {
+            losses += l.lost;
+            seq.push(record, &mut judge);
         }
-        Record::Loss(l) => out.losses += l.lost,
-        Record::Summary => {}
+        other => seq.push(other, &mut judge),
     });
+    seq.finish(&mut judge);
+    out.recorded_findings = recorded
+        .into_iter()
+        .filter(|(f, clock)| filter.finding(f, *clock))
+        .map(|(f, _)| f)
+        .collect();
+    out.losses = losses;
+    out.late_events = seq.late;
     out.stats = stats;
     Ok(out)
+}
+
+/// How far out of timestamp order events may arrive and still be judged in
+/// order (merged captures, several inputs, per-CPU ring-buffer interleave).
+pub const REORDER_WINDOW_NS: u64 = 5_000_000_000;
+
+/// Events held for reordering at most; beyond it the oldest is judged.
+const REORDER_CAP: usize = 100_000;
+
+/// What the sequencer hands the detector, in order.
+pub enum Step<'a> {
+    Event(&'a Event, Option<ClockPair>),
+    Boundary(Boundary),
+}
+
+enum Item {
+    Event(Box<Event>),
+    Gap,
+}
+
+/// One held item; ordered by (timestamp, arrival).
+struct Held {
+    ts: u64,
+    seq: u64,
+    clock: Option<ClockPair>,
+    item: Item,
+}
+
+impl PartialEq for Held {
+    fn eq(&self, o: &Self) -> bool {
+        (self.ts, self.seq) == (o.ts, o.seq)
+    }
+}
+impl Eq for Held {}
+impl PartialOrd for Held {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Held {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (self.ts, self.seq).cmp(&(o.ts, o.seq))
+    }
+}
+
+/// Puts log records into the order the detector judges them in: events by
+/// timestamp within a bounded window, gaps (`loss` records, unreadable
+/// lines) where they happened, and headers as boundaries: a new boot resets
+/// the detector, a new recording on the same boot means vCPUs may be first
+/// seen mid-run.
+pub struct Sequencer {
+    window_ns: u64,
+    heap: BinaryHeap<Reverse<Held>>,
+    seq: u64,
+    header: Option<Box<Header>>,
+    /// Newest timestamp pushed, and newest judged.
+    newest: u64,
+    judged: u64,
+    /// Events that arrived after later ones were already judged (more than
+    /// the window out of order); judged at once, counted.
+    pub late: u64,
+}
+
+impl Sequencer {
+    pub fn new(window_ns: u64) -> Self {
+        Self {
+            window_ns,
+            heap: BinaryHeap::new(),
+            seq: 0,
+            header: None,
+            newest: 0,
+            judged: 0,
+            late: 0,
+        }
+    }
+
+    /// The clock pair of the header in effect.
+    pub fn clock(&self) -> Option<ClockPair> {
+        self.header.as_ref().map(|h| h.clock)
+    }
+
+    pub fn push(&mut self, record: Record, judge: &mut impl FnMut(Step<'_>)) {
+        match record {
+            Record::Header(h) => {
+                let boundary = self.header.as_ref().and_then(|prev| {
+                    if prev.boot_id != h.boot_id {
+                        Some(Boundary::NewBoot)
+                    } else if continues(prev, &h) {
+                        None
+                    } else {
+                        Some(Boundary::NewRecording)
+                    }
+                });
+                if let Some(b) = boundary {
+                    self.drain(None, judge);
+                    judge(Step::Boundary(b));
+                    self.newest = 0;
+                    self.judged = 0;
+                }
+                self.header = Some(h);
+            }
+            Record::Event(ev) => {
+                let ts = ev.ts_ns;
+                self.hold(ts, Item::Event(ev), judge);
+            }
+            Record::Loss(l) if l.lost > 0 => self.hold(l.from_ns, Item::Gap, judge),
+            Record::Skipped => self.hold(self.newest, Item::Gap, judge),
+            Record::Loss(_) | Record::Finding(_) | Record::Summary => {}
+        }
+    }
+
+    fn hold(&mut self, ts: u64, item: Item, judge: &mut impl FnMut(Step<'_>)) {
+        let clock = self.clock();
+        if ts < self.judged {
+            self.late += 1;
+            Self::judge_one(clock, item, judge);
+            return;
+        }
+        self.seq += 1;
+        self.heap.push(Reverse(Held {
+            ts,
+            seq: self.seq,
+            clock,
+            item,
+        }));
+        self.newest = self.newest.max(ts);
+        if let Some(horizon) = self.newest.checked_sub(self.window_ns) {
+            self.drain(Some(horizon), judge);
+        }
+        while self.heap.len() > REORDER_CAP {
+            self.pop(judge);
+        }
+    }
+
+    /// Judges everything older than `horizon` (`None`: everything).
+    fn drain(&mut self, horizon: Option<u64>, judge: &mut impl FnMut(Step<'_>)) {
+        while self
+            .heap
+            .peek()
+            .is_some_and(|Reverse(h)| horizon.is_none_or(|t| h.ts < t))
+        {
+            self.pop(judge);
+        }
+    }
+
+    fn pop(&mut self, judge: &mut impl FnMut(Step<'_>)) {
+        if let Some(Reverse(h)) = self.heap.pop() {
+            self.judged = self.judged.max(h.ts);
+            Self::judge_one(h.clock, h.item, judge);
+        }
+    }
+
+    fn judge_one(clock: Option<ClockPair>, item: Item, judge: &mut impl FnMut(Step<'_>)) {
+        match item {
+            Item::Event(ev) => judge(Step::Event(&ev, clock)),
+            Item::Gap => judge(Step::Boundary(Boundary::Gap)),
+        }
+    }
+
+    /// Judges what is still held.
+    pub fn finish(&mut self, judge: &mut impl FnMut(Step<'_>)) {
+        self.drain(None, judge);
+    }
+}
+
+/// Whether header `next` continues the recording of `prev` (the next
+/// segment of the same daemon run), rather than starting a new one.
+fn continues(prev: &Header, next: &Header) -> bool {
+    match (&prev.recording, &next.recording) {
+        (Some(a), Some(b)) => a == b,
+        _ => next.segment == prev.segment + 1 && next.command_line == prev.command_line,
+    }
 }
 
 /// `tracer replay`.
@@ -195,6 +393,14 @@ fn report(r: &Replayed) {
         s.torn_lines,
         r.losses
     );
+    if r.late_events > 0 {
+        eprintln!(
+            "tracer: {} event(s) arrived more than {} s out of timestamp order and were judged \
+             where they arrived",
+            r.late_events,
+            REORDER_WINDOW_NS / 1_000_000_000
+        );
+    }
 }
 
 /// One vCPU's root history.

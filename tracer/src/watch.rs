@@ -353,6 +353,8 @@ fn update_metrics(metrics: &SharedMetrics, p: &Pipeline, counters: &Counters, se
     m.tdx_vms = d.tdx_vms() as u64;
     m.entries = counters.entry.entries;
     m.forbidden_entries = counters.entry.forbidden_entries;
+    m.stale_entries = counters.entry.stale_entries;
+    m.entry_report_retries = counters.entry.retries;
     m.bpf = session
         .bpf_stats()
         .into_iter()
@@ -538,6 +540,9 @@ fn summarize(p: &mut Pipeline, counters: &Counters, costs: &[Cost], elapsed: Dur
             "tdx_entries": counters.entry.tdx_entries,
             "forbidden_entries": counters.entry.forbidden_entries,
             "slow_path": counters.entry.slow_path,
+            "stale_entries": counters.entry.stale_entries,
+            "read_failed": counters.entry.read_failed,
+            "report_retries": counters.entry.retries,
         },
         "bpf_cost": costs.iter().map(|c| serde_json::json!({
             "program": c.program,
@@ -584,11 +589,15 @@ fn summarize(p: &mut Pipeline, counters: &Counters, costs: &[Cost], elapsed: Dur
     }
     let _ = writeln!(
         e,
-        "  kvm_entry gate: {} entries, {} TDX, {} forbidden, {} slow path",
+        "  kvm_entry gate: {} entries, {} TDX, {} forbidden ({} stale mirror root), {} slow \
+         path, {} unreadable, {} report retries (ring buffer full)",
         counters.entry.entries,
         counters.entry.tdx_entries,
         counters.entry.forbidden_entries,
-        counters.entry.slow_path
+        counters.entry.stale_entries,
+        counters.entry.slow_path,
+        counters.entry.read_failed,
+        counters.entry.retries
     );
     print_costs(&mut e, costs);
     drop(e);

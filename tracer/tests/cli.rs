@@ -182,7 +182,16 @@ fn simulate_piped_into_replay_gives_each_behaviours_findings() {
         assert!(!finding["evidence"].as_array().unwrap().is_empty());
     }
 
+    // The mirror roots invalidated under running vCPUs: role.invalid set,
+    // mirror_root_hpa untouched, so they enter on a stale root.
     let (code, f) = simulate_then_replay("mirror-invalidated-by-zap", "steady");
+    assert_eq!(code, Some(1));
+    assert!(count(&f, "mirror_root_stale_at_entry") > 0, "{f:?}");
+    assert!(count(&f, "mirror_root_stale_after_load") > 0, "{f:?}");
+    assert!(count(&f, "mirror_roots_invalidated_live") > 0, "{f:?}");
+    assert_eq!(count(&f, "mirror_root_invalid_at_entry"), 0, "{f:?}");
+
+    let (code, f) = simulate_then_replay("mirror-freed-by-zap", "steady");
     assert_eq!(code, Some(1));
     assert!(count(&f, "mirror_root_invalid_at_entry") > 0, "{f:?}");
     assert!(count(&f, "mirror_roots_invalidated_live") > 0, "{f:?}");
@@ -232,7 +241,7 @@ fn replay_skips_bad_lines_naming_file_and_line() {
     let good = run(tracer().args([
         "simulate",
         "--kernel",
-        "mirror-invalidated-by-zap",
+        "mirror-freed-by-zap",
         "--scenario",
         "hotplug",
     ]))

@@ -4,7 +4,7 @@
 use std::borrow::Cow;
 
 use tracer::{
-    detector::{Detector, DetectorConfig, Finding, FindingKind, Severity},
+    detector::{Boundary, Detector, DetectorConfig, Finding, FindingKind, Severity},
     event::{Comm, Event, Kind},
 };
 
@@ -32,6 +32,7 @@ fn ev(kind: Kind, t_ms: u64, vm_type: u8) -> Event {
         root_pgd: None,
         mirror_root_hpa: None,
         root_role: None,
+        mirror_role: None,
         mmu_valid_gen: Some(0),
         memslots_gen: Some(0),
         ret: None,
@@ -198,9 +199,20 @@ fn mirror_roots_invalidated_live_only_with_running_vcpus() {
     // Teardown: the VM event comes first, then the invalidation.
     let destroy = ev(Kind::VmDestroy, 4, TDX);
     assert_eq!(kinds(&run(&[running.clone(), destroy, inval.clone()])), []);
-    // No vCPU ever ran.
+    // No vCPU ever seen.
+    assert_eq!(
+        kinds(&run(&[ev(Kind::ZapAllFast, 1, TDX), inval.clone()])),
+        []
+    );
+    // A vCPU that only loaded its roots (KVM_TDX_INIT_MEM_REGION before any
+    // KVM_RUN, or a kprobe host with --no-entry-transitions) is alive: its
+    // mirror root is in use. Issue 12: "running" must not depend on entry
+    // transitions.
     let loaded = vcpu_ev(Kind::LoadEnter, 1, TDX, INVALID, INVALID);
-    assert_eq!(kinds(&run(&[loaded, inval])), []);
+    assert_eq!(
+        kinds(&run(&[loaded, inval])),
+        [FindingKind::MirrorRootsInvalidatedLive]
+    );
 }
 
 #[test]
@@ -308,4 +320,207 @@ fn findings_round_trip_through_json() {
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     let back: Finding = serde_json::from_value(v).unwrap();
     assert_eq!(back, f[0]);
+}
+
+// ---------------------------------------------------------------------------
+// Issue 12: verdicts you can page on. Each test below failed before the fix.
+
+fn run_steps(steps: &[Step]) -> (Detector, Vec<Finding>) {
+    let mut d = Detector::new(DetectorConfig::default());
+    let mut out = Vec::new();
+    for s in steps {
+        match s {
+            Step::Ev(e) => d.observe(e, &mut out),
+            Step::B(b) => d.boundary(*b),
+        }
+    }
+    (d, out)
+}
+
+#[expect(clippy::large_enum_variant, reason = "test steps, a handful per test")]
+enum Step {
+    Ev(Event),
+    B(Boundary),
+}
+
+fn with_pid(mut e: Event, pid: i32) -> Event {
+    e.userspace_pid = Some(pid);
+    e
+}
+
+#[test]
+fn a_new_creator_pid_on_a_known_kvm_pointer_is_a_new_vm() {
+    let a = vcpu_ev(Kind::EntryTransition, 1, TDX, 0x5000, 0x3000);
+    let b = with_pid(vcpu_ev(Kind::EntryTransition, 2, TDX, 0x9000, 0x7000), 200);
+    let (d, f) = run_steps(&[Step::Ev(a), Step::Ev(b)]);
+    assert_eq!(kinds(&f), []);
+    assert_eq!(d.stats().vms_reused, 1);
+}
+
+#[test]
+fn a_new_boot_or_a_new_recording_resets_what_is_known() {
+    let a = vcpu_ev(Kind::EntryTransition, 1, TDX, 0x5000, 0x3000);
+    let b = vcpu_ev(Kind::EntryTransition, 2, TDX, 0x9000, 0x7000);
+    for boundary in [Boundary::NewBoot, Boundary::NewRecording, Boundary::Gap] {
+        let (_, f) = run_steps(&[Step::Ev(a.clone()), Step::B(boundary), Step::Ev(b.clone())]);
+        assert_eq!(kinds(&f), [], "{boundary:?}");
+    }
+    // Once seen after the gap, a change is a change again.
+    let c = vcpu_ev(Kind::EntryTransition, 3, TDX, 0x9000, 0x8000);
+    let (_, f) = run_steps(&[
+        Step::Ev(a),
+        Step::B(Boundary::Gap),
+        Step::Ev(b),
+        Step::Ev(c),
+    ]);
+    assert_eq!(kinds(&f), [FindingKind::MirrorRootChangedWithoutTeardown]);
+}
+
+#[test]
+fn after_a_gap_realloc_rests_on_the_kernels_before_value() {
+    let seen = vcpu_ev(Kind::EntryTransition, 1, TDX, 0x5000, 0x3000);
+    let mut alloc = vcpu_ev(Kind::AllocRoot, 3, TDX, INVALID, 0x7000);
+    alloc.arg = Some(1);
+    // No before value read: remembered state stands in only without a gap.
+    let (_, f) = run_steps(&[Step::Ev(seen.clone()), Step::Ev(alloc.clone())]);
+    assert!(kinds(&f).contains(&FindingKind::MirrorRootReallocWhileValid));
+    let (_, f) = run_steps(&[
+        Step::Ev(seen.clone()),
+        Step::B(Boundary::Gap),
+        Step::Ev(alloc.clone()),
+    ]);
+    assert_eq!(kinds(&f), []);
+    // The kernel's before value decides, gap or not.
+    alloc.before_hpa = Some(INVALID);
+    let (_, f) = run_steps(&[Step::Ev(seen.clone()), Step::Ev(alloc.clone())]);
+    assert!(!kinds(&f).contains(&FindingKind::MirrorRootReallocWhileValid));
+    alloc.before_hpa = Some(0x6000);
+    let (_, f) = run_steps(&[Step::Ev(seen), Step::B(Boundary::Gap), Step::Ev(alloc)]);
+    assert_eq!(kinds(&f), [FindingKind::MirrorRootReallocWhileValid]);
+}
+
+#[test]
+fn after_a_gap_invalidated_live_needs_a_vcpu_seen_again() {
+    let seen = vcpu_ev(Kind::EntryTransition, 1, TDX, 0x5000, 0x3000);
+    let mut inval = ev(Kind::InvalidateRoots, 5, TDX);
+    inval.arg = Some(6);
+    let (_, f) = run_steps(&[
+        Step::Ev(seen.clone()),
+        Step::B(Boundary::Gap),
+        Step::Ev(inval.clone()),
+    ]);
+    assert_eq!(kinds(&f), []);
+    let again = vcpu_ev(Kind::EntryTransition, 3, TDX, 0x5000, 0x3000);
+    let (_, f) = run_steps(&[
+        Step::Ev(seen),
+        Step::B(Boundary::Gap),
+        Step::Ev(again),
+        Step::Ev(inval),
+    ]);
+    assert_eq!(kinds(&f), [FindingKind::MirrorRootsInvalidatedLive]);
+}
+
+#[test]
+fn late_events_of_a_destroyed_vm_do_not_bring_it_back() {
+    let mut d = Detector::new(DetectorConfig::default());
+    let mut out = Vec::new();
+    d.observe(
+        &vcpu_ev(Kind::EntryTransition, 1, 0, 0x5000, INVALID),
+        &mut out,
+    );
+    d.observe(&ev(Kind::VmDestroy, 2, 0), &mut out);
+    // __x86_set_memory_region() in kvm_arch_destroy_vm: a fast zap.
+    d.observe(&ev(Kind::ZapAllFast, 3, 0), &mut out);
+    d.observe(&vcpu_ev(Kind::VcpuDestroy, 4, 0, 0x5000, INVALID), &mut out);
+    assert!(!d.knows_vm(KVM));
+    assert_eq!(d.tracked_vms(), 0);
+    assert_eq!(d.stats().events_after_teardown, 1);
+    // A vCPU event at that address is a new VM.
+    d.observe(&vcpu_ev(Kind::LoadEnter, 5, 0, INVALID, INVALID), &mut out);
+    assert!(d.knows_vm(KVM));
+}
+
+#[test]
+fn a_failed_read_is_unknown_never_invalid() {
+    let seen = vcpu_ev(Kind::EntryTransition, 1, TDX, 0x5000, 0x3000);
+    // The gate's record, but the mirror read failed.
+    let mut forbidden = vcpu_ev(Kind::EntryForbidden, 2, TDX, 0x5000, INVALID);
+    forbidden.mirror_root_hpa = None;
+    // The root read failed on a sample; an earlier event's INVALID mirror
+    // must not be combined with a later event's root.
+    let first = vcpu_ev(Kind::LoadEnter, 3, TDX, INVALID, INVALID);
+    let mut sample = vcpu_ev(Kind::RunExit, 4, TDX, 0x5000, INVALID);
+    sample.mirror_root_hpa = None;
+    sample.ret = Some(0);
+    assert_eq!(kinds(&run(&[seen.clone(), forbidden])), []);
+    assert_eq!(kinds(&run(&[first, sample])), []);
+    // entry_forbidden whose own fields show a legal state is not trusted.
+    let legal = vcpu_ev(Kind::EntryForbidden, 2, TDX, 0x5000, 0x3000);
+    assert_eq!(kinds(&run(&[seen, legal])), []);
+}
+
+#[test]
+fn a_second_episode_is_reported_and_entry_after_load_too() {
+    let mut load = vcpu_ev(Kind::LoadReturn, 1, TDX, 0x5000, INVALID);
+    load.ret = Some(0);
+    let f = run(&[
+        load,
+        vcpu_ev(Kind::EntryForbidden, 2, TDX, 0x5000, INVALID),
+        vcpu_ev(Kind::EntryForbidden, 3, TDX, 0x5000, INVALID),
+        vcpu_ev(Kind::EntryTransition, 4, TDX, INVALID, INVALID),
+        vcpu_ev(Kind::EntryForbidden, 5, TDX, 0x5000, INVALID),
+    ]);
+    assert_eq!(
+        kinds(&f),
+        [
+            FindingKind::MirrorRootInvalidAfterLoad,
+            FindingKind::MirrorRootInvalidAtEntry,
+            FindingKind::MirrorRootInvalidAtEntry
+        ]
+    );
+}
+
+#[test]
+fn stale_mirror_roots_from_an_invalidation_or_from_the_kernel() {
+    let seen = vcpu_ev(Kind::EntryTransition, 1, TDX, 0x5000, 0x3000);
+    let mut inval = ev(Kind::InvalidateRoots, 2, TDX);
+    inval.arg = Some(6);
+    let mut load = vcpu_ev(Kind::LoadReturn, 3, TDX, 0x9000, 0x3000);
+    load.ret = Some(0);
+    let entry = vcpu_ev(Kind::EntryTransition, 4, TDX, 0x9000, 0x3000);
+    let f = run(&[seen.clone(), inval, load, entry.clone()]);
+    assert_eq!(
+        kinds(&f),
+        [
+            FindingKind::MirrorRootsInvalidatedLive,
+            FindingKind::MirrorRootStaleAfterLoad,
+            FindingKind::MirrorRootStaleAtEntry
+        ]
+    );
+    assert!(f.iter().skip(1).all(|f| f.severity == Severity::Critical));
+    // The kernel read role.invalid on the root's page (invalidate unseen).
+    let mut stale = entry.clone();
+    stale.mirror_role = Some(0x80884);
+    assert_eq!(
+        kinds(&run(&[seen.clone(), stale])),
+        [FindingKind::MirrorRootStaleAtEntry]
+    );
+    // The kernel says the page is valid: no finding.
+    let mut fresh = entry;
+    fresh.mirror_role = Some(0x80084);
+    assert_eq!(kinds(&run(&[seen, fresh])), []);
+}
+
+#[test]
+fn invalidated_live_does_not_depend_on_entry_transitions() {
+    // A kprobe host with --no-entry-transitions sees loads, not entries.
+    let enter = vcpu_ev(Kind::LoadEnter, 1, TDX, INVALID, 0x3000);
+    let mut ret = vcpu_ev(Kind::LoadReturn, 2, TDX, 0x5000, 0x3000);
+    ret.ret = Some(0);
+    let mut inval = ev(Kind::InvalidateRoots, 3, TDX);
+    inval.arg = Some(6);
+    assert_eq!(
+        kinds(&run(&[enter, ret, inval])),
+        [FindingKind::MirrorRootsInvalidatedLive]
+    );
 }

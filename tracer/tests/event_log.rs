@@ -483,6 +483,7 @@ fn every_example_in_the_schema_document_parses() {
                     Record::Finding(_) => "finding",
                     Record::Loss(_) => "loss",
                     Record::Summary => "summary",
+                    Record::Skipped => "skipped",
                 });
             }
             _ => {}

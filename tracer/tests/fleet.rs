@@ -126,7 +126,7 @@ fn faulty_log(dir: &Path) -> PathBuf {
         .args([
             "simulate",
             "--kernel",
-            "mirror-invalidated-by-zap",
+            "mirror-freed-by-zap",
             "--scenario",
             "hotplug",
         ])

@@ -87,6 +87,17 @@ proptest! {
         ops in prop::collection::vec(op(), 1..300),
     ) {
         let (found, expected) = run(Behaviour::MirrorInvalidatedByZap, seed, &ops);
+        prop_assert!(expected.iter().all(|e| e.kind != FindingKind::MirrorRootInvalidAtEntry));
+        prop_assert_eq!(found, expected);
+    }
+
+    #[test]
+    fn mirror_freed_by_zap_is_caught_on_the_right_vcpu_every_time(
+        seed: u64,
+        ops in prop::collection::vec(op(), 1..300),
+    ) {
+        let (found, expected) = run(Behaviour::MirrorFreedByZap, seed, &ops);
+        prop_assert!(expected.iter().all(|e| e.kind != FindingKind::MirrorRootStaleAtEntry));
         prop_assert_eq!(found, expected);
     }
 }
@@ -114,10 +125,22 @@ fn each_faulty_behaviour_raises_its_finding() {
         ),
         (
             Behaviour::MirrorInvalidatedByZap,
-            FindingKind::MirrorRootInvalidAtEntry,
+            FindingKind::MirrorRootStaleAtEntry,
         ),
         (
             Behaviour::MirrorInvalidatedByZap,
+            FindingKind::MirrorRootStaleAfterLoad,
+        ),
+        (
+            Behaviour::MirrorInvalidatedByZap,
+            FindingKind::MirrorRootsInvalidatedLive,
+        ),
+        (
+            Behaviour::MirrorFreedByZap,
+            FindingKind::MirrorRootInvalidAtEntry,
+        ),
+        (
+            Behaviour::MirrorFreedByZap,
             FindingKind::MirrorRootsInvalidatedLive,
         ),
     ] {

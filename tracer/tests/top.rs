@@ -71,7 +71,7 @@ fn code(c: KeyCode) -> KeyEvent {
 
 #[test]
 fn shows_vms_vcpu_roots_and_findings_of_a_faulty_kernel() {
-    let events = model(Behaviour::MirrorInvalidatedByZap, Scenario::Steady, 4, 200);
+    let events = model(Behaviour::MirrorFreedByZap, Scenario::Steady, 4, 200);
     let s = state_of(&events);
     let mut t = term(140, 45);
     let text = screen(&mut t, &s);
@@ -113,7 +113,7 @@ fn healthy_kernel_shows_no_findings_and_valid_mirror_roots() {
 
 #[test]
 fn keys_sort_filter_select_and_quit() {
-    let events = model(Behaviour::MirrorInvalidatedByZap, Scenario::Steady, 4, 200);
+    let events = model(Behaviour::MirrorFreedByZap, Scenario::Steady, 4, 200);
     let mut s = state_of(&events);
     let mut t = term(140, 45);
 
@@ -227,6 +227,7 @@ fn raw(kind: Kind, ts_ns: u64, kvm: u64, vcpu: Option<u64>) -> Event {
         root_pgd: None,
         mirror_root_hpa: None,
         root_role: None,
+        mirror_role: None,
         mmu_valid_gen: None,
         memslots_gen: None,
         ret: None,
@@ -262,6 +263,16 @@ fn rates_come_from_event_time_and_teardown_removes_rows() {
     s.event(&raw(Kind::VmDestroy, 5, kvm, None));
     assert!(s.vms.is_empty());
     assert!(screen(&mut term(140, 40), &s).contains("no VM seen yet"));
+
+    // Issue 12, ghost VMs: kvm_arch_destroy_vm() zaps a default VM's private
+    // memslots and destroys its vCPUs after the VM's own teardown event.
+    s.event(&raw(Kind::ZapAllFast, 6, kvm, None));
+    s.event(&raw(Kind::VcpuDestroy, 7, kvm, Some(0x10)));
+    let mut inval = raw(Kind::InvalidateRoots, 8, kvm, None);
+    inval.arg = Some(6);
+    s.event(&inval);
+    assert!(s.vms.is_empty(), "a destroyed VM came back");
+    assert!(screen(&mut term(140, 40), &s).contains("VMs 0"));
 }
 
 #[test]

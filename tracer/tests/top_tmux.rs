@@ -110,7 +110,7 @@ fn top_replays_a_faulty_kernel_in_a_real_terminal() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("log");
     let sim = Command::new(TRACER)
-        .args(["simulate", "--kernel", "mirror-invalidated-by-zap"])
+        .args(["simulate", "--kernel", "mirror-freed-by-zap"])
         .args(["--scenario", "steady", "--rounds", "200", "--record"])
         .arg(&log)
         .output()
@@ -147,7 +147,7 @@ fn top_replays_a_faulty_kernel_in_a_real_terminal() {
 
     let s = tmux.wait("the end of the log", |s| s.contains("end of log"));
     assert!(s.contains("tracer top"), "{s}");
-    assert!(s.contains("model:mirror-invalidated-by-zap"), "{s}");
+    assert!(s.contains("model:mirror-freed-by-zap"), "{s}");
     assert!(s.contains("VMs 3 (2 TDX)"), "{s}");
     assert_eq!(vm_rows(&s).len(), 3, "{s}");
     assert!(s.contains("INVALID"), "{s}");

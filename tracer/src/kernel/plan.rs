@@ -229,40 +229,40 @@ impl Planner<'_> {
         params == Some(2)
     }
 
-    /// kvm_mmu_zap_all_fast: kprobe, else the raw tracepoint.
+    /// kvm_mmu_zap_all_fast: the raw tracepoint wherever it exists (the
+    /// function is static with three callers, and a compiler may inline some
+    /// of them, so a kprobe can miss calls; the tracepoint sees every one),
+    /// else the kprobe.
     fn zap(&mut self) {
         let (kp, tp) = ("kvm_mmu_zap_all_fast", "kvmmmu:kvm_mmu_zap_all_fast");
-        match self.kprobe(kp) {
-            Ok(why) => {
-                self.push(ProbeId::ZapAllFastKprobe, kp, AttachKind::Kprobe, why);
-                self.push(
-                    ProbeId::ZapAllFastTracepoint,
-                    tp,
-                    AttachKind::Off,
-                    "the kprobe on kvm_mmu_zap_all_fast is used".into(),
-                );
-            }
-            Err(why) => {
-                self.push(ProbeId::ZapAllFastKprobe, kp, AttachKind::Off, why.clone());
-                if self.k.has_tracepoint("kvmmmu", "kvm_mmu_zap_all_fast") {
-                    self.push(
-                        ProbeId::ZapAllFastTracepoint,
-                        tp,
-                        AttachKind::RawTracepoint,
-                        format!(
-                            "fallback: {why}; the raw tracepoint passes the struct kvm pointer"
-                        ),
-                    );
-                } else {
-                    self.push(
-                        ProbeId::ZapAllFastTracepoint,
-                        tp,
-                        AttachKind::Off,
-                        format!("{why}, and the tracepoint {tp} is absent"),
-                    );
-                }
-            }
+        if self.k.has_tracepoint("kvmmmu", "kvm_mmu_zap_all_fast") {
+            self.push(
+                ProbeId::ZapAllFastKprobe,
+                kp,
+                AttachKind::Off,
+                format!("not needed: the tracepoint {tp} is used"),
+            );
+            self.push(
+                ProbeId::ZapAllFastTracepoint,
+                tp,
+                AttachKind::RawTracepoint,
+                "the tracepoint fires on every call (the static function may be inlined into \
+                 some of its callers) and passes the struct kvm pointer"
+                    .into(),
+            );
+            return;
         }
+        let no_tp = format!("the tracepoint {tp} is absent");
+        match self.kprobe(kp) {
+            Ok(why) => self.push(
+                ProbeId::ZapAllFastKprobe,
+                kp,
+                AttachKind::Kprobe,
+                format!("fallback: {no_tp}; {why} (calls inlined into a caller are missed)"),
+            ),
+            Err(why) => self.push(ProbeId::ZapAllFastKprobe, kp, AttachKind::Off, why),
+        }
+        self.push(ProbeId::ZapAllFastTracepoint, tp, AttachKind::Off, no_tp);
     }
 
     /// kvm_tdp_mmu_invalidate_roots(kvm, root_types), where it exists.

@@ -78,6 +78,10 @@ pub struct Header {
     pub clock: ClockPair,
     /// Segment number within this recording, from 0.
     pub segment: u64,
+    /// Identifies one recording (one daemon run) on this boot: segments
+    /// with the same value continue each other. Absent in older logs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recording: Option<String>,
 }
 
 impl Header {
@@ -99,6 +103,11 @@ impl Header {
             attach_plan: plan,
             clock: ClockPair::now(),
             segment: 0,
+            recording: Some(format!(
+                "{}-{}",
+                std::process::id(),
+                ClockPair::now().realtime_ns
+            )),
         }
     }
 }

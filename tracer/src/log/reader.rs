@@ -25,6 +25,9 @@ pub enum Record {
     Loss(Loss),
     /// `watch --json` summaries: not part of the log's content.
     Summary,
+    /// Not in the file: a line (or a whole file) here could not be read, so
+    /// whatever it recorded is missing. A gap, as a `loss` record is.
+    Skipped,
 }
 
 /// What went wrong where.
@@ -151,6 +154,7 @@ pub fn read_all(
                             stats
                                 .problems
                                 .push(problem(ProblemKind::BadFile, format!("not zstd data: {e}")));
+                            on_record(&source, Record::Skipped);
                             continue;
                         }
                     }
@@ -160,6 +164,7 @@ pub fn read_all(
                     stats
                         .problems
                         .push(problem(ProblemKind::BadFile, format!("can't open: {e}")));
+                    on_record(&source, Record::Skipped);
                     continue;
                 }
             }
@@ -195,6 +200,7 @@ pub fn read_one(
                     kind: ProblemKind::BadFile,
                     message: format!("read failed (corrupt or truncated compressed data?): {e}"),
                 });
+                on_record(source, Record::Skipped);
                 break;
             }
         };
@@ -225,6 +231,7 @@ pub fn read_one(
                 ProblemKind::Binary,
                 "not UTF-8 text (binary data?); skipped".into(),
             ));
+            on_record(source, Record::Skipped);
             continue;
         };
         if n as u64 > MAX_LINE {
@@ -233,6 +240,7 @@ pub fn read_one(
                 ProblemKind::Binary,
                 format!("line longer than {MAX_LINE} bytes; skipped"),
             ));
+            on_record(source, Record::Skipped);
             continue;
         }
         let text = text.trim_end();
@@ -260,6 +268,7 @@ pub fn read_one(
             Err(e) => {
                 stats.skipped_lines += 1;
                 let p = bad(ProblemKind::BadLine, format!("{e}; skipped"));
+                on_record(source, Record::Skipped);
                 if complete {
                     stats.problems.push(p);
                 } else {

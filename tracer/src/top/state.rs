@@ -194,6 +194,12 @@ impl TopState {
             self.vms.remove(&kvm);
             return;
         }
+        // A late event of a VM already torn down (or a root invalidation of
+        // one never seen alive): the detector ignored it, so does the view.
+        if !self.detector.knows_vm(kvm) {
+            self.vms.remove(&kvm);
+            return;
+        }
         if !self.vms.contains_key(&kvm) && self.vms.len() >= MAX_VMS {
             let oldest = self
                 .vms
