@@ -246,7 +246,16 @@ fn emit(probe: ProbeId, kind: EventKind, fill: impl FnOnce(&mut RootEvent, &mut 
         }
         return false;
     };
-    let mut ev = RootEvent::ZERO;
+    // The event is filled in place, in the reserved slot: no 152-byte copy
+    // on the stack (the kvm_entry gate must fit older verifiers' 512-byte
+    // combined stack limit).
+    let slot = entry.as_mut_ptr();
+    // SAFETY: the reserved slot holds a RootEvent and is ours alone until it
+    // is submitted; zeroing it first initialises every field and padding.
+    let ev = unsafe {
+        core::ptr::write_bytes(slot, 0, 1);
+        &mut *slot
+    };
     // SAFETY: helpers without preconditions.
     ev.ts_ns = unsafe { bpf_ktime_get_ns() };
     // SAFETY: as above.
@@ -258,8 +267,7 @@ fn emit(probe: ProbeId, kind: EventKind, fill: impl FnOnce(&mut RootEvent, &mut 
     ev.kind = kind as u32;
     ev.probe = probe as u32;
     let mut reader = Reader { failed: false };
-    fill(&mut ev, &mut reader);
-    entry.write(ev);
+    fill(ev, &mut reader);
     entry.submit(wakeup_flags(kind));
     if let Some(c) = counters {
         c.emitted += 1;
@@ -595,28 +603,26 @@ pub fn kvm_entry_gate(ctx: RawTracePointContext) -> u32 {
     // Only TDX vCPUs with a mirror root pay for following it to its page:
     // invalidation sets role.invalid there and never rewrites the hpa, so
     // the cache can't see it.
-    let stale = if tdx && mirror != INVALID_PAGE {
-        match mirror_stale(state, mirror) {
-            Some(s) => u8::from(s),
-            None => {
-                state.counters.read_failed += 1;
-                return 0;
-            }
-        }
+    let stale_bit = if tdx && mirror != INVALID_PAGE {
+        let Some(s) = mirror_stale(state, mirror) else {
+            state.counters.read_failed += 1;
+            return 0;
+        };
+        u8::from(s)
     } else {
         0
     };
-    let forbidden = tdx && root != INVALID_PAGE && (mirror == INVALID_PAGE || stale != 0);
+    let forbidden = tdx && root != INVALID_PAGE && (mirror == INVALID_PAGE || stale_bit != 0);
     if tdx {
         state.counters.tdx_entries += 1;
     }
     if forbidden {
         state.counters.forbidden_entries += 1;
-        if stale != 0 {
+        if stale_bit != 0 {
             state.counters.stale_entries += 1;
         }
     }
-    if fast && state.cache.stale == stale {
+    if fast && state.cache.stale == stale_bit {
         return 0;
     }
 
@@ -625,15 +631,21 @@ pub fn kvm_entry_gate(ctx: RawTracePointContext) -> u32 {
         root_hpa: root,
         mirror_root_hpa: mirror,
         vm_type,
-        stale,
+        stale: stale_bit,
         _pad: [0; 6],
     };
     // A vCPU that moved to this CPU with roots it already entered with is
     // not news.
     // SAFETY: the value is copied out at once.
     let known = unsafe { VCPU_ROOTS.get(vcpu) }.copied();
-    let news = !known
-        .is_some_and(|k| k.root_hpa == root && k.mirror_root_hpa == mirror && k.stale == stale);
+    // A vCPU whose VM type reads differently is news too: a new VM at a
+    // reused address (or a fault injected into kernel memory).
+    let news = !known.is_some_and(|k| {
+        k.root_hpa == root
+            && k.mirror_root_hpa == mirror
+            && k.stale == stale_bit
+            && k.vm_type == vm_type
+    });
     if news && (forbidden || config().entry_transitions != 0) {
         // The state is cached only once its event is reserved: a forbidden
         // state the ring buffer had no room for is reported again at a
@@ -656,7 +668,7 @@ pub fn kvm_entry_gate(ctx: RawTracePointContext) -> u32 {
                 "TDX vCPU entered with root.hpa {:x}, mirror_root_hpa {:x} (stale {})",
                 root,
                 mirror,
-                stale
+                stale_bit
             );
         }
         if !emit(ProbeId::KvmEntry, kind, |ev, r| {

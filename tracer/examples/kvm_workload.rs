@@ -2,8 +2,10 @@
 //! VM, runs its vCPUs to `hlt`, then deletes and re-adds a memslot CHURNS
 //! times, running the vCPUs again after each. MODE `churn-only` skips those
 //! runs (the fastest memslot churn, for benchmarks); `extra-runs=N` runs the
-//! vCPUs N more times at the end (guest entries without zaps). Prints what
-//! it did as JSON.
+//! vCPUs N more times at the end (guest entries without zaps); `hold=FILE`
+//! keeps running the vCPUs to `hlt` (each exit to userspace and re-entry is
+//! a guest entry) until FILE exists, for fault injection into the running
+//! kernel. Prints what it did as JSON.
 
 #[path = "../tests/support/kvm.rs"]
 mod kvm;
@@ -12,14 +14,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let vcpus: u64 = args.next().map_or(Ok(1), |s| s.parse())?;
     let churns: u64 = args.next().map_or(Ok(3), |s| s.parse())?;
+    let mut hold = None;
     let (run, extra_runs) = match args.next().as_deref() {
         None => (true, 0),
         Some("churn-only") => (false, 0),
         Some(m) if m.starts_with("extra-runs=") => (true, m["extra-runs=".len()..].parse()?),
+        Some(m) if m.starts_with("hold=") => {
+            hold = Some(std::path::PathBuf::from(&m["hold=".len()..]));
+            (true, 0)
+        }
         Some(other) => {
-            return Err(
-                format!("unknown mode {other:?}; expected churn-only or extra-runs=N").into(),
-            );
+            return Err(format!(
+                "unknown mode {other:?}; expected churn-only, extra-runs=N or hold=FILE"
+            )
+            .into());
         }
     };
     let mut guest = kvm::Guest::new(vcpus)?;
@@ -34,8 +42,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for _ in 0..extra_runs {
         guest.run_to_hlt()?;
     }
+    let mut held_runs = 0u64;
+    if let Some(stop) = hold {
+        while !stop.exists() {
+            guest.run_to_hlt()?;
+            held_runs += 1;
+        }
+    }
     println!(
-        "{{\"pid\":{},\"vcpus\":{vcpus},\"memslot_deletions\":{churns},\"seconds\":{}}}",
+        "{{\"pid\":{},\"vcpus\":{vcpus},\"memslot_deletions\":{churns},\"held_runs\":{held_runs},\"seconds\":{}}}",
         std::process::id(),
         started.elapsed().as_secs_f64()
     );

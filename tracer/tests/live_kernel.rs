@@ -532,3 +532,69 @@ fn entry_gate_reads_a_real_vcpus_roots_and_then_stays_quiet() {
         (100, 1, 0, 0)
     );
 }
+
+/// Issue 12: the gate caches a state only once its report was reserved. With
+/// the ring buffer full, the report is counted as a retry and nothing is
+/// cached; once there is room (and the 1 ms retry limit passed), the next
+/// entry reports it. Before the fix, the state was cached first and never
+/// reported again.
+#[test]
+fn entry_gate_retries_a_report_the_ring_buffer_had_no_room_for() {
+    use tracer::{
+        event::{Event, Kind},
+        kernel::{KernelInfo, PlanOptions, plan::plan},
+        loader::Session,
+    };
+    if !live_or_skip("entry_gate_retries_a_report_the_ring_buffer_had_no_room_for") {
+        return;
+    }
+    let mut guest = kvm::Guest::new(1).expect("a KVM guest");
+    let plan = plan(&KernelInfo::live().unwrap(), PlanOptions::default());
+    // The smallest ring buffer: one page, a couple of dozen events.
+    let mut session = Session::start(&plan, 4096, false).unwrap();
+    let mut rb = session.take_events().unwrap();
+    let me = std::process::id();
+    guest.run_to_hlt().unwrap();
+    let mut vcpu = None;
+    while let Some(item) = rb.next() {
+        let ev = Event::decode(&item).unwrap();
+        if ev.pid == me && ev.vcpu.is_some() {
+            vcpu = ev.vcpu;
+        }
+    }
+    let vcpu = vcpu.expect("an event with this guest's vCPU");
+    // Fill the ring buffer: every zap is an event, none is drained.
+    let full = |s: &Session| s.counters().unwrap().reserve_failed();
+    let before = full(&session);
+    for _ in 0..200 {
+        guest.churn_slot().unwrap();
+        if full(&session) > before {
+            break;
+        }
+    }
+    assert!(full(&session) > before, "the ring buffer never filled");
+    let gate = common::ProbeId::KvmEntry.program_name();
+    session.test_run_raw_tp(gate, &[vcpu]).unwrap();
+    let c = session.counters().unwrap().entry;
+    assert_eq!(c.retries, 1, "{c:?}");
+    // Room again; past the retry limit, the next entry reports the state.
+    while rb.next().is_some() {}
+    std::thread::sleep(Duration::from_millis(5));
+    session.test_run_raw_tp(gate, &[vcpu]).unwrap();
+    let mut got = Vec::new();
+    while let Some(item) = rb.next() {
+        let ev = Event::decode(&item).unwrap();
+        if ev.kind == Kind::EntryTransition && ev.vcpu == Some(vcpu) {
+            got.push(ev);
+        }
+    }
+    assert_eq!(got.len(), 1, "the report was lost behind the cache");
+    // Now cached: the same state is not reported again.
+    session.test_run_raw_tp(gate, &[vcpu]).unwrap();
+    let mut again = 0;
+    while let Some(item) = rb.next() {
+        let ev = Event::decode(&item).unwrap();
+        again += usize::from(ev.kind == Kind::EntryTransition && ev.vcpu == Some(vcpu));
+    }
+    assert_eq!(again, 0);
+}

@@ -478,6 +478,7 @@ fn vm_costs(root: &Path, r: &mut Report) -> Result<()> {
         churns: 3,
         extra_runs: 500,
         baseline: true,
+        inject: false,
     };
     let o = vmtest::boot_one(root, "6.18", Duration::from_mins(15), w)?;
     if !o.failures.is_empty() {

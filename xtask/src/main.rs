@@ -6,6 +6,7 @@
 //! - `cargo xtask test`: fmt, clippy, and every test.
 
 mod bench;
+mod inject;
 mod vmtest;
 
 use std::{

@@ -19,7 +19,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::run;
+use crate::{inject, run};
 use serde_json::Value;
 
 /// The default matrix: Debian series, newest point release of each.
@@ -30,11 +30,13 @@ pub const MATRIX: &[(&str, &str)] = &[
     ("6.17", "trixie-backports"),
     ("6.18", "trixie-backports"),
     ("6.19", "trixie-backports"),
+    ("7.2", "sid"),
+    ("7.3", "experimental"),
 ];
 
 const SOURCES: &str = "Types: deb
 URIs: http://deb.debian.org/debian
-Suites: bookworm trixie trixie-backports
+Suites: bookworm trixie trixie-backports sid experimental
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 ";
@@ -49,6 +51,8 @@ pub struct Workload {
     pub extra_runs: u64,
     /// `tracer watch --baseline`: empty programs beside the probes.
     pub baseline: bool,
+    /// Then the fault-injection phase (see [`INJECT_PHASE`]).
+    pub inject: bool,
 }
 
 /// The matrix check: a small guest, three memslot deletions.
@@ -57,6 +61,7 @@ pub const CHECK: Workload = Workload {
     churns: 3,
     extra_runs: 0,
     baseline: false,
+    inject: true,
 };
 
 /// apt options that use a private sources list and state under `dir`.
@@ -100,16 +105,19 @@ fn resolve(apt: &Path, series: &[&str]) -> Result<Resolved> {
         .and_then(|m| m.modified())
         .is_ok_and(|t| t.elapsed().is_ok_and(|e| e < Duration::from_hours(12)));
     if !fresh {
-        eprintln!("vm-test: apt-get update (trixie, trixie-backports, bookworm)");
+        eprintln!(
+            "vm-test: apt-get update (bookworm, trixie, trixie-backports, sid, experimental)"
+        );
         run(Command::new("apt-get").args(apt_opts(apt)).arg("update"))?;
         std::fs::write(&stamp, "")?;
     }
     let names = run(Command::new("apt-cache")
         .args(apt_opts(apt))
-        .args(["pkgnames", "linux-image-6"]))?;
+        .args(["pkgnames", "linux-image-"]))?;
     let mut out = Vec::new();
     for s in series {
-        // 6.1 is `6.1.0-NN-amd64`; trixie's are `6.12.57+deb13-amd64`.
+        // 6.1 is `6.1.0-NN-amd64`; trixie's are `6.12.57+deb13-amd64`;
+        // experimental's release candidates are `7.3-amd64`.
         let mut candidates: Vec<(Vec<u64>, String)> = names
             .lines()
             .filter(|n| n.ends_with("-amd64") && !n.contains("cloud") && !n.contains("-rt-"))
@@ -121,7 +129,7 @@ fn resolve(apt: &Path, series: &[&str]) -> Result<Resolved> {
                     .map_while(|p| p.parse().ok())
                     .collect();
                 let prefix: Vec<u64> = s.split('.').filter_map(|p| p.parse().ok()).collect();
-                (nums.len() > prefix.len() && nums[..prefix.len()] == prefix[..])
+                (nums.len() >= prefix.len() && nums[..prefix.len()] == prefix[..])
                     .then(|| (nums, n.to_owned()))
             })
             .collect();
@@ -375,6 +383,7 @@ fn init_script(modules: &[(String, Vec<u8>)], w: Workload) -> String {
         churns,
         extra_runs,
         baseline,
+        inject: _,
     } = w;
     let baseline = if baseline { " --baseline" } else { "" };
     let mut insmods = String::new();
@@ -424,11 +433,66 @@ echo "@@VMTEST end log"
 echo "@@VMTEST begin replay"
 tracer replay --json /tmp/log
 echo "@@VMTEST end replay $?"
+{inject}
 echo "@@VMTEST done"
 poweroff -f
-"#
+"#,
+        inject = if w.inject { INJECT_PHASE } else { "" }
     )
 }
+
+/// The fault-injection phase: the daemon (`tracer run`) watches a guest of
+/// two vCPUs that keep exiting to userspace on `hlt` and re-entering, while
+/// the host writes the running kernel's memory through QEMU's gdbstub. The
+/// daemon's findings go to the console as they happen; the host answers on
+/// the second serial port (ttyS1) once it has restored what it changed.
+const INJECT_PHASE: &str = r#"
+echo "@@VMTEST ksym $(grep -E ' (vmemmap_base|page_offset_base|init_top_pgt|phys_base)$' /proc/kallsyms | tr '\n' ' ')"
+mkdir -p /tmp/ilog
+ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
+tracer run --log-dir /tmp/ilog --no-compress --min-free 1M --metrics-listen 127.0.0.1:9464 --findings-out - --poll-interval 10ms 2> /tmp/run.err &
+R=$!
+i=0
+while ! grep -q "probe(s) in" /tmp/run.err 2>/dev/null; do
+  sleep 1; i=$((i+1)); [ $i -gt 120 ] && break
+done
+rm -f /tmp/stop
+kvm_workload 2 0 hold=/tmp/stop > /tmp/hold.json &
+H=$!
+i=0
+while [ "$(cat /tmp/ilog/events-*.jsonl 2>/dev/null | grep -c '"vcpu":')" -lt 4 ]; do
+  sleep 1; i=$((i+1)); [ $i -gt 120 ] && break
+done
+sleep 1
+KVM=$(grep -o '"kvm":"0x[0-9a-f]*"' /tmp/ilog/events-*.jsonl | head -1 | cut -d'"' -f4)
+VCPUS=$(grep -o '"vcpu":"0x[0-9a-f]*"' /tmp/ilog/events-*.jsonl | cut -d'"' -f4 | sort -u | tr '
+' ',')
+echo "@@VMTEST inject-ready kvm=$KVM vcpus=$VCPUS pid=$H"
+stty -F /dev/ttyS1 -echo 2>/dev/null
+read -r CMD < /dev/ttyS1
+echo "@@VMTEST inject-host $CMD"
+touch /tmp/stop
+wait $H
+echo "@@VMTEST begin hold"
+cat /tmp/hold.json
+echo "@@VMTEST end hold $?"
+sleep 1
+echo "@@VMTEST begin inject-metrics"
+wget -qO- http://127.0.0.1:9464/metrics
+echo "@@VMTEST end inject-metrics $?"
+kill -INT $R
+wait $R
+echo "@@VMTEST run-exit $?"
+echo "@@VMTEST begin run-err"
+cat /tmp/run.err
+echo "@@VMTEST end run-err"
+echo "@@VMTEST begin inject-log"
+cat /tmp/ilog/events-*.jsonl
+echo "@@VMTEST end inject-log"
+echo "@@VMTEST begin incidents"
+ls /tmp/ilog | grep '^incident-'
+echo "@@VMTEST end incidents"
+"#;
 
 /// Shared libraries a binary needs (from ldd), interpreter included.
 fn libs(bin: &Path) -> Result<Vec<PathBuf>> {
@@ -516,6 +580,8 @@ pub struct Outcome {
     pub costs: Vec<Value>,
     pub failures: Vec<String>,
     pub serial_log: PathBuf,
+    /// The fault injection, where the workload has it.
+    pub injection: Option<inject::Report>,
 }
 
 fn check(release: &str, serial: &str, host_tracer: &Path, work: &Path, w: Workload) -> Outcome {
@@ -529,6 +595,7 @@ fn check(release: &str, serial: &str, host_tracer: &Path, work: &Path, w: Worklo
         costs: Vec::new(),
         failures: Vec::new(),
         serial_log: work.join("serial.log"),
+        injection: None,
     };
     if !marks.contains_key("done") {
         o.failures
@@ -753,6 +820,181 @@ fn check_replay(
     }
 }
 
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// What the daemon made of the injected fault: on kernels with mirror roots
+/// and VM types, exactly one `mirror_root_invalid_at_entry` (and, where
+/// injected, one `mirror_root_stale_at_entry`) per vCPU, naming the right
+/// VM, vCPU and VMM pid, in the log, as incident files and in the findings
+/// counter; nothing before the injection or after the restore. Elsewhere,
+/// nothing at all.
+fn check_injection(
+    serial: &str,
+    r: Option<&inject::Report>,
+    host_tracer: &Path,
+    work: &Path,
+    fail: &mut Vec<String>,
+) {
+    let (blocks, marks) = sections(serial);
+    let Some(r) = r else {
+        fail.push("the guest never got to the injection (no inject-ready)".into());
+        return;
+    };
+    for e in &r.errors {
+        fail.push(format!("injection: {e}"));
+    }
+    if r.applicable && !r.restored {
+        fail.push("injection: the kernel memory was not restored".into());
+    }
+    if marks.get("inject-host").map(String::as_str) != Some("done") {
+        fail.push(format!(
+            "the guest did not hear 'done' from the host: {:?}",
+            marks.get("inject-host")
+        ));
+    }
+    if marks.get("run-exit").map(String::as_str) != Some("0") {
+        fail.push(format!(
+            "tracer run exited {:?}: {}",
+            marks.get("run-exit"),
+            blocks.get("run-err").cloned().unwrap_or_default()
+        ));
+    }
+    if r.findings_before != 0 || r.findings_after_restore != 0 {
+        fail.push(format!(
+            "findings before the injection: {}, after the restore: {}",
+            r.findings_before, r.findings_after_restore
+        ));
+    }
+    let findings: Vec<Value> = blocks
+        .get("inject-log")
+        .map(|l| {
+            l.lines()
+                .filter_map(|x| serde_json::from_str::<Value>(x).ok())
+                .filter(|x| x["record"] == "finding")
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut want: Vec<(&str, usize)> = Vec::new();
+    if r.applicable {
+        want.push(("mirror_root_invalid_at_entry", r.vcpus.len()));
+        if r.stale_injected {
+            want.push(("mirror_root_stale_at_entry", r.vcpus.len()));
+        }
+    }
+    let total: usize = want.iter().map(|(_, n)| n).sum();
+    if findings.len() != total {
+        let kinds: Vec<&str> = findings.iter().filter_map(|f| f["kind"].as_str()).collect();
+        fail.push(format!(
+            "the log holds {} finding(s) {kinds:?}, want {total} ({want:?})",
+            findings.len()
+        ));
+    }
+    let metrics = blocks.get("inject-metrics").cloned().unwrap_or_default();
+    let incidents = blocks.get("incidents").cloned().unwrap_or_default();
+    for (kind, n) in &want {
+        check_kind(r, &findings, kind, *n, (&metrics, &incidents), fail);
+    }
+    check_host_replay(&blocks, total, host_tracer, work, fail);
+}
+
+/// One kind of injected fault: once per vCPU, naming the VM, the vCPU and
+/// the VMM, in the counter and as an incident file.
+fn check_kind(
+    r: &inject::Report,
+    findings: &[Value],
+    kind: &str,
+    n: usize,
+    (metrics, incidents): (&str, &str),
+    fail: &mut Vec<String>,
+) {
+    let of_kind: Vec<&Value> = findings.iter().filter(|f| f["kind"] == kind).collect();
+    let mut vcpus: Vec<&str> = of_kind.iter().filter_map(|f| f["vcpu"].as_str()).collect();
+    vcpus.sort_unstable();
+    vcpus.dedup();
+    let mut want_vcpus: Vec<&str> = r.vcpus.iter().map(String::as_str).collect();
+    want_vcpus.sort_unstable();
+    if of_kind.len() != n || vcpus != want_vcpus {
+        fail.push(format!(
+            "{kind}: {} finding(s) on vCPUs {vcpus:?}, want one on each of {want_vcpus:?}",
+            of_kind.len()
+        ));
+    }
+    for f in &of_kind {
+        if f["kvm"].as_str() != Some(r.kvm.as_str())
+            || f["userspace_pid"].as_i64() != Some(r.vmm_pid)
+            || f["severity"] != "critical"
+        {
+            fail.push(format!(
+                "{kind} names kvm {} pid {}, severity {}; want {} pid {} critical",
+                f["kvm"], f["userspace_pid"], f["severity"], r.kvm, r.vmm_pid
+            ));
+        }
+    }
+    let counter =
+        format!("kvm_root_tracer_findings_total{{kind=\"{kind}\",severity=\"critical\"}} {n}");
+    if !metrics.contains(&counter) {
+        fail.push(format!("the metrics lack `{counter}`"));
+    }
+    let incident = format!("-{kind}-vmm{}", r.vmm_pid);
+    if !incidents.lines().any(|l| l.contains(&incident)) {
+        fail.push(format!("no incident file *{incident}*: {incidents:?}"));
+    }
+}
+
+/// The daemon's log replays on the host to the same findings.
+fn check_host_replay(
+    blocks: &BTreeMap<String, String>,
+    total: usize,
+    host_tracer: &Path,
+    work: &Path,
+    fail: &mut Vec<String>,
+) {
+    let log = work.join("inject-log");
+    let _ = std::fs::remove_dir_all(&log);
+    let _ = std::fs::create_dir_all(&log);
+    let _ = std::fs::write(
+        log.join("events-vm-000000.jsonl"),
+        blocks.get("inject-log").cloned().unwrap_or_default(),
+    );
+    match Command::new(host_tracer)
+        .args(["replay", "--json"])
+        .arg(&log)
+        .output()
+    {
+        Ok(out) => {
+            let n = String::from_utf8_lossy(&out.stdout).lines().count();
+            if n != total {
+                fail.push(format!(
+                    "host replay of the daemon's log: {n} finding(s), want {total}"
+                ));
+            }
+        }
+        Err(e) => fail.push(format!("host replay failed to start: {e}")),
+    }
+}
+
+/// The table's injection column.
+fn injection_cell(r: Option<&inject::Report>) -> String {
+    let ms = |v: Option<f64>| v.map_or_else(|| "MISSED".into(), |v| format!("{v:.0} ms"));
+    match r {
+        None => "-".into(),
+        Some(r) if r.applicable => format!(
+            "invalid {}, stale {}",
+            ms(r.invalid_latency_ms),
+            if r.stale_injected {
+                ms(r.stale_latency_ms)
+            } else {
+                "not injected".into()
+            }
+        ),
+        Some(_) => "n/a (no mirror roots): 0 findings".into(),
+    }
+}
+
 /// Boots one kernel and checks it.
 fn boot(
     root: &Path,
@@ -777,6 +1019,9 @@ fn boot(
     let vmlinuz = kernel_dir.join("boot").join(format!("vmlinuz-{release}"));
     let serial = work.join("serial.log");
     let _ = std::fs::remove_file(&serial);
+    let gdb_port = free_port()?;
+    let ctl = work.join("ctl.sock");
+    let _ = std::fs::remove_file(&ctl);
     let started = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
         .args(["-accel", "tcg", "-cpu", "max", "-m", "1024", "-smp", "1"])
@@ -784,15 +1029,26 @@ fn boot(
         .arg(&vmlinuz)
         .arg("-initrd")
         .arg(&initrd)
-        .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=3"])
+        // nokaslr: the direct map starts where the injection expects it.
+        .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=3 nokaslr"])
         .args(["-display", "none", "-monitor", "none", "-no-reboot"])
         .arg("-serial")
         .arg(format!("file:{}", serial.display()))
+        // ttyS1: the host tells the guest when the injection is over.
+        .arg("-chardev")
+        .arg(format!(
+            "socket,id=ctl,path={},server=on,wait=off",
+            ctl.display()
+        ))
+        .args(["-serial", "chardev:ctl"])
+        .arg("-gdb")
+        .arg(format!("tcp:127.0.0.1:{gdb_port}"))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .context("failed to start qemu-system-x86_64")?;
     let mut timed_out = false;
+    let mut injection = None;
     loop {
         if child.try_wait()?.is_some() {
             break;
@@ -803,12 +1059,34 @@ fn boot(
             timed_out = true;
             break;
         }
+        if w.inject && injection.is_none() {
+            let text = std::fs::read_to_string(&serial).unwrap_or_default();
+            if let Some(at) = text.find("@@VMTEST inject-ready") {
+                let line = text[at..].lines().next().unwrap_or_default().to_owned();
+                let (blocks, _) = sections(&text);
+                let doctor: Value = blocks
+                    .get("doctor")
+                    .and_then(|d| serde_json::from_str(d).ok())
+                    .unwrap_or(Value::Null);
+                eprintln!("vm-test: {release}: {line}");
+                let r = inject::run(&serial, at, &line, &doctor, gdb_port, &ctl);
+                eprintln!(
+                    "vm-test: {release}: injection: invalid {:?} ms, stale {:?} ms, restored {}, errors {:?}",
+                    r.invalid_latency_ms, r.stale_latency_ms, r.restored, r.errors
+                );
+                injection = Some(r);
+            }
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
     let boot_s = started.elapsed().as_secs_f64();
     let text = std::fs::read_to_string(&serial).unwrap_or_default();
     let mut o = check(release, &text, &tracer, &work, w);
     o.boot_s = boot_s;
+    if w.inject {
+        check_injection(&text, injection.as_ref(), &tracer, &work, &mut o.failures);
+        o.injection = injection;
+    }
     if timed_out {
         o.failures
             .insert(0, format!("timed out after {} s", timeout.as_secs()));
@@ -877,6 +1155,7 @@ pub fn vm_test(root: &Path, kernels: &[String], timeout: Duration) -> Result<()>
                 "plan": o.plan.iter().cloned().collect::<BTreeMap<_, _>>(),
                 "events": o.events,
                 "kvm_entry_entries": o.entries,
+                "injection": o.injection.as_ref().map(inject::Report::to_json),
                 "failures": o.failures,
             })
         })
@@ -889,10 +1168,14 @@ pub fn vm_test(root: &Path, kernels: &[String], timeout: Duration) -> Result<()>
         .collect();
     let results = base.join("results.json");
     std::fs::write(&results, serde_json::to_string_pretty(&json)?)?;
-    println!("{:<24} {:>6} {:>8}  events", "kernel", "result", "time");
+    println!(
+        "{:<24} {:>6} {:>8}  {:<36} events",
+        "kernel", "result", "time", "injection (fault -> finding)"
+    );
     for o in &outcomes {
+        let inj = injection_cell(o.injection.as_ref());
         println!(
-            "{:<24} {:>6} {:>7.1}s  {}",
+            "{:<24} {:>6} {:>7.1}s  {inj:<36} {}",
             o.release,
             if o.failures.is_empty() { "ok" } else { "FAIL" },
             o.boot_s,

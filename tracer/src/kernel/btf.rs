@@ -219,7 +219,28 @@ const FIELDS: &[FieldSpec] = &[
         missing_means: "the KVM_RUN sampler is off",
         set: |o, v| o.dentry_name = v,
     },
+    FieldSpec {
+        name: "page.private",
+        strukt: "page",
+        path: "private",
+        shape: Shape::Int(8),
+        missing_means: "stale mirror roots can't be seen in the kernel",
+        set: |o, v| o.page_private = v,
+    },
+    FieldSpec {
+        name: "kvm_mmu_page.role",
+        strukt: "kvm_mmu_page",
+        path: "role",
+        shape: Shape::Word4,
+        missing_means: "stale mirror roots can't be seen in the kernel",
+        set: |o, v| o.mmu_page_role = v,
+    },
 ];
+
+/// Sizes and bit positions the probes need besides offsets, reported as
+/// fields: `sizeof(struct page)` and the bit of `kvm_mmu_page_role.invalid`.
+pub const PAGE_SIZE_FIELD: &str = "page (sizeof)";
+pub const ROLE_INVALID_FIELD: &str = "kvm_mmu_page_role.invalid (bit)";
 
 /// Fields the `KVM_RUN` sampler needs, besides the vCPU's own.
 pub const RUN_SAMPLER_FIELDS: &[&str] = &[
@@ -286,7 +307,57 @@ pub fn resolve_offsets(btf: &Btf) -> ResolvedOffsets {
             }
         }
     }
+    let page_size = find_struct(btf, "page")
+        .map(|s| s.size() as u32)
+        .ok_or_else(|| "no struct page in BTF".to_owned());
+    let invalid_bit = member_bit(btf, "kvm_mmu_page_role", "invalid");
+    for (name, r, set) in [
+        (
+            PAGE_SIZE_FIELD,
+            page_size,
+            (|o, v| o.page_size = v) as fn(&mut KernelOffsets, u32),
+        ),
+        (ROLE_INVALID_FIELD, invalid_bit, |o, v| {
+            o.role_invalid_bit = v;
+        }),
+    ] {
+        match r {
+            Ok(v) => {
+                set(&mut offsets, v);
+                fields.push(FieldOffset {
+                    name,
+                    offset: Some(v),
+                    absent: None,
+                });
+            }
+            Err(why) => fields.push(FieldOffset {
+                name,
+                offset: None,
+                absent: Some(format!(
+                    "{why}; stale mirror roots can't be seen in the kernel"
+                )),
+            }),
+        }
+    }
     ResolvedOffsets { offsets, fields }
+}
+
+/// The bit position of member `name` (a bitfield) in union or struct
+/// `outer`.
+fn member_bit(btf: &Btf, outer: &str, name: &str) -> Result<u32, String> {
+    let s = btf
+        .resolve_types_by_name(outer)
+        .ok()
+        .and_then(|ts| {
+            ts.into_iter().find_map(|t| match t {
+                Type::Struct(s) | Type::Union(s) if !s.members.is_empty() => Some(s),
+                _ => None,
+            })
+        })
+        .ok_or_else(|| format!("no union {outer} in BTF"))?;
+    find_member(btf, &s, name)
+        .map(|(bits, _)| bits)
+        .ok_or_else(|| format!("union {outer} has no member {name}"))
 }
 
 /// Whether BTF has a complete definition of `struct name`.

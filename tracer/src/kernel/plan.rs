@@ -373,6 +373,48 @@ impl Planner<'_> {
         }
     }
 
+    /// Following a TDX vCPU's mirror root to its page's `role.invalid`.
+    fn stale_check(&self, vmemmap: Option<u64>) -> Feature {
+        let missing: Vec<&str> = [
+            "kvm_mmu.mirror_root_hpa",
+            "kvm.arch.vm_type",
+            "page.private",
+            "kvm_mmu_page.role",
+            super::btf::PAGE_SIZE_FIELD,
+            super::btf::ROLE_INVALID_FIELD,
+        ]
+        .into_iter()
+        .filter(|f| !self.has(f))
+        .collect();
+        let (enabled, reason) = if !missing.is_empty() {
+            (
+                false,
+                format!("fields missing from BTF: {}", missing.join(", ")),
+            )
+        } else if vmemmap.is_none() {
+            (
+                false,
+                "the address of vmemmap_base is not in kallsyms (CONFIG_KALLSYMS_ALL off, or \
+                 addresses hidden from this user): a stale mirror root (valid hpa, page with \
+                 role.invalid set) is seen only through invalidate events"
+                    .into(),
+            )
+        } else {
+            (
+                true,
+                "TDX vCPUs' mirror roots are followed to their page (vmemmap_base → \
+                 page.private → kvm_mmu_page.role) at each entry and event: role.invalid set \
+                 is a stale mirror root"
+                    .into(),
+            )
+        };
+        Feature {
+            name: "stale-mirror-check",
+            enabled,
+            reason,
+        }
+    }
+
     fn features(&self, opts: PlanOptions) -> Vec<Feature> {
         let mirror = self.has("kvm_mmu.mirror_root_hpa");
         let vm_type = self.has("kvm.arch.vm_type");
@@ -457,7 +499,13 @@ pub fn plan(k: &KernelInfo, opts: PlanOptions) -> AttachPlan {
     p.entry_gate();
     p.run_exit(load.is_ok());
     p.teardown();
-    let features = p.features(opts);
+    let vmemmap = k.symbols.variable("vmemmap_base");
+    let mut features = p.features(opts);
+    let stale = p.stale_check(vmemmap);
+    let stale_on = stale.enabled;
+    features.push(stale);
+    let mut offsets = p.resolved.offsets;
+    offsets.vmemmap_base_addr = if stale_on { vmemmap.unwrap_or(0) } else { 0 };
     AttachPlan {
         kernel_release: k.release.clone(),
         kvm: k.kvm,
@@ -465,7 +513,7 @@ pub fn plan(k: &KernelInfo, opts: PlanOptions) -> AttachPlan {
         probes: p.probes,
         fields: p.resolved.fields,
         features,
-        offsets: p.resolved.offsets,
+        offsets,
         config: ProbeConfig {
             entry_transitions: u32::from(opts.entry_transitions),
             alloc_root_mirror_arg: u32::from(alloc_mirror_arg),

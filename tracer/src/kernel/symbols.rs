@@ -11,6 +11,8 @@ use std::collections::HashMap;
 pub struct Symbol {
     /// The kallsyms type letter (`T`, `t`, `D`, ...).
     pub kind: char,
+    /// Its address (0 where kallsyms hides addresses from this user).
+    pub addr: u64,
     /// The module, or `None` for vmlinux.
     pub module: Option<String>,
 }
@@ -28,7 +30,7 @@ impl Symbols {
         let mut by_name = HashMap::new();
         for line in text.lines() {
             let mut it = line.split_ascii_whitespace();
-            let (Some(_addr), Some(kind), Some(name)) = (it.next(), it.next(), it.next()) else {
+            let (Some(addr), Some(kind), Some(name)) = (it.next(), it.next(), it.next()) else {
                 continue;
             };
             let Some(kind) = kind.chars().next() else {
@@ -37,9 +39,11 @@ impl Symbols {
             let module = it
                 .next()
                 .map(|m| m.trim_start_matches('[').trim_end_matches(']').to_owned());
-            by_name
-                .entry(name.to_owned())
-                .or_insert(Symbol { kind, module });
+            by_name.entry(name.to_owned()).or_insert(Symbol {
+                kind,
+                addr: u64::from_str_radix(addr, 16).unwrap_or(0),
+                module,
+            });
         }
         Self { by_name }
     }
@@ -57,6 +61,16 @@ impl Symbols {
         self.by_name
             .get(name)
             .filter(|s| matches!(s.kind, 't' | 'T'))
+    }
+
+    /// The address of a data symbol of vmlinux (a kernel variable), when
+    /// kallsyms shows it.
+    pub fn variable(&self, name: &str) -> Option<u64> {
+        self.by_name
+            .get(name)
+            .filter(|s| matches!(s.kind, 'd' | 'D' | 'b' | 'B' | 'r' | 'R') && s.module.is_none())
+            .map(|s| s.addr)
+            .filter(|&a| a != 0)
     }
 
     /// Whether raw tracepoint `name` exists.
@@ -95,6 +109,8 @@ mod tests {
             Some("kvm")
         );
         assert!(s.function("some_data").is_none(), "data is not a function");
+        assert_eq!(s.variable("some_data"), Some(0xffff_ffff_8100_0000));
+        assert_eq!(s.variable("kvm_mmu_load"), None, "a function is not data");
         assert!(s.function("mmu_alloc_direct_roots").is_none());
         assert!(s.has_raw_tracepoint("kvm_entry"));
         assert!(!s.has_raw_tracepoint("kvm_exit"));
