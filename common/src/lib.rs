@@ -314,6 +314,9 @@ pub mod field {
     pub const BEFORE_HPA: u32 = 1 << 13;
     pub const DURATION: u32 = 1 << 14;
     pub const MIRROR_ROLE: u32 = 1 << 15;
+    /// With `MIRROR_ROLE`: the role's `invalid` bit (at the position BTF
+    /// gives: 11 up to 7.1, 12 from 7.2) is set, a stale mirror root.
+    pub const MIRROR_STALE: u32 = 1 << 16;
 }
 
 /// One root-lifecycle event, as written to the ring buffer.

@@ -218,6 +218,9 @@ fn fill_vcpu(ev: &mut RootEvent, r: &mut Reader, off: &KernelOffsets, vcpu: u64)
         if let Some(role) = role {
             ev.mirror_role = role;
             ev.valid |= field::MIRROR_ROLE;
+            if (role >> off.role_invalid_bit) & 1 != 0 {
+                ev.valid |= field::MIRROR_STALE;
+            }
         } else {
             r.failed = true;
         }

@@ -10,15 +10,11 @@ use serde::{Deserialize, Serialize};
 
 use common::{COMM_LEN, EventKind, INVALID_PAGE, ProbeId, RootEvent, field};
 
-/// The `invalid` bit of `union kvm_mmu_page_role` (after `level:4`,
-/// `has_4_byte_gpte:1`, `quadrant:2`, `direct:1`, `access:3`), the same in
-/// every kernel with mirror roots. The probes use the position BTF gives.
-pub const ROLE_INVALID_BIT: u32 = 11;
-
 impl Event {
-    /// Whether the kernel read the mirror root's page and found it invalid.
+    /// Whether the kernel read the mirror root's page and found it invalid
+    /// (`None`: not read).
     pub fn mirror_root_stale(&self) -> Option<bool> {
-        self.mirror_role.map(|r| r & (1 << ROLE_INVALID_BIT) != 0)
+        self.mirror_stale
     }
 }
 
@@ -140,9 +136,15 @@ pub struct Event {
     pub root_role: Option<u32>,
     /// The `kvm_mmu_page_role` word of the mirror root's page, read by the
     /// kernel probe (TDX vCPUs with a valid mirror root, where the kernel
-    /// allows it). Bit [`ROLE_INVALID_BIT`] set: a stale mirror root.
+    /// allows it). For the record: the position of its `invalid` bit moves
+    /// between kernels (11 up to 7.1, 12 from 7.2), so the verdict is
+    /// `mirror_stale`, which the probe computed with the position from BTF.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mirror_role: Option<u32>,
+    /// With `mirror_role`: whether that page's `role.invalid` is set, a
+    /// stale mirror root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror_stale: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mmu_valid_gen: Option<u8>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -202,6 +204,7 @@ impl Event {
             mirror_root_hpa: opt(field::MIRROR_ROOT_HPA, raw.mirror_root_hpa),
             root_role: has(field::ROOT_ROLE).then_some(raw.root_role),
             mirror_role: has(field::MIRROR_ROLE).then_some(raw.mirror_role),
+            mirror_stale: has(field::MIRROR_ROLE).then(|| has(field::MIRROR_STALE)),
             mmu_valid_gen: has(field::MMU_VALID_GEN).then_some(raw.mmu_valid_gen),
             memslots_gen: opt(field::MEMSLOTS_GEN, raw.memslots_gen),
             ret: has(field::RET).then_some(raw.ret),
@@ -266,6 +269,9 @@ impl Event {
         }
         if let Some(v) = self.mirror_role {
             kv("mirror_role", format!("{v:#x}"));
+        }
+        if self.mirror_stale == Some(true) {
+            kv("mirror", "STALE".into());
         }
         if let Some(v) = self.mmu_valid_gen {
             kv("gen", v.to_string());

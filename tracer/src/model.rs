@@ -52,7 +52,8 @@ const DIRECT_ROLE: u32 = 0x84;
 /// Role word of a mirror root (is_mirror bit 19).
 const MIRROR_ROLE: u32 = DIRECT_ROLE | (1 << 19);
 /// `role.invalid`.
-const ROLE_INVALID: u32 = 1 << crate::event::ROLE_INVALID_BIT;
+/// `role.invalid` (bit 11 up to 7.1; the model is such a kernel).
+const ROLE_INVALID: u32 = 1 << 11;
 
 /// A root pair and whether the mirror root's page is invalid.
 type Entry = (u64, u64, bool);
@@ -255,6 +256,11 @@ impl Model {
 
     fn event(&self, kind: Kind, vm: &MVm, vcpu: Option<&MVcpu>) -> Event {
         let vcpu_fields = vcpu.map(|c| (c.vcpu, c.id, c.root, c.mirror));
+        // What the probes read of a TDX vCPU's valid mirror root: its page's
+        // role, and whether role.invalid is set.
+        let mirror = vcpu
+            .filter(|c| vm.tdx && c.mirror != INVALID_PAGE)
+            .map(|c| vm.stale.contains(&c.mirror));
         Event {
             ts_ns: self.t_ns,
             kind,
@@ -272,15 +278,14 @@ impl Model {
             root_pgd: vcpu_fields.map(|_| 0),
             mirror_root_hpa: vcpu_fields.map(|f| f.3),
             root_role: vcpu_fields.map(|_| DIRECT_ROLE),
-            mirror_role: vcpu.and_then(|c| {
-                (vm.tdx && c.mirror != INVALID_PAGE).then(|| {
-                    if vm.stale.contains(&c.mirror) {
-                        MIRROR_ROLE | ROLE_INVALID
-                    } else {
-                        MIRROR_ROLE
-                    }
-                })
+            mirror_role: mirror.map(|stale| {
+                if stale {
+                    MIRROR_ROLE | ROLE_INVALID
+                } else {
+                    MIRROR_ROLE
+                }
             }),
+            mirror_stale: mirror,
             mmu_valid_gen: Some(vm.valid_gen),
             memslots_gen: Some(vm.slots_gen),
             ret: None,

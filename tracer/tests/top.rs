@@ -228,6 +228,7 @@ fn raw(kind: Kind, ts_ns: u64, kvm: u64, vcpu: Option<u64>) -> Event {
         mirror_root_hpa: None,
         root_role: None,
         mirror_role: None,
+        mirror_stale: None,
         mmu_valid_gen: None,
         memslots_gen: None,
         ret: None,

@@ -35,11 +35,17 @@ impl Gdb {
         Ok(Self { s })
     }
 
-    /// Sends one packet and returns the stub's answer (acknowledged).
+    /// Sends one packet and returns the stub's answer (acknowledged). A
+    /// late stop reply (`T…`/`S…`) is not the answer: it is skipped.
     fn packet(&mut self, body: &str) -> Result<String> {
         let sum = body.bytes().fold(0u8, u8::wrapping_add);
         self.s.write_all(format!("${body}#{sum:02x}").as_bytes())?;
-        self.answer()
+        loop {
+            let a = self.answer()?;
+            if !(a.starts_with('T') || a.starts_with('S')) || a.len() < 3 {
+                return Ok(a);
+            }
+        }
     }
 
     /// Reads one `$…#xx` packet, skipping acks, and acknowledges it.
@@ -68,11 +74,14 @@ impl Gdb {
     /// Stops every vCPU of the guest.
     pub fn halt(&mut self) -> Result<()> {
         self.s.write_all(&[0x03])?;
-        let stop = self.answer()?;
-        if !stop.starts_with('T') && !stop.starts_with('S') {
-            bail!("the gdbstub answered {stop:?} to a halt");
+        // A late answer to an earlier request may come first: skip it.
+        for _ in 0..4 {
+            let stop = self.answer()?;
+            if stop.starts_with('T') || stop.starts_with('S') {
+                return Ok(());
+            }
         }
-        Ok(())
+        bail!("the gdbstub never answered a halt with a stop reply")
     }
 
     /// Lets the guest run again (no answer until it stops).
@@ -362,7 +371,7 @@ pub fn wait_for(
         if count(&text) >= n {
             return Some(started.elapsed());
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(5));
     }
     None
 }
@@ -383,6 +392,9 @@ pub struct Report {
     /// kallsyms), and → `mirror_root_stale_at_entry` for every vCPU.
     pub stale_injected: bool,
     pub stale_latency_ms: Option<f64>,
+    /// Stale findings raised while the mirror roots were valid (before
+    /// `role.invalid` was set): must be 0.
+    pub stale_too_early: usize,
     pub restored: bool,
     /// Findings on the console before the injection, and after the restore.
     pub findings_before: usize,
@@ -400,6 +412,7 @@ impl Report {
             "invalid_latency_ms": self.invalid_latency_ms,
             "stale_injected": self.stale_injected,
             "stale_latency_ms": self.stale_latency_ms,
+            "stale_too_early": self.stale_too_early,
             "restored": self.restored,
             "findings_before": self.findings_before,
             "findings_after_restore": self.findings_after_restore,
@@ -495,11 +508,9 @@ fn inject(
     changes: &mut Changes,
 ) -> Result<()> {
     let vcpu_count = vcpus.len();
-    let walker = Walker::new(
-        gdb,
-        ksyms,
-        *vcpus.first().context("no vCPU to inject into")?,
-    )?;
+    let first = *vcpus.first().context("no vCPU to inject into")?;
+    // The stub answers memory requests only while the guest is halted.
+    let walker = halted(gdb, |g| Walker::new(g, ksyms, first))?;
     make_tdx(gdb, &walker, layout, kvm, changes)?;
     report.invalid_latency_ms = wait_for(serial, Duration::from_secs(90), vcpu_count, |t| {
         console_findings(t, at, Some("mirror_root_invalid_at_entry"))
@@ -509,8 +520,14 @@ fn inject(
         bail!("no mirror_root_invalid_at_entry for {vcpu_count} vCPU(s) within 90 s");
     }
     if let Some(role_pa) = give_mirror_roots(gdb, &walker, layout, vcpus, changes)? {
-        // Let the gate see the legal (valid, valid) pair first.
+        // Let the gate see the legal (valid, valid) pair first: nothing may
+        // be raised for it.
         std::thread::sleep(Duration::from_secs(3));
+        report.stale_too_early = console_findings(
+            &std::fs::read_to_string(serial).unwrap_or_default(),
+            at,
+            Some("mirror_root_stale_at_entry"),
+        );
         invalidate_root(gdb, layout, role_pa, changes)?;
         report.stale_injected = true;
         report.stale_latency_ms = wait_for(serial, Duration::from_secs(90), vcpu_count, |t| {

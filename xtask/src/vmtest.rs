@@ -206,13 +206,24 @@ fn fetch(apt: &Path, cache: &Path, pkg: &str, release: &str) -> Result<PathBuf> 
     }
     std::fs::create_dir_all(&dir)?;
     download_unpack(apt, cache, pkg, &dir)?;
-    if !dir.join("boot").join(format!("vmlinuz-{release}")).exists() {
+    if vmlinuz(&dir, release).is_none() {
         for part in ["linux-binary", "linux-modules"] {
             download_unpack(apt, cache, &format!("{part}-{release}"), &dir)?;
         }
     }
     std::fs::write(dir.join(".done"), "")?;
     Ok(dir)
+}
+
+/// The kernel image in an unpacked package: `boot/vmlinuz-<release>`, or
+/// (Debian from 7.x) `usr/lib/modules/<release>/vmlinuz`.
+fn vmlinuz(dir: &Path, release: &str) -> Option<PathBuf> {
+    [
+        dir.join("boot").join(format!("vmlinuz-{release}")),
+        dir.join("usr/lib/modules").join(release).join("vmlinuz"),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
 }
 
 /// A module's file in the unpacked package, by module name.
@@ -863,6 +874,12 @@ fn check_injection(
             blocks.get("run-err").cloned().unwrap_or_default()
         ));
     }
+    if r.stale_too_early != 0 {
+        fail.push(format!(
+            "{} mirror_root_stale_at_entry raised while the mirror roots were valid",
+            r.stale_too_early
+        ));
+    }
     if r.findings_before != 0 || r.findings_after_restore != 0 {
         fail.push(format!(
             "findings before the injection: {}, after the restore: {}",
@@ -1016,7 +1033,8 @@ fn boot(
     let workload = root.join("target/release/examples/kvm_workload");
     let initrd = work.join("initramfs.cpio");
     build_initramfs(&initrd, &modules, &tracer, &workload, w)?;
-    let vmlinuz = kernel_dir.join("boot").join(format!("vmlinuz-{release}"));
+    let vmlinuz = vmlinuz(&kernel_dir, release)
+        .with_context(|| format!("no vmlinuz in {}", kernel_dir.display()))?;
     let serial = work.join("serial.log");
     let _ = std::fs::remove_file(&serial);
     let gdb_port = free_port()?;
