@@ -241,19 +241,20 @@ fn doctor_reports_this_hosts_kprobe_support_and_fallbacks() {
     };
     let has_kprobes = Path::new("/sys/bus/event_source/devices/kprobe/type").exists();
     assert_eq!(feature("kprobes")["enabled"], has_kprobes);
+    // The zap tracepoint is preferred wherever it exists, kprobes or not.
+    let tp = probe("kvm_mmu_zap_all_fast_tp");
+    assert_eq!(tp["attach"], "raw-tracepoint");
+    assert!(
+        tp["reason"].as_str().unwrap().contains("every call"),
+        "{tp}"
+    );
+    assert_eq!(probe("kvm_mmu_zap_all_fast")["attach"], "off");
     if has_kprobes {
         assert_eq!(probe("kvm_mmu_load")["attach"], "kprobe");
     } else {
         let why = feature("kprobes")["reason"].as_str().unwrap().to_owned();
         assert!(why.contains("kprobes unavailable"), "{why}");
         assert_eq!(probe("kvm_mmu_load")["attach"], "off");
-        assert_eq!(probe("kvm_mmu_zap_all_fast")["attach"], "off");
-        let tp = probe("kvm_mmu_zap_all_fast_tp");
-        assert_eq!(tp["attach"], "raw-tracepoint");
-        assert!(
-            tp["reason"].as_str().unwrap().starts_with("fallback"),
-            "{tp}"
-        );
         eprintln!("live: kprobes off here: {why}");
     }
     assert_eq!(v["environment"]["dev_kvm"], true);
