@@ -328,9 +328,18 @@ impl Comm {
     }
 }
 
+/// Shown with control characters escaped (`\x1b`): a VMM sets its own
+/// thread names, and raw terminal escapes must not reach a terminal.
 impl std::fmt::Display for Comm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&String::from_utf8_lossy(self.as_bytes()))
+        for c in String::from_utf8_lossy(self.as_bytes()).chars() {
+            if c.is_control() {
+                write!(f, "\\x{:02x}", u32::from(c))?;
+            } else {
+                f.write_char(c)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -472,6 +481,22 @@ mod tests {
         );
         let back: Event = serde_json::from_str(&json).unwrap();
         assert_eq!(back, ev);
+    }
+
+    #[test]
+    fn comm_escapes_terminal_control_characters() {
+        let mut r = raw_zap();
+        r.comm = *b"\x1b]0;pwn\x07\x1b[2J\0\0\0\0";
+        let ev = Event::decode(&bytes_of(&r)).unwrap();
+        let line = ev.to_line();
+        assert!(!line.chars().any(char::is_control), "{line:?}");
+        assert!(line.contains("\\x1b]0;pwn\\x07\\x1b[2J"), "{line}");
+        // JSON keeps the bytes, escaped by the JSON encoder.
+        let json = ev.to_json_record();
+        assert!(
+            json.contains(r#""comm":"\u001b]0;pwn\u0007\u001b[2J""#),
+            "{json}"
+        );
     }
 
     #[test]

@@ -118,6 +118,9 @@ pub struct FlightRecorder {
     /// Incident files written; capped so a flood of findings can't fill
     /// the disk.
     written: u64,
+    /// The number in the next incident file's name (names taken by files
+    /// already there are skipped).
+    next_name: u64,
     max_files: u64,
     /// When each (VM, kind) last got an incident file: at most one per
     /// `quiet_ns` (event time).
@@ -138,6 +141,7 @@ impl FlightRecorder {
             per_vm,
             rings: HashMap::new(),
             written: 0,
+            next_name: 0,
             max_files: 1000,
             last_incident: HashMap::new(),
             quiet_ns: 600_000_000_000,
@@ -189,14 +193,14 @@ impl FlightRecorder {
         }
         self.last_incident.insert(key, f.ts_ns);
         let clock = self.header.clock;
-        let name = format!(
-            "incident-{}-{}-{}-vmm{}.jsonl",
-            utc_compact(clock.to_realtime(f.ts_ns) / 1_000_000_000),
-            self.written,
-            f.kind.name(),
-            f.userspace_pid.unwrap_or(-1)
-        );
-        let path = self.dir.join(name);
+        let when = utc_compact(clock.to_realtime(f.ts_ns) / 1_000_000_000);
+        let name = |n: u64| {
+            format!(
+                "incident-{when}-{n}-{}-vmm{}.jsonl",
+                f.kind.name(),
+                f.userspace_pid.unwrap_or(-1)
+            )
+        };
         let mut body = self.header.to_json_record();
         body.push('\n');
         if let Some(ring) = self.rings.get(&f.kvm) {
@@ -207,8 +211,22 @@ impl FlightRecorder {
         }
         body.push_str(&f.to_json_record());
         body.push('\n');
-        std::fs::write(&path, body)?;
+        // Never through a planted symlink or over an existing file: the next
+        // number is taken instead.
+        let mut n = self.next_name;
+        let (path, mut file) = loop {
+            let path = self.dir.join(name(n));
+            match crate::log::writer::create_private(&path) {
+                Ok(f) => break (path, f),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && n < self.next_name + 1000 => {
+                    n += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        io::Write::write_all(&mut file, body.as_bytes())?;
         self.written += 1;
+        self.next_name = n + 1;
         Ok(Some(path))
     }
 }

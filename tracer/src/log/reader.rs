@@ -10,7 +10,7 @@ use std::{
 
 use serde::Deserialize;
 
-use super::{Header, Loss, SCHEMA_VERSION, writer::list_segments};
+use super::{Header, Loss, SCHEMA_VERSION, writer::scan_segments};
 use crate::{detector::Finding, event::Event};
 
 /// Longest line accepted; longer ones (binary data) are skipped.
@@ -101,10 +101,13 @@ pub fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, InputError> {
         if input == Path::new("-") {
             out.push(input.clone());
         } else if input.is_dir() {
-            let segs = list_segments(input).map_err(|source| InputError::Io {
+            let (segs, ignored) = scan_segments(input).map_err(|source| InputError::Io {
                 path: input.clone(),
                 source,
             })?;
+            for (path, why) in ignored {
+                eprintln!("tracer: warning: {}: ignored: {why}", path.display());
+            }
             if segs.is_empty() {
                 return Err(InputError::EmptyDir(input.clone()));
             }

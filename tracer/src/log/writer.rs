@@ -166,17 +166,25 @@ impl Recorder {
         }
         let now = super::ClockPair::now();
         let secs = now.realtime_ns / 1_000_000_000;
-        let name = format!(
-            "{SEGMENT_PREFIX}{}-{:06}.jsonl",
-            utc_compact(secs),
-            self.header.segment
-        );
-        let path = self.dir.join(name);
-        let file = OpenOptions::new()
-            .create_new(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| io_err(&path, "can't create log segment", &e))?;
+        // A name that exists already (planted, or left by another run) is
+        // never opened: the next sequence number is tried instead.
+        let mut tries = 0;
+        let (path, file) = loop {
+            let name = format!(
+                "{SEGMENT_PREFIX}{}-{:06}.jsonl",
+                utc_compact(secs),
+                self.header.segment
+            );
+            let path = self.dir.join(name);
+            match create_private(&path) {
+                Ok(f) => break (path, f),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && tries < 1000 => {
+                    tries += 1;
+                    self.header.segment += 1;
+                }
+                Err(e) => return Err(io_err(&path, "can't create log segment", &e)),
+            }
+        };
         if self.live_clock {
             self.header.clock = now;
         }
@@ -364,6 +372,31 @@ impl Recorder {
     }
 }
 
+/// Creates `path` for writing. Never an existing file or symlink
+/// (`O_CREAT|O_EXCL`, `O_NOFOLLOW`: a link planted at a predictable name is
+/// refused, its target untouched), and mode 0640 whatever the umask (the
+/// files hold kernel addresses).
+pub fn create_private(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o640)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    file.set_permissions(fs::Permissions::from_mode(0o640))?;
+    Ok(file)
+}
+
+/// Opens a file the daemon wrote, for reading: never through a symlink.
+fn open_own(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+}
+
 /// `X.jsonl` → `X.jsonl.zst`, atomically (temp file, fsync, rename).
 pub fn compress_segment(path: &Path) -> io::Result<()> {
     let mut zst = path.as_os_str().to_owned();
@@ -373,8 +406,16 @@ pub fn compress_segment(path: &Path) -> io::Result<()> {
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
     {
-        let input = File::open(path)?;
-        let output = File::create(&tmp)?;
+        let input = open_own(path)?;
+        let output = match create_private(&tmp) {
+            // Left by a crash, or planted: the entry goes (a symlink is
+            // removed, not followed), then the file is made anew.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                fs::remove_file(&tmp)?;
+                create_private(&tmp)?
+            }
+            other => other?,
+        };
         let mut enc = zstd::Encoder::new(BufWriter::new(output), 3)?;
         io::copy(&mut io::BufReader::new(input), &mut enc)?;
         let out = enc.finish()?;
@@ -386,27 +427,67 @@ pub fn compress_segment(path: &Path) -> io::Result<()> {
     fs::remove_file(path)
 }
 
-/// Segments in `dir`, oldest first, with their sizes.
+/// Segment paths and sizes.
+pub type Segments = Vec<(PathBuf, u64)>;
+/// Entries that are not the daemon's segments, and why.
+pub type Ignored = Vec<(PathBuf, String)>;
+
+/// Segments in `dir`, oldest first, with their sizes (see
+/// [`scan_segments`]).
+pub fn list_segments(dir: &Path) -> io::Result<Vec<(PathBuf, u64)>> {
+    Ok(scan_segments(dir)?.0)
+}
+
+/// Segments in `dir`, oldest first, with their sizes; and the entries that
+/// look like segments but are not the daemon's, with the reason: only
+/// regular files (no symlinks, FIFOs, devices) owned by this user or root
+/// count, so a file another user planted can neither be replayed as ours
+/// nor make retention delete the real log.
 #[expect(
     clippy::case_sensitive_file_extension_comparisons,
     reason = "the writer names segments itself, in lower case"
 )]
-pub fn list_segments(dir: &Path) -> io::Result<Vec<(PathBuf, u64)>> {
+pub fn scan_segments(dir: &Path) -> io::Result<(Segments, Ignored)> {
+    use std::os::unix::fs::MetadataExt as _;
+    // SAFETY: geteuid has no preconditions and can't fail.
+    let me = unsafe { libc::geteuid() };
     let mut out = Vec::new();
+    let mut ignored = Vec::new();
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
         let name = entry.file_name();
         let Some(name) = name.to_str() else {
+            if name
+                .as_encoded_bytes()
+                .starts_with(SEGMENT_PREFIX.as_bytes())
+            {
+                ignored.push((entry.path(), "its name is not UTF-8".into()));
+            }
             continue;
         };
-        if name.starts_with(SEGMENT_PREFIX)
-            && (name.ends_with(".jsonl") || name.ends_with(".jsonl.zst"))
+        if !(name.starts_with(SEGMENT_PREFIX)
+            && (name.ends_with(".jsonl") || name.ends_with(".jsonl.zst")))
         {
-            out.push((entry.path(), entry.metadata().map_or(0, |m| m.len())));
+            continue;
+        }
+        // entry.metadata() does not follow symlinks.
+        let Ok(meta) = entry.metadata() else {
+            continue;
+        };
+        if !meta.file_type().is_file() {
+            ignored.push((entry.path(), "not a regular file".into()));
+        } else if meta.uid() != me && meta.uid() != 0 {
+            ignored.push((
+                entry.path(),
+                format!("owned by uid {}, not by this user or root", meta.uid()),
+            ));
+        } else {
+            out.push((entry.path(), meta.len()));
         }
     }
     out.sort();
-    Ok(out)
+    ignored.sort();
+    Ok((out, ignored))
 }
 
 /// Free bytes for unprivileged users on the filesystem of `dir`.

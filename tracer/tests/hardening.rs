@@ -1,0 +1,221 @@
+//! Issue 13, as a local attacker who can write the log folder would try it:
+//! planted symlinks at predictable names, names already taken, segments of
+//! another user, a permissive umask, terminal escapes in thread names.
+
+#[path = "support/cli.rs"]
+mod support;
+
+use std::{
+    os::unix::fs::{MetadataExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use support::{run, tracer};
+use tracer::log::{
+    Header,
+    writer::{RecordConfig, Recorder, compress_segment, list_segments, utc_compact},
+};
+
+fn names(dir: &Path, prefix: &str) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(prefix))
+        .collect();
+    v.sort();
+    v
+}
+
+/// A root-owned 0600 file an attacker would like overwritten.
+fn victim(dir: &Path) -> PathBuf {
+    let v = dir.join("victim");
+    std::fs::write(&v, "precious\n").unwrap();
+    std::fs::set_permissions(&v, std::fs::Permissions::from_mode(0o600)).unwrap();
+    v
+}
+
+fn simulate_into(log: &Path) {
+    let r = run(tracer()
+        .args([
+            "simulate",
+            "--kernel",
+            "mirror-freed-by-zap",
+            "--scenario",
+            "hotplug",
+        ])
+        .args(["--vcpus", "2", "--rounds", "5", "--record"])
+        .arg(log));
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+}
+
+#[test]
+fn incident_files_never_follow_a_planted_symlink() {
+    let dir = tempfile::tempdir().unwrap();
+    // The model's clock is fixed, so the incident names are predictable:
+    // learn them from one run, plant links at them for the next.
+    let first = dir.path().join("first");
+    simulate_into(&first);
+    let planted = names(&first, "incident-");
+    assert!(
+        !planted.is_empty(),
+        "the faulty model wrote no incident file"
+    );
+    let log = dir.path().join("log");
+    std::fs::create_dir(&log).unwrap();
+    let target = victim(dir.path());
+    for n in &planted {
+        std::os::unix::fs::symlink(&target, log.join(n)).unwrap();
+    }
+    simulate_into(&log);
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious\n");
+    for n in &planted {
+        assert!(
+            log.join(n)
+                .symlink_metadata()
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+    }
+    let written: Vec<String> = names(&log, "incident-")
+        .into_iter()
+        .filter(|n| !planted.contains(n))
+        .collect();
+    assert_eq!(
+        written.len(),
+        planted.len(),
+        "the incidents went to other names"
+    );
+}
+
+#[test]
+fn a_planted_zst_tmp_symlink_is_removed_not_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = victim(dir.path());
+    let seg = dir.path().join("events-20261128T000000Z-000000.jsonl");
+    std::fs::write(&seg, "{\"record\":\"summary\"}\n").unwrap();
+    let tmp = dir
+        .path()
+        .join("events-20261128T000000Z-000000.jsonl.zst.tmp");
+    std::os::unix::fs::symlink(&target, &tmp).unwrap();
+    compress_segment(&seg).unwrap();
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious\n");
+    let zst = dir.path().join("events-20261128T000000Z-000000.jsonl.zst");
+    let back = zstd::decode_all(std::fs::File::open(&zst).unwrap()).unwrap();
+    assert_eq!(back, b"{\"record\":\"summary\"}\n");
+    assert!(!zst.symlink_metadata().unwrap().file_type().is_symlink());
+    assert!(!tmp.exists() && !seg.exists());
+}
+
+#[test]
+fn a_taken_segment_name_picks_the_next_sequence_number() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    // Every name the first segment could get in the next few seconds.
+    for s in 0..5 {
+        let name = format!("events-{}-000000.jsonl", utc_compact(now + s));
+        std::fs::write(dir.path().join(name), "planted\n").unwrap();
+    }
+    let header = Header::for_this_host("test".into(), "test".into(), vec![]);
+    let cfg = RecordConfig {
+        min_free_bytes: 0,
+        compress: false,
+        ..RecordConfig::default()
+    };
+    let r =
+        Recorder::open(dir.path(), cfg, header, true).expect("a collision never ends the daemon");
+    let ours = r
+        .current_path()
+        .unwrap()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    assert!(ours.ends_with("-000001.jsonl"), "{ours}");
+    drop(r);
+    for s in 0..5 {
+        let name = format!("events-{}-000000.jsonl", utc_compact(now + s));
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join(name)).unwrap(),
+            "planted\n"
+        );
+    }
+}
+
+#[test]
+fn segments_another_user_planted_are_ignored_by_retention_and_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    simulate_into(&log);
+    let ours = list_segments(&log).unwrap();
+    assert!(!ours.is_empty());
+    // A 2 TB sparse file that sorts last, owned by nobody; and a FIFO.
+    let big = log.join("events-99991231T235959Z-999999.jsonl");
+    let f = std::fs::File::create(&big).unwrap();
+    f.set_len(2 << 40).unwrap();
+    std::os::unix::fs::chown(&big, Some(65534), Some(65534)).unwrap();
+    let fifo = log.join("events-99991231T235959Z-999998.jsonl");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo reads the NUL-terminated path we pass.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    assert_eq!(
+        list_segments(&log).unwrap(),
+        ours,
+        "only the daemon's own segments"
+    );
+    // Retention with a 1 GiB budget: the planted 2 TB file must not make it
+    // delete the real segments.
+    let header = Header::for_this_host("test".into(), "test".into(), vec![]);
+    let cfg = RecordConfig {
+        min_free_bytes: 0,
+        compress: false,
+        ..RecordConfig::default()
+    };
+    drop(Recorder::open(&log, cfg, header, true).unwrap());
+    for (p, _) in &ours {
+        assert!(p.exists(), "{} was pruned", p.display());
+    }
+    // Replay reads ours, names what it ignored, and does not hang on the FIFO.
+    let r = run(tracer().arg("replay").arg(&log).env("TMPDIR", dir.path()));
+    assert!(r.stderr.contains("owned by uid 65534"), "{}", r.stderr);
+    assert!(r.stderr.contains("not a regular file"), "{}", r.stderr);
+    assert!(r.code == Some(0) || r.code == Some(1), "{}", r.stderr);
+}
+
+#[test]
+fn log_files_are_0640_whatever_the_umask() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "umask 000; exec {} simulate --kernel mirror-freed-by-zap --scenario hotplug --vcpus 2 --rounds 5 --record {}",
+            env!("CARGO_BIN_EXE_tracer"),
+            log.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    let files: Vec<PathBuf> = std::fs::read_dir(&log)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(
+        files
+            .iter()
+            .any(|p| p.to_string_lossy().contains("incident-"))
+    );
+    for p in files {
+        let mode = std::fs::metadata(&p).unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o640, "{}: {mode:o}", p.display());
+    }
+}
