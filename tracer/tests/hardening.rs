@@ -219,3 +219,52 @@ fn log_files_are_0640_whatever_the_umask() {
         assert_eq!(mode, 0o640, "{}: {mode:o}", p.display());
     }
 }
+
+#[test]
+fn a_symlinked_or_shared_log_folder_is_refused_with_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = dir.path().join("real");
+    std::fs::create_dir(&real).unwrap();
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let sim = |log: &Path| {
+        run(tracer()
+            .args([
+                "simulate",
+                "--scenario",
+                "steady",
+                "--rounds",
+                "2",
+                "--record",
+            ])
+            .arg(log))
+    };
+    let r = sim(&link);
+    assert_eq!(r.code, Some(2), "{}", r.stderr);
+    assert!(r.stderr.contains("is a symlink"), "{}", r.stderr);
+    assert!(r.stdout.is_empty(), "{}", r.stdout);
+    assert!(
+        names(&real, "events-").is_empty(),
+        "nothing written through the link"
+    );
+
+    std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let r = sim(&real);
+    assert_eq!(r.code, Some(2), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("writable by group or others"),
+        "{}",
+        r.stderr
+    );
+
+    std::os::unix::fs::chown(&real, Some(65534), None).unwrap();
+    std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let r = sim(&real);
+    assert_eq!(r.code, Some(2), "{}", r.stderr);
+    assert!(r.stderr.contains("owned by uid 65534"), "{}", r.stderr);
+
+    // A folder it creates itself is 0750.
+    let fresh = dir.path().join("fresh/log");
+    assert_eq!(sim(&fresh).code, Some(0));
+    assert_eq!(std::fs::metadata(&fresh).unwrap().mode() & 0o777, 0o750);
+}

@@ -108,6 +108,51 @@ fn io_err(path: &Path, what: &str, e: &io::Error) -> io::Error {
     io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
 }
 
+/// The log folder: created 0750 when missing; when it exists, it must be a
+/// real folder (not a symlink), owned by this user, and not writable by
+/// group or others, since whoever can write it can plant names there.
+pub fn check_log_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let refuse = |why: String| {
+        io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "log folder {}: {why}; refusing to record there",
+                dir.display()
+            ),
+        )
+    };
+    match fs::symlink_metadata(dir) {
+        Ok(m) if m.file_type().is_symlink() => {
+            Err(refuse("is a symlink (give the real folder's path)".into()))
+        }
+        Ok(m) if !m.is_dir() => Err(refuse("is not a folder".into())),
+        Ok(m) => {
+            // SAFETY: geteuid has no preconditions and can't fail.
+            let me = unsafe { libc::geteuid() };
+            if m.uid() != me {
+                Err(refuse(format!(
+                    "is owned by uid {}, not by uid {me}",
+                    m.uid()
+                )))
+            } else if m.mode() & 0o022 != 0 {
+                Err(refuse(format!(
+                    "is writable by group or others (mode {:o}; chmod go-w it)",
+                    m.mode() & 0o7777
+                )))
+            } else {
+                Ok(())
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            fs::create_dir_all(dir).map_err(|e| io_err(dir, "can't create log folder", &e))?;
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o750))
+                .map_err(|e| io_err(dir, "can't set the mode of log folder", &e))
+        }
+        Err(e) => Err(io_err(dir, "can't inspect log folder", &e)),
+    }
+}
+
 impl Recorder {
     /// Opens `dir` (created if missing) and the first segment. With
     /// `live_clock`, each segment's header carries the clocks read when it
@@ -118,7 +163,7 @@ impl Recorder {
         header: Header,
         live_clock: bool,
     ) -> io::Result<Self> {
-        fs::create_dir_all(dir).map_err(|e| io_err(dir, "can't create log folder", &e))?;
+        check_log_dir(dir)?;
         let mut r = Self {
             dir: dir.to_path_buf(),
             cfg,
