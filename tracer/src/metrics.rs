@@ -211,56 +211,109 @@ fn register_totals(r: &mut Registry, s: &MetricsState) {
     }
 }
 
-/// Serves `GET /metrics` (and `GET /healthz`) until the task is dropped.
+/// Connections served at once; more are closed at once.
+pub const MAX_CONNECTIONS: usize = 128;
+
+/// A connection must deliver its request head within this, or it is closed.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Binds `addr` and serves it, retrying every `retry` while it can't be
+/// bound (another process holds the port): a metrics endpoint that can't
+/// bind is a loud warning, never a reason to stop tracing.
+pub async fn serve_retrying(
+    addr: std::net::SocketAddr,
+    state: SharedMetrics,
+    retry: std::time::Duration,
+) {
+    let mut failures = 0u64;
+    loop {
+        match TcpListener::bind(addr).await {
+            Ok(listener) => {
+                eprintln!("tracer: metrics on http://{addr}/metrics");
+                serve(listener, state).await;
+                return;
+            }
+            Err(e) => {
+                if failures == 0 {
+                    eprintln!(
+                        "tracer: warning: can't serve metrics on {addr}: {e}; tracing goes on, \
+                         retrying every {} s",
+                        retry.as_secs()
+                    );
+                }
+                failures += 1;
+                tokio::time::sleep(retry).await;
+            }
+        }
+    }
+}
+
+/// Serves `GET /metrics` (and `GET /healthz`) until the task is dropped. At
+/// most [`MAX_CONNECTIONS`] at once, each closed after [`REQUEST_TIMEOUT`]
+/// without an answer; `accept` errors (out of file descriptors) back off
+/// instead of spinning.
 pub async fn serve(listener: TcpListener, state: SharedMetrics) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok((mut sock, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            continue;
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            // Full: close it now rather than hold a descriptor for it.
+            drop(sock);
             continue;
         };
         let state = state.clone();
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 8192];
-            let mut len = 0;
-            // Read the request head (we ignore any body).
-            while len < buf.len() {
-                match sock.read(&mut buf[len..]).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => len += n,
-                }
-                if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                    break;
-                }
-            }
-            let head = String::from_utf8_lossy(&buf[..len]);
-            let path = head.split_whitespace().nth(1).unwrap_or("");
-            let (status, ctype, body) = match (head.starts_with("GET "), path) {
-                (true, "/metrics") => {
-                    let snapshot = state
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .clone();
-                    (
-                        "200 OK",
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        render(&snapshot),
-                    )
-                }
-                (true, "/healthz") => ("200 OK", "text/plain", "ok\n".to_owned()),
-                (true, _) => ("404 Not Found", "text/plain", "try /metrics\n".to_owned()),
-                _ => (
-                    "405 Method Not Allowed",
-                    "text/plain",
-                    "GET only\n".to_owned(),
-                ),
-            };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = sock.write_all(resp.as_bytes()).await;
-            let _ = sock.shutdown().await;
+            let _permit = permit;
+            let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(&mut sock, &state)).await;
         });
     }
+}
+
+/// Reads one request head and answers it.
+async fn answer(sock: &mut tokio::net::TcpStream, state: &SharedMetrics) {
+    let mut buf = vec![0u8; 8192];
+    let mut len = 0;
+    // Read the request head (we ignore any body).
+    while len < buf.len() {
+        match sock.read(&mut buf[len..]).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => len += n,
+        }
+        if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    let head = String::from_utf8_lossy(&buf[..len]);
+    let path = head.split_whitespace().nth(1).unwrap_or("");
+    let (status, ctype, body) = match (head.starts_with("GET "), path) {
+        (true, "/metrics") => {
+            let snapshot = state
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            (
+                "200 OK",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                render(&snapshot),
+            )
+        }
+        (true, "/healthz") => ("200 OK", "text/plain", "ok\n".to_owned()),
+        (true, _) => ("404 Not Found", "text/plain", "try /metrics\n".to_owned()),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "GET only\n".to_owned(),
+        ),
+    };
+    let resp = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = sock.write_all(resp.as_bytes()).await;
+    let _ = sock.shutdown().await;
 }
 
 #[cfg(test)]

@@ -253,7 +253,7 @@ fn register(session: &mut Session) -> Result<(AsyncFd<RingBuf<MapData>>, Option<
 }
 
 /// Metrics endpoint, alert sender and findings output, before attaching.
-async fn start_service(
+fn start_service(
     p: &mut Pipeline,
     opts: &ServiceOptions,
     metrics: &SharedMetrics,
@@ -272,12 +272,15 @@ async fn start_service(
             )
         });
     }
+    raise_nofile();
     if let Some(addr) = opts.metrics_listen {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| anyhow!("can't serve metrics on {addr}: {e}"))?;
-        eprintln!("tracer: metrics on http://{addr}/metrics");
-        tokio::spawn(crate::metrics::serve(listener, metrics.clone()));
+        // A port another process holds is a warning and a retry: tracing
+        // never waits for the metrics endpoint.
+        tokio::spawn(crate::metrics::serve_retrying(
+            addr,
+            metrics.clone(),
+            std::time::Duration::from_secs(10),
+        ));
     }
     Ok(match &opts.alertmanager {
         Some(am) => {
@@ -368,7 +371,7 @@ fn update_metrics(metrics: &SharedMetrics, p: &Pipeline, counters: &Counters, se
 }
 
 /// The pipeline of a live run, its metrics, and the alert sender.
-async fn live_pipeline(
+fn live_pipeline(
     plan: &kernel::AttachPlan,
     opts: &WatchOptions,
 ) -> Result<(Pipeline, SharedMetrics, Option<AlertTask>), Failure> {
@@ -383,7 +386,7 @@ async fn live_pipeline(
         kernel_release: plan.kernel_release.clone(),
         ..MetricsState::default()
     }));
-    let alert_task = start_service(&mut p, &opts.service, &metrics, clock).await?;
+    let alert_task = start_service(&mut p, &opts.service, &metrics, clock)?;
     Ok((p, metrics, alert_task))
 }
 
@@ -393,7 +396,7 @@ async fn watch(plan: &kernel::AttachPlan, opts: &WatchOptions) -> Result<(), Fai
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
-    let (mut p, metrics, alert_task) = live_pipeline(plan, opts).await?;
+    let (mut p, metrics, alert_task) = live_pipeline(plan, opts)?;
     let mut session =
         Session::start(plan, opts.ringbuf_bytes, opts.baseline).map_err(Failure::from)?;
     report_attach(&session, plan, opts)?;
@@ -630,5 +633,23 @@ fn print_costs(e: &mut impl io::Write, costs: &[Cost]) {
             f(c.floor_ns_per_run(), 1),
             f(c.ratio(), 2)
         );
+    }
+}
+
+/// Raises the soft limit of open files to the hard one, so connections to
+/// the metrics endpoint can't take the descriptors the log and the probes
+/// need (the server also caps its connections).
+fn raise_nofile() {
+    let mut rlim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read or fill the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut rlim) == 0 && rlim.rlim_cur < rlim.rlim_max
+        {
+            rlim.rlim_cur = rlim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &raw const rlim);
+        }
     }
 }

@@ -268,3 +268,170 @@ fn a_symlinked_or_shared_log_folder_is_refused_with_exit_2() {
     assert_eq!(sim(&fresh).code, Some(0));
     assert_eq!(std::fs::metadata(&fresh).unwrap().mode() & 0o777, 0o750);
 }
+
+/// Root and /dev/kvm, or an explicit skip (TRACER_SKIP_LIVE=1) that says so.
+fn live_or_skip(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root && Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    if std::env::var_os("TRACER_SKIP_LIVE").is_some_and(|v| v == "1") {
+        eprintln!("SKIPPED {test}: needs root and /dev/kvm (TRACER_SKIP_LIVE=1)");
+        return false;
+    }
+    panic!("{test} needs root and /dev/kvm, or TRACER_SKIP_LIVE=1 to skip explicitly");
+}
+
+/// `tracer run` with its stderr in a file; killed when dropped.
+struct Daemon {
+    child: std::process::Child,
+    stderr: PathBuf,
+}
+
+impl Daemon {
+    fn start(dir: &Path, metrics: &str) -> Self {
+        let stderr = dir.join("run.err");
+        let child = tracer()
+            .args(["run", "--duration", "60s", "--metrics-listen", metrics])
+            .arg("--log-dir")
+            .arg(dir.join("log"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        let d = Self { child, stderr };
+        assert!(
+            wait(Duration::from_secs(30), || d.err().contains("probe(s) in")),
+            "never attached: {}",
+            d.err()
+        );
+        d
+    }
+
+    fn err(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM, and the exit code.
+    fn stop(mut self) -> Option<i32> {
+        // SAFETY: kill sends a signal to our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().unwrap().code()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait(limit: Duration, mut ok: impl FnMut() -> bool) -> bool {
+    let started = std::time::Instant::now();
+    while started.elapsed() < limit {
+        if ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+fn scrape(port: u16) -> Option<String> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.starts_with("HTTP/1.1 200").then_some(out)
+}
+
+/// CPU seconds the process used (utime + stime).
+fn cpu_s(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    ticks / f64::from(u32::try_from(hz).unwrap_or(100))
+}
+
+#[test]
+fn a_squatted_metrics_port_is_a_warning_and_a_retry_not_an_exit() {
+    if !live_or_skip("a_squatted_metrics_port_is_a_warning_and_a_retry_not_an_exit") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = squatter.local_addr().unwrap().port();
+    let d = Daemon::start(dir.path(), &format!("127.0.0.1:{port}"));
+    assert!(d.err().contains("can't serve metrics"), "{}", d.err());
+    drop(squatter);
+    assert!(
+        wait(Duration::from_secs(25), || scrape(port).is_some()),
+        "the daemon never took the port back: {}",
+        d.err()
+    );
+    assert_eq!(d.stop(), Some(0));
+}
+
+#[test]
+fn idle_connections_do_not_exhaust_the_daemon() {
+    if !live_or_skip("idle_connections_do_not_exhaust_the_daemon") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let d = Daemon::start(dir.path(), &format!("127.0.0.1:{port}"));
+    assert!(wait(Duration::from_secs(10), || scrape(port).is_some()));
+    // This test process needs descriptors for its 1,100 sockets too.
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read or fill the struct we pass.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut rl);
+        rl.rlim_cur = rl.rlim_max.min(8192);
+        libc::setrlimit(libc::RLIMIT_NOFILE, &raw const rl);
+    }
+    let cpu0 = cpu_s(d.pid());
+    let idle: Vec<std::net::TcpStream> = (0..1100)
+        .filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).ok())
+        .collect();
+    assert!(idle.len() > 1000, "{} connections", idle.len());
+    std::thread::sleep(Duration::from_secs(2));
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", d.pid()))
+        .unwrap()
+        .count();
+    let spent = cpu_s(d.pid()) - cpu0;
+    eprintln!("1,100 idle connections: daemon holds {fds} fds, used {spent:.2} s CPU in 2 s");
+    assert!(fds < 400, "{fds} descriptors held");
+    assert!(spent < 1.0, "{spent:.2} s CPU: a busy loop?");
+    // Idle connections are closed after the request timeout; scrapes work
+    // again while the attacker's sockets are still open.
+    assert!(
+        wait(Duration::from_secs(15), || scrape(port).is_some()),
+        "no scrape answered"
+    );
+    drop(idle);
+    let err = d.err();
+    assert_eq!(d.stop(), Some(0), "{err}");
+}
