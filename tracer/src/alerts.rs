@@ -177,6 +177,9 @@ async fn sender(
     }
 }
 
+/// The most of an Alertmanager response that is read.
+const RESPONSE_MAX: u64 = 64 << 10;
+
 fn body_len(body: &str) -> u64 {
     serde_json::from_str::<Vec<Value>>(body).map_or(0, |v| v.len() as u64)
 }
@@ -194,8 +197,12 @@ async fn post(t: &Target, body: &str) -> Result<(), String> {
     s.write_all(req.as_bytes())
         .await
         .map_err(|e| format!("send: {e}"))?;
+    // At most RESPONSE_MAX bytes are read: an endless answer can't grow
+    // the daemon's memory.
     let mut resp = Vec::new();
-    s.read_to_end(&mut resp)
+    (&mut s)
+        .take(RESPONSE_MAX)
+        .read_to_end(&mut resp)
         .await
         .map_err(|e| format!("read: {e}"))?;
     let head = String::from_utf8_lossy(&resp);

@@ -149,7 +149,7 @@ pub struct FindingsConfig {
 /// A config error: file, and toml's message (line, key and reason).
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("can't read config {path}: {source}")]
+    #[error("can't read config {path}")]
     Read {
         path: PathBuf,
         #[source]
@@ -173,11 +173,25 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Reads a config file: a regular file of at most [`CONFIG_MAX`] bytes
+    /// (not a device that never ends, not a FIFO that never answers).
     pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        use std::io::Read as _;
+        let read_err = |source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
-        })?;
+        };
+        let meta = std::fs::metadata(path).map_err(read_err)?;
+        if !meta.is_file() || meta.len() > CONFIG_MAX {
+            return Err(read_err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("not a regular file of at most {} KiB", CONFIG_MAX >> 10),
+            )));
+        }
+        let mut text = String::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(CONFIG_MAX).read_to_string(&mut text))
+            .map_err(read_err)?;
         Self::parse(path, &text)
     }
 
@@ -212,9 +226,53 @@ impl Config {
         if self.alertmanager.attempts == 0 {
             return Err("key `alertmanager.attempts`: must be at least 1".into());
         }
-        Ok(())
+        self.check_bounds()
+    }
+
+    /// Every setting within sane bounds: an absurd value (a queue of 2^64,
+    /// a segment rotated every nanosecond) is refused with its key, not
+    /// left to panic or wipe the log's history.
+    fn check_bounds(&self) -> Result<(), String> {
+        let (l, a) = (&self.log, &self.alertmanager);
+        let mut out_of = Vec::new();
+        let mut check = |key: &str, ok: bool, range: &str| {
+            if !ok {
+                out_of.push(format!("key `{key}`: must be {range}"));
+            }
+        };
+        check(
+            "log.segment_size",
+            (16 << 10..=1 << 40).contains(&l.segment_size),
+            "between 16K and 1024G",
+        );
+        check(
+            "log.segment_age",
+            (Duration::from_secs(1)..=Duration::from_hours(7 * 24)).contains(&l.segment_age),
+            "between 1s and 7d",
+        );
+        check("log.max_files", l.max_files <= 1_000_000, "at most 1000000");
+        check(
+            "log.flight_events",
+            l.flight_events <= 100_000,
+            "at most 100000",
+        );
+        check(
+            "alertmanager.queue",
+            (1..=100_000).contains(&a.queue),
+            "between 1 and 100000",
+        );
+        check("alertmanager.attempts", a.attempts <= 100, "at most 100");
+        check(
+            "alertmanager.timeout",
+            (Duration::from_millis(10)..=Duration::from_mins(10)).contains(&a.timeout),
+            "between 10ms and 10m",
+        );
+        out_of.into_iter().next().map_or(Ok(()), Err)
     }
 }
+
+/// The largest config file read.
+pub const CONFIG_MAX: u64 = 1 << 20;
 
 /// `64M`, `1G`, `4096`…
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -328,6 +386,31 @@ mod tests {
         // The example turns nothing on that the defaults leave off.
         want.alertmanager.url = cfg.alertmanager.url.clone();
         assert_eq!(cfg, want);
+    }
+
+    #[test]
+    fn absurd_values_are_refused_with_their_key() {
+        for (text, key) in [
+            (
+                "[alertmanager]\nqueue = 18446744073709551615\n",
+                "alertmanager.queue",
+            ),
+            (
+                "[log]\nsegment_age = \"0.0000000001s\"\n",
+                "log.segment_age",
+            ),
+            ("[log]\nsegment_size = 1\n", "log.segment_size"),
+            ("[log]\nflight_events = 1000000000\n", "log.flight_events"),
+            (
+                "[alertmanager]\nattempts = 4000000000\n",
+                "alertmanager.attempts",
+            ),
+        ] {
+            let e = Config::parse(Path::new("t.toml"), text)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("key `{key}`")), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -375,6 +375,12 @@ fn report(r: &Replayed) {
             eprintln!("tracer: {p}");
         }
     }
+    if s.problems_not_kept > 0 {
+        eprintln!(
+            "tracer: … and {} more problem(s) not kept",
+            s.problems_not_kept
+        );
+    }
     for (source, n) in &shown {
         if *n > PROBLEMS_SHOWN {
             eprintln!(

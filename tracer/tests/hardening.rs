@@ -435,3 +435,79 @@ fn idle_connections_do_not_exhaust_the_daemon() {
     let err = d.err();
     assert_eq!(d.stop(), Some(0), "{err}");
 }
+
+/// Runs `cmd` to the end; its exit code, stderr and peak RSS in MiB.
+#[expect(
+    clippy::zombie_processes,
+    reason = "reaped by wait4, which also gives its rusage"
+)]
+fn peak_rss(cmd: &mut std::process::Command) -> (Option<i32>, String, u64) {
+    let child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.unwrap(), &mut err).unwrap();
+    let mut status = 0;
+    // SAFETY: a zeroed rusage is a valid out-parameter for wait4.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: wait4 on our own child, with valid out-pointers.
+    let r = unsafe { libc::wait4(pid, &raw mut status, 0, &raw mut ru) };
+    assert_eq!(r, pid);
+    let code = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
+    (code, err, u64::try_from(ru.ru_maxrss).unwrap_or(0) >> 10)
+}
+
+#[test]
+fn replay_memory_stays_bounded_on_hostile_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    // One 256 MiB line, zstd-compressed to a few KiB.
+    let long = dir.path().join("events-20261128T000000Z-000000.jsonl.zst");
+    {
+        let mut enc = zstd::Encoder::new(std::fs::File::create(&long).unwrap(), 3).unwrap();
+        let chunk = vec![b'a'; 1 << 20];
+        for _ in 0..256 {
+            std::io::Write::write_all(&mut enc, &chunk).unwrap();
+        }
+        std::io::Write::write_all(&mut enc, b"\n").unwrap();
+        enc.finish().unwrap();
+    }
+    assert!(std::fs::metadata(&long).unwrap().len() < 64 << 10);
+    let (code, err, mib) = peak_rss(tracer().arg("replay").arg(&long));
+    eprintln!("one 256 MiB line: peak RSS {mib} MiB");
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("longer than"), "{err}");
+    assert!(mib < 64, "peak RSS {mib} MiB");
+
+    // Two million bad lines.
+    let bad = dir.path().join("bad.jsonl.zst");
+    {
+        let mut enc = zstd::Encoder::new(std::fs::File::create(&bad).unwrap(), 3).unwrap();
+        for _ in 0..2_000_000 {
+            std::io::Write::write_all(&mut enc, b"{not json\n").unwrap();
+        }
+        enc.finish().unwrap();
+    }
+    let (code, err, mib) = peak_rss(tracer().arg("replay").arg(&bad));
+    eprintln!("two million bad lines: peak RSS {mib} MiB");
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("2000000 line(s) skipped"), "{err}");
+    assert!(err.contains("not kept"), "{err}");
+    assert!(mib < 64, "peak RSS {mib} MiB");
+
+    // A device and a FIFO are not read (exit 2, at once).
+    let fifo = dir.path().join("fifo.jsonl");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo reads the NUL-terminated path we pass.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    for input in [Path::new("/dev/zero"), fifo.as_path()] {
+        let r = run(tracer().arg("replay").arg(input));
+        assert_eq!(r.code, Some(2), "{}", r.stderr);
+        assert!(r.stderr.contains("not a regular file"), "{}", r.stderr);
+        let r = run(tracer().arg("run").arg("--config").arg(input));
+        assert_eq!(r.code, Some(2), "{}", r.stderr);
+        assert!(r.stderr.contains("not a regular file"), "{}", r.stderr);
+    }
+}

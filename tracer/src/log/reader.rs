@@ -75,7 +75,23 @@ pub struct ReadStats {
     /// Lines skipped (bad, binary, torn).
     pub skipped_lines: u64,
     pub torn_lines: u64,
+    /// The first [`PROBLEMS_KEPT`] problems; the rest are only counted.
     pub problems: Vec<Problem>,
+    pub problems_not_kept: u64,
+}
+
+/// Problems kept for the report: a file of millions of bad lines must not
+/// take memory for each.
+pub const PROBLEMS_KEPT: usize = 1000;
+
+impl ReadStats {
+    pub fn problem(&mut self, p: Problem) {
+        if self.problems.len() < PROBLEMS_KEPT {
+            self.problems.push(p);
+        } else {
+            self.problems_not_kept += 1;
+        }
+    }
 }
 
 /// Why the inputs can't be read at all.
@@ -83,6 +99,8 @@ pub struct ReadStats {
 pub enum InputError {
     #[error("{0}: no such file or folder")]
     Missing(PathBuf),
+    #[error("{0}: not a regular file or folder (a device, FIFO or socket); not read")]
+    NotRegular(PathBuf),
     #[error("{0}: no event logs in this folder (looked for events-*.jsonl and events-*.jsonl.zst)")]
     EmptyDir(PathBuf),
     #[error("{path}: {source}")]
@@ -112,8 +130,12 @@ pub fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, InputError> {
                 return Err(InputError::EmptyDir(input.clone()));
             }
             out.extend(segs.into_iter().map(|(p, _)| p));
-        } else if input.exists() {
+        } else if input.is_file() {
             out.push(input.clone());
+        } else if input.exists() {
+            // A device (/dev/zero) or a FIFO would feed or block the reader
+            // forever.
+            return Err(InputError::NotRegular(input.clone()));
         } else {
             return Err(InputError::Missing(input.clone()));
         }
@@ -146,6 +168,19 @@ pub fn read_all(
             kind,
             message,
         };
+        // Only regular files: a device (/dev/zero) or a FIFO would feed or
+        // block the reader forever.
+        if path != Path::new("-")
+            && let Ok(meta) = std::fs::metadata(path)
+            && !meta.is_file()
+        {
+            stats.problem(problem(
+                ProblemKind::BadFile,
+                "not a regular file (a device, FIFO or socket); skipped".into(),
+            ));
+            on_record(&source, Record::Skipped);
+            continue;
+        }
         let reader: Box<dyn Read> = if path == Path::new("-") {
             Box::new(io::stdin().lock())
         } else {
@@ -197,7 +232,7 @@ pub fn read_one(
         let n = match (&mut reader).take(MAX_LINE + 1).read_until(b'\n', &mut buf) {
             Ok(n) => n,
             Err(e) => {
-                stats.problems.push(Problem {
+                stats.problem(Problem {
                     source: source.to_owned(),
                     line: Some(lineno + 1),
                     kind: ProblemKind::BadFile,
@@ -214,13 +249,12 @@ pub fn read_one(
         // A problem on the line before this one was not the last line after
         // all: it is a bad line, not a torn one.
         if let Some((_, p)) = pending.take() {
-            stats.problems.push(p);
+            stats.problem(p);
         }
         let complete = buf.last() == Some(&b'\n');
         if !complete && n as u64 > MAX_LINE {
-            // Skip the rest of an overlong line.
-            let mut sink = Vec::new();
-            let _ = reader.read_until(b'\n', &mut sink);
+            // Skip the rest of an overlong line without keeping it.
+            skip_line(&mut reader);
         }
         let bad = |kind, message: String| Problem {
             source: source.to_owned(),
@@ -230,7 +264,7 @@ pub fn read_one(
         };
         let Ok(text) = std::str::from_utf8(&buf) else {
             stats.skipped_lines += 1;
-            stats.problems.push(bad(
+            stats.problem(bad(
                 ProblemKind::Binary,
                 "not UTF-8 text (binary data?); skipped".into(),
             ));
@@ -239,7 +273,7 @@ pub fn read_one(
         };
         if n as u64 > MAX_LINE {
             stats.skipped_lines += 1;
-            stats.problems.push(bad(
+            stats.problem(bad(
                 ProblemKind::Binary,
                 format!("line longer than {MAX_LINE} bytes; skipped"),
             ));
@@ -256,7 +290,7 @@ pub fn read_one(
                     && let Some(p) = first_record_problem(&record)
                 {
                     let fatal = p.0 == ProblemKind::WrongSchema;
-                    stats.problems.push(bad(p.0, p.1));
+                    stats.problem(bad(p.0, p.1));
                     if fatal {
                         return;
                     }
@@ -273,7 +307,7 @@ pub fn read_one(
                 let p = bad(ProblemKind::BadLine, format!("{e}; skipped"));
                 on_record(source, Record::Skipped);
                 if complete {
-                    stats.problems.push(p);
+                    stats.problem(p);
                 } else {
                     // No newline: maybe the torn last line of a crash.
                     pending = Some((lineno, p));
@@ -282,6 +316,23 @@ pub fn read_one(
         }
     }
     finish_file(source, lineno, pending, stats);
+}
+
+/// Consumes input up to and including the next newline, storing nothing.
+fn skip_line(reader: &mut impl BufRead) {
+    loop {
+        let (done, used) = match reader.fill_buf() {
+            Ok([]) | Err(_) => return,
+            Ok(buf) => match buf.iter().position(|&b| b == b'\n') {
+                Some(i) => (true, i + 1),
+                None => (false, buf.len()),
+            },
+        };
+        reader.consume(used);
+        if done {
+            return;
+        }
+    }
 }
 
 /// The end of a file: a pending bad last line is a torn one; no line at
@@ -294,10 +345,10 @@ fn finish_file(source: &str, lines: u64, pending: Option<(u64, Problem)>, stats:
             "the last line (line {line}) stops mid-record: the writer was stopped while \
              writing; the records before it are intact"
         );
-        stats.problems.push(p);
+        stats.problem(p);
     }
     if lines == 0 {
-        stats.problems.push(Problem {
+        stats.problem(Problem {
             source: source.to_owned(),
             line: None,
             kind: ProblemKind::Empty,
