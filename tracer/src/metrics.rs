@@ -36,6 +36,7 @@ pub struct MetricsState {
     pub bpf: BTreeMap<String, (u64, u64)>,
     pub entries: u64,
     pub forbidden_entries: u64,
+    pub log_write_errors: u64,
     pub stale_entries: u64,
     pub entry_report_retries: u64,
     pub alerts_sent: u64,
@@ -205,6 +206,11 @@ fn register_totals(r: &mut Registry, s: &MetricsState) {
             "log_dropped",
             "Records the event log could not write (disk full, write errors)",
             s.log_dropped,
+        ),
+        (
+            "log_write_errors",
+            "Times writing the event log failed (disk full, read-only, folder removed); it is retried every batch",
+            s.log_write_errors,
         ),
     ] {
         counter(r, name, help, v);

@@ -367,6 +367,7 @@ fn update_metrics(metrics: &SharedMetrics, p: &Pipeline, counters: &Counters, se
         let s = r.stats();
         m.log_records = s.records;
         m.log_dropped = s.dropped;
+        m.log_write_errors = s.write_errors;
     }
 }
 

@@ -291,22 +291,16 @@ struct Daemon {
 
 impl Daemon {
     fn start(dir: &Path, metrics: &str) -> Self {
-        let stderr = dir.join("run.err");
-        let child = tracer()
-            .args(["run", "--duration", "60s", "--metrics-listen", metrics])
-            .arg("--log-dir")
-            .arg(dir.join("log"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .unwrap();
-        let d = Self { child, stderr };
-        assert!(
-            wait(Duration::from_secs(30), || d.err().contains("probe(s) in")),
-            "never attached: {}",
-            d.err()
-        );
-        d
+        let log = dir.join("log");
+        daemon_with(
+            dir,
+            &[
+                "--log-dir",
+                log.to_str().unwrap(),
+                "--metrics-listen",
+                metrics,
+            ],
+        )
     }
 
     fn err(&self) -> String {
@@ -509,5 +503,189 @@ fn replay_memory_stays_bounded_on_hostile_logs() {
         let r = run(tracer().arg("run").arg("--config").arg(input));
         assert_eq!(r.code, Some(2), "{}", r.stderr);
         assert!(r.stderr.contains("not a regular file"), "{}", r.stderr);
+    }
+}
+
+/// A tmpfs of `size` mounted for one test, unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "tmpfs",
+            ])
+            .arg(at)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount tmpfs at {}", at.display());
+        Self(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A busy faulty model log to feed `tracer run --inject`.
+fn busy_log(dir: &Path) -> PathBuf {
+    let out = tracer()
+        .args([
+            "simulate",
+            "--kernel",
+            "mirror-freed-by-zap",
+            "--scenario",
+            "fleet",
+        ])
+        .args(["--vcpus", "4", "--rounds", "10"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let p = dir.join("busy.jsonl");
+    std::fs::write(&p, out.stdout).unwrap();
+    p
+}
+
+fn daemon_with(dir: &Path, args: &[&str]) -> Daemon {
+    let stderr = dir.join("run.err");
+    let child = tracer()
+        .args(["run", "--duration", "60s"])
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    let d = Daemon { child, stderr };
+    assert!(
+        wait(Duration::from_secs(30), || d.err().contains("probe(s) in")),
+        "never attached: {}",
+        d.err()
+    );
+    d
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn a_full_disk_degrades_the_log_and_detection_goes_on() {
+    if !live_or_skip("a_full_disk_degrades_the_log_and_detection_goes_on") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let fs = Tmpfs::mount(&dir.path().join("mnt"), "256k");
+    let log = fs.0.join("log");
+    let sim = busy_log(dir.path());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics = format!("127.0.0.1:{port}");
+    let d = daemon_with(
+        dir.path(),
+        &[
+            "--log-dir",
+            log.to_str().unwrap(),
+            "--min-free",
+            "1",
+            "--no-compress",
+            "--metrics-listen",
+            &metrics,
+            "--inject",
+            sim.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        wait(Duration::from_secs(30), || d
+            .err()
+            .contains("can't be written")),
+        "{}",
+        d.err()
+    );
+    let m = (0..50)
+        .find_map(|_| {
+            std::thread::sleep(Duration::from_millis(200));
+            scrape(port).filter(|m| metric(m, "kvm_root_tracer_log_dropped_total") > 0.0)
+        })
+        .expect("the metrics count the records the log lost");
+    assert!(
+        metric(&m, "kvm_root_tracer_findings_total") > 0.0,
+        "detection went on"
+    );
+    assert!(metric(&m, "kvm_root_tracer_log_write_errors_total") > 0.0);
+    let err = d.err();
+    assert_eq!(d.stop(), Some(0), "{err}");
+}
+
+#[test]
+fn a_read_only_log_folder_at_start_is_a_degraded_start() {
+    if !live_or_skip("a_read_only_log_folder_at_start_is_a_degraded_start") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let fs = Tmpfs::mount(&dir.path().join("mnt"), "1m");
+    let log = fs.0.join("log");
+    std::fs::create_dir(&log).unwrap();
+    let ok = std::process::Command::new("mount")
+        .args(["-o", "remount,ro"])
+        .arg(&fs.0)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let d = daemon_with(
+        dir.path(),
+        &["--log-dir", log.to_str().unwrap(), "--metrics-listen", ""],
+    );
+    assert!(d.err().contains("can't be written"), "{}", d.err());
+    let err = d.err();
+    assert_eq!(d.stop(), Some(0), "{err}");
+}
+
+#[test]
+fn a_removed_log_folder_is_made_again() {
+    if !live_or_skip("a_removed_log_folder_is_made_again") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let d = daemon_with(
+        dir.path(),
+        &["--log-dir", log.to_str().unwrap(), "--metrics-listen", ""],
+    );
+    std::fs::remove_dir_all(&log).unwrap();
+    // SAFETY: kill sends SIGHUP to our own child.
+    unsafe { libc::kill(d.pid() as i32, libc::SIGHUP) };
+    assert!(
+        wait(Duration::from_secs(10), || !names_if(&log, "events-")
+            .is_empty()),
+        "{}",
+        d.err()
+    );
+    let err = d.err();
+    assert_eq!(d.stop(), Some(0), "{err}");
+}
+
+fn names_if(dir: &Path, prefix: &str) -> Vec<String> {
+    if dir.is_dir() {
+        names(dir, prefix)
+    } else {
+        Vec::new()
     }
 }

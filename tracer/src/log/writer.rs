@@ -74,6 +74,9 @@ pub struct RecorderStats {
     pub segments_pruned: u64,
     /// Records not written: disk guard or write errors.
     pub dropped: u64,
+    /// Times writing failed (disk full, read-only, folder removed): the log
+    /// degraded to counting, and retried.
+    pub write_errors: u64,
 }
 
 struct Segment {
@@ -102,6 +105,10 @@ pub struct Recorder {
     /// Re-read the clocks for each segment's header (live recording); a
     /// simulation keeps the header's fixed model clock.
     live_clock: bool,
+    /// Records appended since the last successful flush: lost if it fails.
+    unflushed: u64,
+    /// Why the log can't be written now, while it can't.
+    failing: Option<String>,
 }
 
 fn io_err(path: &Path, what: &str, e: &io::Error) -> io::Error {
@@ -179,9 +186,45 @@ impl Recorder {
                 std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()
             },
             live_clock,
+            unflushed: 0,
+            failing: None,
         };
-        r.open_segment()?;
+        // A full or read-only disk is no reason not to trace: the log
+        // starts degraded and retries at every batch.
+        if let Err(e) = r.open_segment() {
+            r.degrade(0, &e);
+        }
         Ok(r)
+    }
+
+    /// Why the log can't be written now, if it can't.
+    pub fn failing(&self) -> Option<&str> {
+        self.failing.as_deref()
+    }
+
+    /// Writing failed: the records not yet on disk are counted as lost (and
+    /// a `loss` record says so once writing works again), the segment is
+    /// dropped, and the next batches retry. Detection never stops for it.
+    fn degrade(&mut self, now_ns: u64, e: &io::Error) {
+        self.stats.write_errors += 1;
+        if self.failing.is_none() {
+            eprintln!(
+                "tracer: warning: the event log can't be written: {e}; detection, metrics and \
+                 alerts go on, lost records are counted, and writing is retried"
+            );
+        }
+        self.failing = Some(e.to_string());
+        if let Some(seg) = self.current.take() {
+            // Discard what the failed write left buffered.
+            let _ = seg.out.into_parts();
+        }
+        let lost = std::mem::take(&mut self.unflushed);
+        if lost > 0 {
+            self.stats.records = self.stats.records.saturating_sub(lost);
+            self.stats.dropped += lost;
+            let (n, from) = self.pending_loss.unwrap_or((0, now_ns));
+            self.pending_loss = Some((n + lost, from));
+        }
     }
 
     pub fn stats(&self) -> RecorderStats {
@@ -269,6 +312,7 @@ impl Recorder {
             .and_then(|()| seg.out.write_all(b"\n"));
         if ok.is_ok() {
             seg.bytes += line.len() as u64 + 1;
+            self.unflushed += 1;
             self.stats.records += 1;
             self.stats.bytes += line.len() as u64 + 1;
         } else {
@@ -299,8 +343,30 @@ impl Recorder {
     }
 
     /// Ends a batch: hands the data to the kernel, fsyncs per policy,
-    /// rotates when due, and writes a loss record for anything dropped.
+    /// rotates when due, and writes a loss record for anything dropped. A
+    /// write error degrades the log (see `degrade`); it is never returned.
     pub fn flush(&mut self, now_ns: u64) -> io::Result<()> {
+        match self.try_flush(now_ns) {
+            Ok(()) if self.current.is_some() => {
+                self.unflushed = 0;
+                if let Some(why) = self.failing.take() {
+                    eprintln!("tracer: the event log is written again (it failed: {why})");
+                }
+            }
+            Ok(()) => {}
+            Err(e) => self.degrade(now_ns, &e),
+        }
+        Ok(())
+    }
+
+    fn try_flush(&mut self, now_ns: u64) -> io::Result<()> {
+        // The folder removed under us: records would go to an unlinked file.
+        if self.current.is_some() && !self.dir.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("the log folder {} was removed", self.dir.display()),
+            ));
+        }
         if let Some((n, from)) = self.pending_loss
             && self.current.is_some()
             && self.has_room()
@@ -315,8 +381,9 @@ impl Recorder {
             });
         }
         let Some(seg) = self.current.as_mut() else {
-            // Try again: space may have come back.
-            if self.has_room() {
+            // Try again: space may have come back, the folder may be back.
+            if !self.dir.exists() || self.has_room() {
+                check_log_dir(&self.dir)?;
                 self.open_segment()?;
             }
             return Ok(());
@@ -347,15 +414,16 @@ impl Recorder {
 
     /// Closes the active segment (compressing it) and opens a new one.
     pub fn rotate(&mut self) -> io::Result<()> {
-        self.close_current()?;
-        match self.open_segment() {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::StorageFull => {
-                eprintln!("tracer: warning: {e}; recording pauses and losses are counted");
-                Ok(())
+        let r = self.close_current().and_then(|()| {
+            if !self.dir.exists() {
+                check_log_dir(&self.dir)?;
             }
-            Err(e) => Err(e),
+            self.open_segment()
+        });
+        if let Err(e) = r {
+            self.degrade(0, &e);
         }
+        Ok(())
     }
 
     /// Reopens the log (SIGHUP): a new segment, the old one closed.
@@ -409,7 +477,9 @@ impl Recorder {
 
     /// Flushes, fsyncs and closes; waits for compressions.
     pub fn close(mut self) -> io::Result<RecorderStats> {
-        self.close_current()?;
+        if let Err(e) = self.close_current() {
+            self.degrade(0, &e);
+        }
         for h in self.compressors.drain(..) {
             let _ = h.join();
         }
@@ -698,14 +768,14 @@ mod tests {
             min_free_bytes: u64::MAX,
             ..RecordConfig::default()
         };
-        let err = Recorder::open(dir.path(), cfg, header(), true)
-            .err()
-            .expect("no room");
-        assert_eq!(err.kind(), io::ErrorKind::StorageFull);
-        assert!(
-            err.to_string().contains("not opening a new log segment"),
-            "{err}"
-        );
+        // Issue 13: no room is no reason not to start; the log degrades.
+        let mut r = Recorder::open(dir.path(), cfg, header(), true).expect("a degraded start");
+        let why = r.failing().expect("it says why").to_owned();
+        assert!(why.contains("not opening a new log segment"), "{why}");
+        r.drop_record(5);
+        r.flush(10).unwrap();
+        assert_eq!(r.close().unwrap().dropped, 1);
+        assert!(names(dir.path()).is_empty());
     }
 
     #[test]
