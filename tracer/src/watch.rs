@@ -274,6 +274,13 @@ fn start_service(
     }
     raise_nofile();
     if let Some(addr) = opts.metrics_listen {
+        if !addr.ip().is_loopback() {
+            eprintln!(
+                "tracer: warning: metrics on {addr} are served beyond this host, without TLS or \
+                 authentication: anyone who reaches it reads VM ids and kernel activity; prefer \
+                 loopback and a local agent"
+            );
+        }
         // A port another process holds is a warning and a retry: tracing
         // never waits for the metrics endpoint.
         tokio::spawn(crate::metrics::serve_retrying(

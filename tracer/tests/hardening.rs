@@ -689,3 +689,29 @@ fn names_if(dir: &Path, prefix: &str) -> Vec<String> {
         Vec::new()
     }
 }
+
+#[test]
+fn a_crashs_leftovers_are_compressed_or_removed_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let left = dir.path().join("events-20260101T000000Z-000000.jsonl");
+    std::fs::write(&left, "{\"record\":\"summary\"}\n").unwrap();
+    let tmp = dir
+        .path()
+        .join("events-20260101T000000Z-000000.jsonl.zst.tmp");
+    std::fs::write(&tmp, "half a compression").unwrap();
+    let header = Header::for_this_host("test".into(), "test".into(), vec![]);
+    let cfg = RecordConfig {
+        min_free_bytes: 0,
+        ..RecordConfig::default()
+    };
+    Recorder::open(dir.path(), cfg, header, true)
+        .unwrap()
+        .close()
+        .unwrap();
+    assert!(!tmp.exists() && !left.exists());
+    assert!(
+        dir.path()
+            .join("events-20260101T000000Z-000000.jsonl.zst")
+            .exists()
+    );
+}

@@ -111,6 +111,9 @@ pub struct Recorder {
     failing: Option<String>,
 }
 
+/// Compressions running at once.
+const MAX_COMPRESSORS: usize = 2;
+
 fn io_err(path: &Path, what: &str, e: &io::Error) -> io::Error {
     io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
 }
@@ -189,12 +192,72 @@ impl Recorder {
             unflushed: 0,
             failing: None,
         };
+        r.recover_leftovers();
         // A full or read-only disk is no reason not to trace: the log
         // starts degraded and retries at every batch.
         if let Err(e) = r.open_segment() {
             r.degrade(0, &e);
         }
         Ok(r)
+    }
+
+    /// Compresses a closed segment on a helper thread: at most
+    /// `MAX_COMPRESSORS` at once (the oldest is waited for beyond that), and
+    /// inline when no thread can be made.
+    fn compress_in_background(&mut self, path: &Path) {
+        self.compressors.retain(|h| !h.is_finished());
+        while self.compressors.len() >= MAX_COMPRESSORS {
+            let _ = self.compressors.remove(0).join();
+        }
+        let job = path.to_path_buf();
+        let spawned = std::thread::Builder::new()
+            .name("compress".into())
+            .spawn(move || {
+                if let Err(e) = compress_segment(&job) {
+                    eprintln!("tracer: warning: compressing {}: {e}", job.display());
+                }
+            });
+        match spawned {
+            Ok(h) => self.compressors.push(h),
+            Err(_) => {
+                if let Err(e) = compress_segment(path) {
+                    eprintln!("tracer: warning: compressing {}: {e}", path.display());
+                }
+            }
+        }
+    }
+
+    /// What a crash left: temp files of a compression are removed, and
+    /// closed segments left uncompressed are compressed (only this user's
+    /// regular files, as everywhere).
+    fn recover_leftovers(&mut self) {
+        use std::os::unix::fs::MetadataExt as _;
+        // SAFETY: geteuid has no preconditions and can't fail.
+        let me = unsafe { libc::geteuid() };
+        if let Ok(entries) = fs::read_dir(&self.dir) {
+            for e in entries.flatten() {
+                let tmp = e.file_name().to_str().is_some_and(|n| {
+                    n.starts_with(SEGMENT_PREFIX) && n.ends_with(".jsonl.zst.tmp")
+                });
+                let ours = e
+                    .metadata()
+                    .is_ok_and(|m| m.file_type().is_file() && (m.uid() == me || m.uid() == 0));
+                if tmp && ours {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+        if !self.cfg.compress {
+            return;
+        }
+        let Ok((segs, _)) = scan_segments(&self.dir) else {
+            return;
+        };
+        for (path, _) in segs {
+            if path.to_string_lossy().ends_with(".jsonl") {
+                self.compress_in_background(&path);
+            }
+        }
     }
 
     /// Why the log can't be written now, if it can't.
@@ -439,13 +502,7 @@ impl Recorder {
         seg.out.get_ref().sync_data()?;
         drop(seg.out);
         if self.cfg.compress {
-            let path = seg.path;
-            self.compressors.retain(|h| !h.is_finished());
-            self.compressors.push(std::thread::spawn(move || {
-                if let Err(e) = compress_segment(&path) {
-                    eprintln!("tracer: warning: compressing {}: {e}", path.display());
-                }
-            }));
+            self.compress_in_background(&seg.path);
             self.stats.segments_compressed += 1;
         }
         Ok(())
