@@ -244,25 +244,25 @@ fn fuzz(root: &Path, seconds: u64) -> Result<()> {
         args.extend(["--root".to_owned(), tools.display().to_string()]);
         nightly_cargo(root, root, &args, &[], "installing cargo-fuzz")?;
     }
-    // The working corpus is not committed (only the seeds are).
-    std::fs::create_dir_all(root.join("tracer/fuzz/corpus/log_reader"))?;
-    eprintln!("xtask: fuzzing the event-log reader for {seconds} s");
-    let mut args = strings(&[
-        "fuzz",
-        "run",
-        "log_reader",
-        "fuzz/corpus/log_reader",
-        "fuzz/seeds",
-        "--",
-    ]);
-    args.push(format!("-max_total_time={seconds}"));
-    nightly_cargo(
-        root,
-        &root.join("tracer"),
-        &args,
-        &[],
-        "the fuzzer found a failure (see tracer/fuzz/artifacts/), or fuzzing",
-    )
+    // The event-log reader, then the config parser, half the time each.
+    // The working corpora are not committed (only the reader's seeds are).
+    for (target, seeds) in [("log_reader", Some("fuzz/seeds")), ("config", None)] {
+        std::fs::create_dir_all(root.join("tracer/fuzz/corpus").join(target))?;
+        eprintln!("xtask: fuzzing {target} for {} s", seconds.div_ceil(2));
+        let corpus = format!("fuzz/corpus/{target}");
+        let mut args = strings(&["fuzz", "run", target, &corpus]);
+        args.extend(seeds.map(str::to_owned));
+        args.push("--".into());
+        args.push(format!("-max_total_time={}", seconds.div_ceil(2)));
+        nightly_cargo(
+            root,
+            &root.join("tracer"),
+            &args,
+            &[],
+            "the fuzzer found a failure (see tracer/fuzz/artifacts/), or fuzzing",
+        )?;
+    }
+    Ok(())
 }
 
 /// The tracer and its example workloads, release build: what the QEMU
