@@ -245,6 +245,17 @@ pub enum Boundary {
     Gap,
 }
 
+/// Why a VM's state goes.
+#[derive(Clone, Copy)]
+enum Removal {
+    /// Its `vm_destroy` was seen.
+    Teardown,
+    /// The caps made room.
+    Evicted,
+    /// Its pointer turned up with another creator: a new VM.
+    Reused,
+}
+
 /// VMs torn down recently, so their late events don't bring them back.
 const TOMBSTONES: usize = 4096;
 
@@ -404,7 +415,7 @@ impl Detector {
                         .get(&kvm)
                         .and_then(|v| v.userspace_pid)
                         .or(ev.userspace_pid);
-                    self.remove_vm(kvm, true);
+                    self.remove_vm(kvm, Removal::Teardown);
                     self.bury(kvm, pid, ev.ts_ns);
                 }
             }
@@ -604,9 +615,7 @@ impl Detector {
         if let (Some(vm), Some(pid)) = (self.vms.get(&kvm), ev.userspace_pid)
             && vm.userspace_pid.is_some_and(|old| old != pid)
         {
-            self.remove_vm(kvm, false);
-            self.stats.vms_evicted -= 1;
-            self.stats.vms_reused += 1;
+            self.remove_vm(kvm, Removal::Reused);
         }
         if !self.vms.contains_key(&kvm) && self.vms.len() >= self.cfg.max_vms {
             self.evict_vms();
@@ -683,8 +692,8 @@ impl Detector {
         }
     }
 
-    /// Drops a VM and its vCPUs, counted as teardown or as eviction.
-    fn remove_vm(&mut self, kvm: u64, teardown: bool) {
+    /// Drops a VM and its vCPUs, counted by why.
+    fn remove_vm(&mut self, kvm: u64, why: Removal) {
         let Some(vm) = self.vms.remove(&kvm) else {
             return;
         };
@@ -693,12 +702,19 @@ impl Detector {
             .iter()
             .filter(|v| self.vcpus.remove(v).is_some())
             .count() as u64;
-        if teardown {
-            self.stats.vms_torn_down += 1;
-            self.stats.vcpus_torn_down += vcpus;
-        } else {
-            self.stats.vms_evicted += 1;
-            self.stats.vcpus_evicted += vcpus;
+        match why {
+            Removal::Teardown => {
+                self.stats.vms_torn_down += 1;
+                self.stats.vcpus_torn_down += vcpus;
+            }
+            Removal::Evicted => {
+                self.stats.vms_evicted += 1;
+                self.stats.vcpus_evicted += vcpus;
+            }
+            Removal::Reused => {
+                self.stats.vms_reused += 1;
+                self.stats.vcpus_evicted += vcpus;
+            }
         }
     }
 
@@ -720,7 +736,7 @@ impl Detector {
         let mut by_age: Vec<(u64, u64)> = self.vms.iter().map(|(k, v)| (v.last_seen, *k)).collect();
         by_age.select_nth_unstable(n - 1);
         for &(_, kvm) in &by_age[..n] {
-            self.remove_vm(kvm, false);
+            self.remove_vm(kvm, Removal::Evicted);
         }
     }
 }
@@ -770,6 +786,34 @@ impl VcpuState {
         if ev.mmu_valid_gen.is_some() {
             self.mmu_valid_gen = ev.mmu_valid_gen;
         }
+    }
+
+    /// The forbidden state `ev` shows, when it was not reported yet at
+    /// entry (`at_entry`) or after a load: a vCPU stuck in one state raises
+    /// one finding, and a legal state clears both, so a second episode is
+    /// reported again.
+    fn newly_forbidden(
+        &mut self,
+        ev: &Event,
+        tdx: bool,
+        stale: bool,
+        at_entry: bool,
+    ) -> Option<Forbidden> {
+        let pair = match judged_state(ev, tdx, stale) {
+            Judged::Unknown => return None,
+            Judged::Legal => {
+                self.reported_entry = None;
+                self.reported_load = None;
+                return None;
+            }
+            Judged::Forbidden(pair) => pair,
+        };
+        let reported = if at_entry {
+            &mut self.reported_entry
+        } else {
+            &mut self.reported_load
+        };
+        (reported.replace(pair) != Some(pair)).then_some(pair)
     }
 }
 
@@ -872,19 +916,9 @@ fn check_load(vc: &mut VcpuState, tdx: bool, stale: bool, r: &Raise<'_>, out: &m
         ));
         return;
     }
-    let pair = match judged_state(ev, tdx, stale) {
-        Judged::Unknown => return,
-        Judged::Legal => {
-            vc.reported_load = None;
-            vc.reported_entry = None;
-            return;
-        }
-        Judged::Forbidden(pair) => pair,
-    };
-    if vc.reported_load == Some(pair) {
+    let Some(pair) = vc.newly_forbidden(ev, tdx, stale, false) else {
         return;
-    }
-    vc.reported_load = Some(pair);
+    };
     let (kind, text) = if pair.2 {
         (
             FindingKind::MirrorRootStaleAfterLoad,
@@ -924,19 +958,9 @@ fn check_entry(vc: &mut VcpuState, tdx: bool, stale: bool, r: &Raise<'_>, out: &
     if !ran {
         return;
     }
-    let pair = match judged_state(ev, tdx, stale) {
-        Judged::Unknown => return,
-        Judged::Legal => {
-            vc.reported_entry = None;
-            vc.reported_load = None;
-            return;
-        }
-        Judged::Forbidden(pair) => pair,
-    };
-    if vc.reported_entry == Some(pair) {
+    let Some(pair) = vc.newly_forbidden(ev, tdx, stale, true) else {
         return;
-    }
-    vc.reported_entry = Some(pair);
+    };
     let (kind, text) = if pair.2 {
         (
             FindingKind::MirrorRootStaleAtEntry,

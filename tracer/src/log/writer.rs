@@ -138,8 +138,7 @@ pub fn check_log_dir(dir: &Path) -> io::Result<()> {
         }
         Ok(m) if !m.is_dir() => Err(refuse("is not a folder".into())),
         Ok(m) => {
-            // SAFETY: geteuid has no preconditions and can't fail.
-            let me = unsafe { libc::geteuid() };
+            let me = euid();
             if m.uid() != me {
                 Err(refuse(format!(
                     "is owned by uid {}, not by uid {me}",
@@ -231,18 +230,12 @@ impl Recorder {
     /// closed segments left uncompressed are compressed (only this user's
     /// regular files, as everywhere).
     fn recover_leftovers(&mut self) {
-        use std::os::unix::fs::MetadataExt as _;
-        // SAFETY: geteuid has no preconditions and can't fail.
-        let me = unsafe { libc::geteuid() };
         if let Ok(entries) = fs::read_dir(&self.dir) {
             for e in entries.flatten() {
                 let tmp = e.file_name().to_str().is_some_and(|n| {
                     n.starts_with(SEGMENT_PREFIX) && n.ends_with(".jsonl.zst.tmp")
                 });
-                let ours = e
-                    .metadata()
-                    .is_ok_and(|m| m.file_type().is_file() && (m.uid() == me || m.uid() == 0));
-                if tmp && ours {
+                if tmp && e.metadata().is_ok_and(|m| not_ours(&m).is_none()) {
                     let _ = fs::remove_file(e.path());
                 }
             }
@@ -599,6 +592,28 @@ pub fn compress_segment(path: &Path) -> io::Result<()> {
     fs::remove_file(path)
 }
 
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and can't fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Why a folder entry (its metadata, symlinks not followed) is not one of
+/// the daemon's files: not a regular file, or owned by neither this user
+/// nor root. `None`: it is.
+fn not_ours(meta: &fs::Metadata) -> Option<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    if !meta.file_type().is_file() {
+        Some("not a regular file".into())
+    } else if meta.uid() != euid() && meta.uid() != 0 {
+        Some(format!(
+            "owned by uid {}, not by this user or root",
+            meta.uid()
+        ))
+    } else {
+        None
+    }
+}
+
 /// Segment paths and sizes.
 pub type Segments = Vec<(PathBuf, u64)>;
 /// Entries that are not the daemon's segments, and why.
@@ -620,9 +635,6 @@ pub fn list_segments(dir: &Path) -> io::Result<Vec<(PathBuf, u64)>> {
     reason = "the writer names segments itself, in lower case"
 )]
 pub fn scan_segments(dir: &Path) -> io::Result<(Segments, Ignored)> {
-    use std::os::unix::fs::MetadataExt as _;
-    // SAFETY: geteuid has no preconditions and can't fail.
-    let me = unsafe { libc::geteuid() };
     let mut out = Vec::new();
     let mut ignored = Vec::new();
     for entry in fs::read_dir(dir)? {
@@ -646,15 +658,9 @@ pub fn scan_segments(dir: &Path) -> io::Result<(Segments, Ignored)> {
         let Ok(meta) = entry.metadata() else {
             continue;
         };
-        if !meta.file_type().is_file() {
-            ignored.push((entry.path(), "not a regular file".into()));
-        } else if meta.uid() != me && meta.uid() != 0 {
-            ignored.push((
-                entry.path(),
-                format!("owned by uid {}, not by this user or root", meta.uid()),
-            ));
-        } else {
-            out.push((entry.path(), meta.len()));
+        match not_ours(&meta) {
+            Some(why) => ignored.push((entry.path(), why)),
+            None => out.push((entry.path(), meta.len())),
         }
     }
     out.sort();
