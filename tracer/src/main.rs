@@ -534,7 +534,7 @@ fn simulate(args: &SimulateArgs) -> Result<(), Failure> {
     p.end_batch(last)
         .map_err(|e| anyhow::anyhow!("writing the event log: {e}"))?;
     let stats = p
-        .finish()
+        .finish(last, None)
         .map_err(|e| anyhow::anyhow!("closing the event log: {e}"))?
         .unwrap_or_default();
     let findings: u64 = p.tally.findings.values().sum();

@@ -44,6 +44,11 @@ pub struct MetricsState {
     pub alerts_dropped: u64,
     pub log_records: u64,
     pub log_dropped: u64,
+    /// Why the event log can't be written now (disk full, read-only,
+    /// folder removed, a stalled filesystem), while it can't.
+    pub log_failing: Option<String>,
+    /// Recording is on.
+    pub log_enabled: bool,
 }
 
 pub type SharedMetrics = Arc<Mutex<MetricsState>>;
@@ -141,6 +146,14 @@ pub fn render(s: &MetricsState) -> String {
         "Tracked VMs whose vm_type is TDX",
         s.tdx_vms,
     );
+    if s.log_enabled {
+        gauge(
+            &mut r,
+            "log_writable",
+            "1 while the event log is written, 0 while it fails (see /healthz for why); detection goes on either way",
+            u64::from(s.log_failing.is_none()),
+        );
+    }
     counter_family(
         &mut r,
         "bpf_run_time_nanoseconds",
@@ -306,7 +319,20 @@ async fn answer(sock: &mut tokio::net::TcpStream, state: &SharedMetrics) {
                 render(&snapshot),
             )
         }
-        (true, "/healthz") => ("200 OK", "text/plain", "ok\n".to_owned()),
+        (true, "/healthz") => {
+            let failing = state
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .log_failing
+                .clone();
+            // Still 200: detection goes on without the log, and a restart
+            // would not bring the disk back.
+            let body = match failing {
+                None => "ok\n".to_owned(),
+                Some(why) => format!("degraded: event log: {why}\n"),
+            };
+            ("200 OK", "text/plain", body)
+        }
         (true, _) => ("404 Not Found", "text/plain", "try /metrics\n".to_owned()),
         _ => (
             "405 Method Not Allowed",

@@ -5,7 +5,7 @@
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
     io::{self, Write as _},
-    path::PathBuf,
+    time::Duration,
 };
 
 use crate::{
@@ -13,7 +13,8 @@ use crate::{
     event::{Event, Kind},
     log::{
         Header, Loss,
-        writer::{Recorder, RecorderStats, utc_compact},
+        sink::{Incident, LogSink},
+        writer::{RecorderStats, utc_compact},
     },
 };
 
@@ -112,15 +113,11 @@ impl Output {
 /// The last events of each VM, written to an incident file beside the log
 /// when a finding fires, ready to attach to a bug report.
 pub struct FlightRecorder {
-    dir: PathBuf,
     per_vm: usize,
     rings: HashMap<u64, VecDeque<Event>>,
     /// Incident files written; capped so a flood of findings can't fill
     /// the disk.
     written: u64,
-    /// The number in the next incident file's name (names taken by files
-    /// already there are skipped).
-    next_name: u64,
     max_files: u64,
     /// When each (VM, kind) last got an incident file: at most one per
     /// `quiet_ns` (event time).
@@ -135,13 +132,11 @@ impl FlightRecorder {
     /// VMs with a ring at most; beyond, the ring of a VM is dropped.
     const MAX_VMS: usize = 4096;
 
-    pub fn new(dir: PathBuf, per_vm: usize, header: Header) -> Self {
+    pub fn new(per_vm: usize, header: Header) -> Self {
         Self {
-            dir,
             per_vm,
             rings: HashMap::new(),
             written: 0,
-            next_name: 0,
             max_files: 1000,
             last_incident: HashMap::new(),
             quiet_ns: 600_000_000_000,
@@ -174,10 +169,11 @@ impl FlightRecorder {
         ring.push_back(ev.clone());
     }
 
-    /// Writes `incident-<time>-<kind>-vmm<pid>.jsonl`; returns its path.
-    fn incident(&mut self, f: &Finding) -> io::Result<Option<PathBuf>> {
+    /// The incident file for `f` (`incident-<time>-<n>-<kind>-vmm<pid>.jsonl`,
+    /// written by the log's thread), unless rate-limited or capped.
+    fn incident(&mut self, f: &Finding) -> Option<Incident> {
         if f.severity < crate::detector::Severity::Warning {
-            return Ok(None);
+            return None;
         }
         let key = (f.kvm, f.kind);
         let recent = self
@@ -186,7 +182,7 @@ impl FlightRecorder {
             .is_some_and(|&t| f.ts_ns < t + self.quiet_ns);
         if recent || self.written >= self.max_files {
             self.suppressed += 1;
-            return Ok(None);
+            return None;
         }
         if self.last_incident.len() >= Self::MAX_VMS * 4 {
             self.last_incident.clear();
@@ -194,13 +190,6 @@ impl FlightRecorder {
         self.last_incident.insert(key, f.ts_ns);
         let clock = self.header.clock;
         let when = utc_compact(clock.to_realtime(f.ts_ns) / 1_000_000_000);
-        let name = |n: u64| {
-            format!(
-                "incident-{when}-{n}-{}-vmm{}.jsonl",
-                f.kind.name(),
-                f.userspace_pid.unwrap_or(-1)
-            )
-        };
         let mut body = self.header.to_json_record();
         body.push('\n');
         if let Some(ring) = self.rings.get(&f.kvm) {
@@ -211,23 +200,17 @@ impl FlightRecorder {
         }
         body.push_str(&f.to_json_record());
         body.push('\n');
-        // Never through a planted symlink or over an existing file: the next
-        // number is taken instead.
-        let mut n = self.next_name;
-        let (path, mut file) = loop {
-            let path = self.dir.join(name(n));
-            match crate::log::writer::create_private(&path) {
-                Ok(f) => break (path, f),
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && n < self.next_name + 1000 => {
-                    n += 1;
-                }
-                Err(e) => return Err(e),
-            }
-        };
-        io::Write::write_all(&mut file, body.as_bytes())?;
         self.written += 1;
-        self.next_name = n + 1;
-        Ok(Some(path))
+        Some(Incident {
+            stem: format!("incident-{when}"),
+            suffix: format!(
+                "-{}-vmm{}.jsonl",
+                f.kind.name(),
+                f.userspace_pid.unwrap_or(-1)
+            ),
+            body,
+            label: format!("{} {}", f.severity.name(), f.kind.name()),
+        })
     }
 }
 
@@ -237,7 +220,7 @@ pub struct Pipeline {
     findings: Vec<Finding>,
     pub tally: Tally,
     pub out: Option<Output>,
-    pub recorder: Option<Recorder>,
+    pub recorder: Option<LogSink>,
     pub flight: Option<FlightRecorder>,
     /// Findings to Alertmanager.
     pub alerts: Option<crate::alerts::AlertSink>,
@@ -248,7 +231,7 @@ pub struct Pipeline {
 impl Pipeline {
     pub fn new(
         out: Option<Output>,
-        recorder: Option<Recorder>,
+        recorder: Option<LogSink>,
         flight: Option<FlightRecorder>,
     ) -> Self {
         Self {
@@ -308,20 +291,10 @@ impl Pipeline {
                 eprintln!("tracer: warning: writing findings output failed; it is now off");
                 self.findings_out = None;
             }
-            if let Some(fr) = self.flight.as_mut() {
-                match fr.incident(&f) {
-                    Ok(Some(path)) => {
-                        self.tally.incidents += 1;
-                        eprintln!(
-                            "tracer: {} {}: incident file {}",
-                            f.severity.name(),
-                            f.kind.name(),
-                            path.display()
-                        );
-                    }
-                    Ok(None) => {}
-                    Err(e) => eprintln!("tracer: warning: writing the incident file: {e}"),
-                }
+            if let Some(inc) = self.flight.as_mut().and_then(|fr| fr.incident(&f))
+                && let Some(r) = self.recorder.as_mut()
+            {
+                r.incident(inc);
             }
         }
     }
@@ -347,16 +320,26 @@ impl Pipeline {
             o.flush();
         }
         if let Some(r) = self.recorder.as_mut() {
-            r.flush(now_mono_ns)?;
+            r.end_batch(now_mono_ns);
         }
         Ok(())
     }
 
-    /// Closes the log; returns its statistics.
-    pub fn finish(&mut self) -> io::Result<Option<RecorderStats>> {
+    /// Closes the log, waiting at most `limit` for its writer (a frozen
+    /// filesystem must not hold a stopping daemon forever); returns its
+    /// statistics.
+    pub fn finish(
+        &mut self,
+        now_mono_ns: u64,
+        limit: Option<Duration>,
+    ) -> io::Result<Option<RecorderStats>> {
         if let Some(o) = self.out.as_mut() {
             o.flush();
         }
-        self.recorder.take().map(Recorder::close).transpose()
+        let stats = self.recorder.take().map(|r| r.close(now_mono_ns, limit));
+        if let Some(s) = stats {
+            self.tally.incidents = s.incidents;
+        }
+        Ok(stats)
     }
 }

@@ -28,6 +28,7 @@ use crate::{
     loader::{Cost, Counters, Session},
     log::{
         ClockPair, Header, Loss, PlanEntry,
+        sink::LogSink,
         writer::{RecordConfig, Recorder},
     },
     metrics::{MetricsState, SharedMetrics},
@@ -129,8 +130,12 @@ pub fn build_pipeline(
         Some(r) => {
             let recorder = Recorder::open(&r.dir, r.config, header.clone(), live_clock)
                 .map_err(|e| anyhow!("can't record the event log: {e}"))?;
-            let flight = (r.flight_events > 0)
-                .then(|| FlightRecorder::new(r.dir.clone(), r.flight_events, header));
+            // Live, a full queue drops (counted) rather than stall the ring
+            // buffer; a simulation waits for the disk.
+            let recorder = LogSink::spawn(recorder, !live_clock)
+                .map_err(|e| anyhow!("can't start the event log's thread: {e}"))?;
+            let flight =
+                (r.flight_events > 0).then(|| FlightRecorder::new(r.flight_events, header));
             (Some(recorder), flight)
         }
         None => (None, None),
@@ -375,6 +380,8 @@ fn update_metrics(metrics: &SharedMetrics, p: &Pipeline, counters: &Counters, se
         m.log_records = s.records;
         m.log_dropped = s.dropped;
         m.log_write_errors = s.write_errors;
+        m.log_failing = r.failing();
+        m.log_enabled = true;
     }
 }
 
@@ -460,8 +467,7 @@ async fn watch(plan: &kernel::AttachPlan, opts: &WatchOptions) -> Result<(), Fai
             }
             _ = sighup.recv() => {
                 if let Some(r) = p.recorder.as_mut() {
-                    r.reopen().map_err(|e| anyhow!("reopening the event log: {e}"))?;
-                    eprintln!("tracer: SIGHUP: reopened the event log");
+                    r.reopen();
                 }
             }
             _ = sigint.recv() => break,
@@ -494,7 +500,7 @@ async fn watch(plan: &kernel::AttachPlan, opts: &WatchOptions) -> Result<(), Fai
     p.end_batch(ClockPair::now().monotonic_ns)
         .map_err(|e| anyhow!("writing the event log: {e}"))?;
     let rec = p
-        .finish()
+        .finish(ClockPair::now().monotonic_ns, Some(Duration::from_secs(30)))
         .map_err(|e| anyhow!("closing the event log: {e}"))?;
     summarize(&mut p, &counters, &costs, elapsed);
     if let Some(rec) = rec {

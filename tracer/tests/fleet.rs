@@ -189,6 +189,219 @@ fn systemd_unit_verifies_where_systemd_analyze_exists() {
     );
 }
 
+/// `systemd-analyze security --offline` of the shipped unit: the overall
+/// exposure, and the lines that name `what`.
+fn unit_security() -> Option<(f64, String)> {
+    let analyze = Path::new("/usr/bin/systemd-analyze");
+    if !analyze.exists() {
+        eprintln!("SKIPPED the unit's security score: systemd-analyze is not installed here");
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kvm-root-tracer.service");
+    std::fs::copy(repo().join("dist/systemd/kvm-root-tracer.service"), &path).unwrap();
+    let out = Command::new(analyze)
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let score = text
+        .lines()
+        .find_map(|l| l.split("Overall exposure level for").nth(1))
+        .and_then(|l| l.split(": ").nth(1))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no overall exposure in: {text}"));
+    Some((score, text))
+}
+
+#[test]
+fn systemd_unit_exposure_stays_at_or_below_2_6() {
+    let Some((score, text)) = unit_security() else {
+        return;
+    };
+    eprintln!("systemd-analyze security: overall exposure {score}");
+    assert!(score <= 2.6, "exposure {score}:\n{text}");
+    for ok in [
+        "ProtectKernelTunables=",
+        "ProtectProc=",
+        "SystemCallFilter=~@resources",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with('✓') && l.contains(ok)),
+            "{ok} is not satisfied:\n{text}"
+        );
+    }
+    assert!(!text.contains("char-rtc"), "{text}");
+    let unit =
+        std::fs::read_to_string(repo().join("dist/systemd/kvm-root-tracer.service")).unwrap();
+    assert_eq!(
+        unit.matches("\nReadWritePaths=").count(),
+        0,
+        "StateDirectory= covers it"
+    );
+    assert!(unit.contains("\nIPAddressDeny=any\n"));
+    assert!(unit.contains("\nIPAddressAllow=localhost\n"));
+}
+
+/// The system calls a `SystemCallFilter=` group stands for, nested groups
+/// expanded.
+fn syscall_group(name: &str, out: &mut std::collections::BTreeSet<String>) {
+    if !name.starts_with('@') {
+        out.insert(name.to_owned());
+        return;
+    }
+    let text = Command::new("systemd-analyze")
+        .args(["syscall-filter", "--no-pager", name])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    for line in text.lines().skip(1) {
+        let item = line.trim();
+        if item.is_empty() || item.starts_with('#') {
+            continue;
+        }
+        syscall_group(item, out);
+    }
+}
+
+/// What the unit's `SystemCallFilter=` lines allow, in order: the first is
+/// an allow list, `~` lines take away, later plain lines add.
+fn unit_allowed_syscalls() -> std::collections::BTreeSet<String> {
+    let unit =
+        std::fs::read_to_string(repo().join("dist/systemd/kvm-root-tracer.service")).unwrap();
+    let mut allowed = std::collections::BTreeSet::new();
+    for line in unit.lines() {
+        let Some(v) = line.strip_prefix("SystemCallFilter=") else {
+            continue;
+        };
+        let (deny, items) = match v.strip_prefix('~') {
+            Some(rest) => (true, rest),
+            None => (false, v),
+        };
+        let mut set = std::collections::BTreeSet::new();
+        for item in items.split_whitespace() {
+            syscall_group(item, &mut set);
+        }
+        if deny {
+            allowed.retain(|s| !set.contains(s));
+        } else {
+            allowed.extend(set);
+        }
+    }
+    allowed
+}
+
+/// Every system call the daemon makes, traced with strace through its
+/// start, attaching, recording, rotation, compression, a scrape, SIGHUP
+/// and stop, is one the shipped unit's filter allows: the tighter filter
+/// (no @privileged, no @resources) does not kill it.
+#[test]
+fn the_daemon_makes_only_system_calls_the_unit_allows() {
+    if !needs(
+        "the_daemon_makes_only_system_calls_the_unit_allows",
+        true,
+        &["/usr/bin/strace", "/usr/bin/systemd-analyze"],
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sim = tracer()
+        .args([
+            "simulate",
+            "--kernel",
+            "mirror-freed-by-zap",
+            "--scenario",
+            "fleet",
+        ])
+        .args(["--vcpus", "2", "--rounds", "3"])
+        .output()
+        .unwrap();
+    assert!(sim.status.success());
+    let inject = dir.path().join("busy.jsonl");
+    std::fs::write(&inject, sim.stdout).unwrap();
+    let port = free_port();
+    let trace = dir.path().join("strace.txt");
+    let mut child = Command::new("strace")
+        .args(["-f", "-qq", "-o"])
+        .arg(&trace)
+        .arg(env!("CARGO_BIN_EXE_tracer"))
+        .args([
+            "run",
+            "--duration",
+            "8s",
+            "--segment-age",
+            "2s",
+            "--log-dir",
+        ])
+        .arg(dir.path().join("log"))
+        .args(["--metrics-listen", &format!("127.0.0.1:{port}"), "--inject"])
+        .arg(&inject)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while http_get(port, "/metrics").is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "never served metrics"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The daemon is strace's child.
+    let daemon =
+        std::fs::read_to_string(format!("/proc/{}/task/{}/children", child.id(), child.id()))
+            .unwrap_or_default();
+    for pid in daemon.split_whitespace() {
+        // SAFETY: kill has no memory preconditions; the pid is our grandchild.
+        unsafe { libc::kill(pid.parse().unwrap(), libc::SIGHUP) };
+    }
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "{err}");
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let used: std::collections::BTreeSet<String> = text
+        .lines()
+        .filter_map(|l| {
+            let call = l.split_whitespace().nth(1)?;
+            let name = call.split('(').next()?;
+            (call.contains('(')
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+            .then(|| name.to_owned())
+        })
+        .collect();
+    assert!(used.contains("bpf"), "the trace saw the daemon: {used:?}");
+    let allowed = unit_allowed_syscalls();
+    let denied: Vec<&String> = used.iter().filter(|s| !allowed.contains(*s)).collect();
+    eprintln!(
+        "{} distinct system calls, all allowed: {:?}",
+        used.len(),
+        denied.is_empty()
+    );
+    assert!(
+        denied.is_empty(),
+        "the unit's SystemCallFilter denies {denied:?}"
+    );
+    for s in [
+        "setuid",
+        "chown",
+        "setrlimit",
+        "sched_setaffinity",
+        "ptrace",
+    ] {
+        assert!(!allowed.contains(s), "{s} should be filtered out");
+    }
+}
+
 #[test]
 fn config_errors_name_file_key_and_reason_before_attaching() {
     let dir = tempfile::tempdir().unwrap();

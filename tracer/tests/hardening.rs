@@ -2,6 +2,8 @@
 //! planted symlinks at predictable names, names already taken, segments of
 //! another user, a permissive umask, terminal escapes in thread names.
 
+#[path = "support/kvm.rs"]
+mod kvm;
 #[path = "support/cli.rs"]
 mod support;
 
@@ -714,4 +716,168 @@ fn a_crashs_leftovers_are_compressed_or_removed_at_start() {
             .join("events-20260101T000000Z-000000.jsonl.zst")
             .exists()
     );
+}
+
+/// An ext4 image on a loop device, mounted for one test; thawed and
+/// unmounted when dropped (even when the test fails).
+struct FrozenCapable(PathBuf);
+
+impl FrozenCapable {
+    fn mount(dir: &Path) -> Self {
+        let img = dir.join("fs.img");
+        let at = dir.join("mnt");
+        std::fs::create_dir_all(&at).unwrap();
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        let sh = |cmd: &str, args: &[&std::ffi::OsStr]| {
+            let ok = std::process::Command::new(cmd)
+                .args(args)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "{cmd} {args:?}");
+        };
+        sh("mkfs.ext4", &["-q".as_ref(), img.as_os_str()]);
+        sh(
+            "mount",
+            &[
+                "-o".as_ref(),
+                "loop".as_ref(),
+                img.as_os_str(),
+                at.as_os_str(),
+            ],
+        );
+        Self(at)
+    }
+
+    fn freeze(&self, on: bool) {
+        let ok = std::process::Command::new("fsfreeze")
+            .arg(if on { "-f" } else { "-u" })
+            .arg(&self.0)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok || !on, "fsfreeze");
+    }
+}
+
+impl Drop for FrozenCapable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("fsfreeze")
+            .arg("-u")
+            .arg(&self.0)
+            .stderr(std::process::Stdio::null())
+            .status();
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+fn get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.starts_with("HTTP/1.1 200").then_some(out)
+}
+
+#[test]
+fn a_frozen_log_filesystem_stalls_only_the_log() {
+    if !live_or_skip("a_frozen_log_filesystem_stalls_only_the_log") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let fs = FrozenCapable::mount(dir.path());
+    let log = fs.0.join("log");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics = format!("127.0.0.1:{port}");
+    let d = daemon_with(
+        dir.path(),
+        &[
+            "--log-dir",
+            log.to_str().unwrap(),
+            "--min-free",
+            "1",
+            "--metrics-listen",
+            &metrics,
+        ],
+    );
+    let before = wait(Duration::from_secs(10), || scrape(port).is_some());
+    assert!(before, "no scrape before the freeze: {}", d.err());
+    let events_before = metric(&scrape(port).unwrap(), "kvm_root_tracer_events_total");
+    fs.freeze(true);
+    // Real guests while the log can't be written: each memslot deletion is
+    // a fast zap, each first run a root load.
+    let mut guest = kvm::Guest::new(2).unwrap();
+    guest.run_to_hlt().unwrap();
+    let mut scrapes = 0;
+    let mut failed = 0;
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(7) {
+        for _ in 0..20 {
+            guest.churn_slot().unwrap();
+            guest.run_to_hlt().unwrap();
+        }
+        scrapes += 1;
+        if scrape(port).is_none() {
+            failed += 1;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    drop(guest);
+    let m = scrape(port);
+    let health = get(port, "/healthz");
+    fs.freeze(false);
+    eprintln!("frozen 7 s: {failed} of {scrapes} scrapes failed; healthz {health:?}");
+    assert_eq!(
+        failed,
+        0,
+        "scrapes stalled behind the frozen log: {}",
+        d.err()
+    );
+    let m = m.expect("metrics while frozen");
+    let events = metric(&m, "kvm_root_tracer_events_total") - events_before;
+    assert!(events > 100.0, "only {events} events seen while frozen");
+    assert!(
+        metric(&m, "kvm_root_tracer_ringbuf_drops_total") < 0.5,
+        "ring-buffer drops"
+    );
+    assert!(metric(&m, "kvm_root_tracer_log_writable") < 0.5, "{m}");
+    let health = health.expect("healthz while frozen");
+    assert!(health.contains("degraded: event log"), "{health}");
+    // Thawed: the log catches up and says it is writable again.
+    assert!(
+        wait(Duration::from_secs(10), || scrape(port).is_some_and(
+            |m| metric(&m, "kvm_root_tracer_log_writable") > 0.5
+        )),
+        "the log never recovered: {}",
+        d.err()
+    );
+    let err = d.err();
+    assert_eq!(d.stop(), Some(0), "{err}");
+    let written: usize = std::fs::read_dir(&log)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("events-"))
+        .map(|e| {
+            let text = std::fs::read(e.path()).unwrap();
+            let text = if e.file_name().to_string_lossy().ends_with(".zst") {
+                zstd::decode_all(&text[..]).unwrap()
+            } else {
+                text
+            };
+            String::from_utf8_lossy(&text)
+                .lines()
+                .filter(|l| l.contains("\"zap_all_fast\""))
+                .count()
+        })
+        .sum();
+    assert!(written > 0, "nothing of the frozen time reached the log");
 }

@@ -141,6 +141,6 @@ fn detect_record_and_flight_recorder_allocate_nothing_per_event() {
     );
     assert!(n > 50_000, "stream too short: {n}");
     assert_eq!(quiet_allocs, 0, "the per-event path allocated");
-    let recorded = p.finish().unwrap().expect("recording");
+    let recorded = p.finish(0, None).unwrap().expect("recording");
     assert!(recorded.records >= n as u64, "{} records", recorded.records);
 }

@@ -94,18 +94,26 @@ fn tracer_pid(log: &Path) -> Option<i32> {
         })
 }
 
+/// tmux is here, or an explicit skip (TRACER_SKIP_TMUX=1) that says so.
+fn tmux_or_skip(test: &str) -> bool {
+    if Command::new("tmux").arg("-V").output().is_ok() {
+        return true;
+    }
+    if std::env::var_os("TRACER_SKIP_TMUX").is_some_and(|v| v == "1") {
+        eprintln!("SKIPPED {test}: no tmux");
+        return false;
+    }
+    panic!(
+        "tmux is missing, so the end-to-end test of `tracer top` can't run: \
+         `cargo xtask test` installs it (apt-get install tmux); \
+         TRACER_SKIP_TMUX=1 skips the test explicitly"
+    );
+}
+
 #[test]
 fn top_replays_a_faulty_kernel_in_a_real_terminal() {
-    if Command::new("tmux").arg("-V").output().is_err() {
-        if std::env::var_os("TRACER_SKIP_TMUX").is_some_and(|v| v == "1") {
-            eprintln!("SKIPPED top_replays_a_faulty_kernel_in_a_real_terminal: no tmux");
-            return;
-        }
-        panic!(
-            "tmux is missing, so the end-to-end test of `tracer top` can't run: \
-             `cargo xtask test` installs it (apt-get install tmux); \
-             TRACER_SKIP_TMUX=1 skips the test explicitly"
-        );
+    if !tmux_or_skip("top_replays_a_faulty_kernel_in_a_real_terminal") {
+        return;
     }
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("log");
@@ -204,4 +212,83 @@ fn top_replays_a_faulty_kernel_in_a_real_terminal() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Issue 13: `top --replay` of a log of a million events that compresses
+/// to a few KiB took gigabytes, because the whole log was loaded first. It
+/// streams now: the memory does not grow with the log.
+#[test]
+fn a_long_replay_streams_in_bounded_memory() {
+    if !tmux_or_skip("a_long_replay_streams_in_bounded_memory") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sim = Command::new(TRACER)
+        .args(["simulate", "--kernel", "mainline", "--scenario", "steady"])
+        .args(["--rounds", "1"])
+        .output()
+        .unwrap();
+    assert!(sim.status.success(), "{sim:?}");
+    let text = String::from_utf8(sim.stdout).unwrap();
+    let mut lines = text.lines();
+    let header = lines.next().unwrap();
+    let event = lines.next().unwrap();
+    // 100 zstd frames of 10,000 events each: a stream of a million events
+    // (~350 MB of JSON) in a file of a few KiB.
+    let log = dir.path().join("long.jsonl.zst");
+    let head = zstd::encode_all(format!("{header}\n").as_bytes(), 3).unwrap();
+    let block = zstd::encode_all(format!("{event}\n").repeat(10_000).as_bytes(), 3).unwrap();
+    let mut bytes = head;
+    for _ in 0..100 {
+        bytes.extend_from_slice(&block);
+    }
+    std::fs::write(&log, &bytes).unwrap();
+    assert!(bytes.len() < 256 << 10, "{} bytes", bytes.len());
+
+    let tmux = Tmux {
+        socket: format!("tracer-top-long-{}", std::process::id()),
+    };
+    let run = format!("{TRACER} top --replay {} --speed 100000", log.display());
+    tmux.cmd(&[
+        "new-session",
+        "-d",
+        "-s",
+        "top",
+        "-x",
+        "150",
+        "-y",
+        "45",
+        "sh",
+        "-c",
+        &run,
+    ]);
+    let started = Instant::now();
+    let mut peak_kib = 0u64;
+    let mut seen = false;
+    while started.elapsed() < Duration::from_secs(8) {
+        if let Some(pid) = tracer_pid(&log) {
+            seen = true;
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            if let Some(kib) = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            {
+                peak_kib = peak_kib.max(kib);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let screen = tmux.screen();
+    eprintln!(
+        "top --replay of 1,000,000 events in {} KiB: peak RSS {} MiB",
+        bytes.len() >> 10,
+        peak_kib >> 10
+    );
+    assert!(seen, "tracer top never ran: {screen}");
+    assert!(
+        screen.contains("tracer top"),
+        "the UI is up while it streams:\n{screen}"
+    );
+    assert!(peak_kib < 64 << 10, "peak RSS {} MiB", peak_kib >> 10);
 }

@@ -105,9 +105,11 @@ fn main() -> Result<()> {
         Task::Test => {
             setup(&root)?;
             // The fleet tests run the real Prometheus and Alertmanager; the
-            // `tracer top` end-to-end test drives it in tmux.
+            // `tracer top` end-to-end test drives it in tmux; the unit's
+            // system call filter is checked against an strace of the daemon.
             apt_install(&[
                 ("/usr/bin/tmux", "tmux"),
+                ("/usr/bin/strace", "strace"),
                 ("/usr/bin/prometheus", "prometheus"),
                 ("/usr/bin/promtool", "prometheus"),
                 (

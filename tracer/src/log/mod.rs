@@ -4,6 +4,7 @@
 //! The schema is documented in docs/event-log.md.
 
 pub mod reader;
+pub mod sink;
 pub mod writer;
 
 use serde::{Deserialize, Serialize};

@@ -77,6 +77,11 @@ pub struct RecorderStats {
     /// Times writing failed (disk full, read-only, folder removed): the log
     /// degraded to counting, and retried.
     pub write_errors: u64,
+    /// Incident files written.
+    pub incidents: u64,
+    /// Incident files not written (write error, or the writer's queue was
+    /// full).
+    pub incidents_lost: u64,
 }
 
 struct Segment {
@@ -377,9 +382,48 @@ impl Recorder {
     }
 
     fn drop_record(&mut self, ts_ns: u64) {
-        self.stats.dropped += 1;
+        self.drop_records(ts_ns, 1);
+    }
+
+    fn drop_records(&mut self, ts_ns: u64, lost: u64) {
+        self.stats.dropped += lost;
         let (n, from) = self.pending_loss.unwrap_or((0, ts_ns));
-        self.pending_loss = Some((n + 1, from));
+        self.pending_loss = Some((n + lost, from));
+    }
+
+    /// Appends `n` whole record lines (each ending in a newline) as one
+    /// write; `first_ts_ns` dates them if they are lost.
+    pub fn lines(&mut self, first_ts_ns: u64, n: u64, buf: &[u8]) {
+        if n == 0 {
+            return;
+        }
+        let Some(seg) = self.current.as_mut() else {
+            self.drop_records(first_ts_ns, n);
+            return;
+        };
+        match seg.out.write_all(buf) {
+            Ok(()) => {
+                seg.bytes += buf.len() as u64;
+                self.unflushed += n;
+                self.stats.records += n;
+                self.stats.bytes += buf.len() as u64;
+            }
+            Err(e) => {
+                // A batch larger than the buffer goes straight to the file:
+                // its error is this one, not the next flush's.
+                self.drop_records(first_ts_ns, n);
+                self.degrade(first_ts_ns, &e);
+            }
+        }
+    }
+
+    /// An incident file was written (or could not be).
+    pub fn count_incident(&mut self, written: bool) {
+        if written {
+            self.stats.incidents += 1;
+        } else {
+            self.stats.incidents_lost += 1;
+        }
     }
 
     pub fn event(&mut self, ev: &Event) {

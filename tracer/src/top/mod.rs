@@ -11,8 +11,12 @@ pub mod ui;
 
 use std::{
     collections::BTreeMap,
+    fmt::Write as _,
     path::PathBuf,
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc::{self, Receiver, TryRecvError},
+    },
     time::{Duration, Instant},
 };
 
@@ -25,9 +29,10 @@ use crate::{
     kernel::{self, KernelInfo, PlanOptions},
     loader::Session,
     log::{
-        ClockPair, PlanEntry,
+        ClockPair, Header, PlanEntry,
         reader::{self, ReadStats, Record},
     },
+    replay::{REORDER_WINDOW_NS, Sequencer, Step},
 };
 use state::{Action, TopState};
 
@@ -78,7 +83,7 @@ pub fn run(opts: &TopOptions) -> Result<(), Failure> {
     } else {
         let replay = Replay::load(opts)?;
         need_terminal()?;
-        Source::Replay(replay)
+        Source::Replay(Box::new(replay))
     };
     let mut state = source.state();
     catch_signals();
@@ -172,7 +177,7 @@ fn watchdog() {
 
 enum Source {
     Live(Box<Live>),
-    Replay(Replay),
+    Replay(Box<Replay>),
 }
 
 impl Source {
@@ -311,10 +316,73 @@ fn hostname() -> String {
         .unwrap_or_default()
 }
 
-/// A recorded log played back on its own clock.
+/// What the reader thread hands the replay, in timestamp order (within
+/// replay's reorder window).
+enum Fed {
+    Header(Box<Header>),
+    Event(Box<Event>),
+    Lost(u64),
+    Done {
+        events: u64,
+        problems: u64,
+        skipped: u64,
+        first_problem: Option<String>,
+    },
+}
+
+/// Records read ahead of the play position at most: the log streams, so a
+/// replay takes the same memory whatever the log's length.
+const READ_AHEAD: usize = 4096;
+
+/// Reads `files` on a thread of its own, as `tracer replay` orders them.
+fn spawn_reader(files: Vec<PathBuf>) -> std::io::Result<Receiver<Fed>> {
+    let (tx, rx) = mpsc::sync_channel(READ_AHEAD);
+    std::thread::Builder::new()
+        .name("replay-reader".into())
+        .spawn(move || {
+            let mut stats = ReadStats::default();
+            let mut seq = Sequencer::new(REORDER_WINDOW_NS);
+            let mut events = 0u64;
+            let mut judge = |step: Step<'_>| {
+                if let Step::Event(ev, _) = step {
+                    events += 1;
+                    let _ = tx.send(Fed::Event(Box::new(ev.clone())));
+                }
+            };
+            let mut header_sent = false;
+            reader::read_all(&files, &mut stats, |_, r| match r {
+                Record::Header(ref h) if !header_sent => {
+                    header_sent = true;
+                    let _ = tx.send(Fed::Header(h.clone()));
+                    seq.push(r, &mut judge);
+                }
+                Record::Loss(ref l) => {
+                    let _ = tx.send(Fed::Lost(l.lost));
+                    seq.push(r, &mut judge);
+                }
+                Record::Finding(_) => {}
+                other => seq.push(other, &mut judge),
+            });
+            seq.finish(&mut judge);
+            let _ = tx.send(Fed::Done {
+                events,
+                problems: stats.problems.len() as u64 + stats.problems_not_kept,
+                skipped: stats.skipped_lines,
+                first_problem: stats.problems.first().map(ToString::to_string),
+            });
+        })?;
+    Ok(rx)
+}
+
+/// A recorded log played back on its own clock, streamed: read ahead by a
+/// bounded queue, never loaded whole.
 struct Replay {
-    events: Vec<Event>,
-    next: usize,
+    rx: Receiver<Fed>,
+    /// The next event, once its time has not come yet.
+    pending: Option<Event>,
+    fed: u64,
+    /// How the log ended, once it has: the status line.
+    end: Option<String>,
     lost: u64,
     first_ns: u64,
     /// Log nanoseconds played so far.
@@ -331,40 +399,27 @@ struct Replay {
 impl Replay {
     fn load(opts: &TopOptions) -> Result<Self, Failure> {
         let files = reader::expand_inputs(&opts.replay).map_err(|e| anyhow!("{e}"))?;
-        let mut stats = ReadStats::default();
-        let mut events = Vec::new();
-        let mut lost = 0;
+        let names = files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let rx = spawn_reader(files).context("starting the log reader")?;
         let mut header = None;
-        reader::read_all(&files, &mut stats, |_, r| match r {
-            Record::Event(ev) => events.push(*ev),
-            Record::Loss(l) => lost += l.lost,
-            Record::Header(h) if header.is_none() => header = Some(h),
-            _ => {}
-        });
-        if events.is_empty() {
-            let why = stats
-                .problems
-                .first()
-                .map_or(String::new(), |p| format!(": {p}"));
-            return Err(anyhow!(
-                "no events in {}{why}",
-                files
-                    .iter()
-                    .map(|f| f.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-            .into());
-        }
-        if !stats.problems.is_empty() {
-            eprintln!(
-                "tracer: {} problem(s) reading the log; {} line(s) skipped (`tracer replay` lists them)",
-                stats.problems.len(),
-                stats.skipped_lines
-            );
-        }
-        // Segments are in order; a stable sort keeps it so within a tie.
-        events.sort_by_key(|e| e.ts_ns);
+        let mut lost = 0;
+        // The header and the first event, or why there are none.
+        let first = loop {
+            match rx.recv() {
+                Ok(Fed::Header(h)) => header = Some(h),
+                Ok(Fed::Lost(n)) => lost += n,
+                Ok(Fed::Event(ev)) => break *ev,
+                Ok(Fed::Done { first_problem, .. }) => {
+                    let why = first_problem.map_or(String::new(), |p| format!(": {p}"));
+                    return Err(anyhow!("no events in {names}{why}").into());
+                }
+                Err(_) => return Err(anyhow!("the log reader stopped").into()),
+            }
+        };
         let h = header.context("the log has no header record")?;
         let plan_summary = if h.attach_plan.is_empty() {
             format!("none recorded ({})", h.source)
@@ -372,9 +427,11 @@ impl Replay {
             summarize_plan(&h.attach_plan)
         };
         Ok(Self {
-            first_ns: events[0].ts_ns,
-            events,
-            next: 0,
+            rx,
+            first_ns: first.ts_ns,
+            pending: Some(first),
+            fed: 0,
+            end: None,
             lost,
             played_ns: 0.0,
             last_wall: Instant::now(),
@@ -421,25 +478,64 @@ impl Replay {
         reason = "a non-negative count of nanoseconds"
     )]
     fn position_ns(&self) -> u64 {
-        let last = self.events.last().map_or(0, |e| e.ts_ns);
-        (self.first_ns + self.played_ns as u64).min(last)
+        self.first_ns.saturating_add(self.played_ns as u64)
+    }
+
+    /// The next event the reader has, if it has one now.
+    fn next_event(&mut self) -> Option<Event> {
+        if let Some(ev) = self.pending.take() {
+            return Some(ev);
+        }
+        while self.end.is_none() {
+            match self.rx.try_recv() {
+                Ok(Fed::Event(ev)) => return Some(*ev),
+                Ok(Fed::Lost(n)) => self.lost += n,
+                Ok(Fed::Header(_)) => {}
+                Ok(Fed::Done {
+                    events,
+                    problems,
+                    skipped,
+                    ..
+                }) => {
+                    let mut end = format!("end of log: {events} events");
+                    if problems > 0 {
+                        let _ = write!(
+                            end,
+                            "; {problems} problem(s) reading it, {skipped} line(s) skipped \
+                             (`tracer replay` lists them)"
+                        );
+                    }
+                    self.end = Some(end);
+                }
+                Err(TryRecvError::Empty) => return None,
+                Err(TryRecvError::Disconnected) => {
+                    self.end = Some(format!("end of log: {} events", self.fed));
+                }
+            }
+        }
+        None
     }
 
     fn pump(&mut self, s: &mut TopState) {
         self.advance();
         let until = self.position_ns();
         let mut fed = 0;
-        while let Some(ev) = self.events.get(self.next)
-            && (ev.ts_ns <= until || self.next == 0)
-            && fed < REPLAY_BATCH
+        while fed < REPLAY_BATCH
+            && let Some(ev) = self.next_event()
         {
-            s.event(ev);
-            self.next += 1;
+            if ev.ts_ns > until && self.fed > 0 {
+                self.pending = Some(ev);
+                break;
+            }
+            s.event(&ev);
+            self.fed += 1;
             fed += 1;
         }
         s.drops = self.lost;
-        if self.next == self.events.len() {
-            s.status = format!("end of log: {} events", self.events.len());
+        if let Some(end) = &self.end
+            && self.pending.is_none()
+        {
+            s.status.clone_from(end);
         }
     }
 }
