@@ -84,14 +84,24 @@ pub struct ReplayOptions {
 /// The outcome of a replay, for the CLI and tests.
 #[derive(Debug, Default)]
 pub struct Replayed {
+    /// The first `FINDINGS_KEPT` findings (all of them go to `on_finding`).
     pub findings: Vec<Finding>,
-    /// Findings that were recorded in the log (by the live run).
+    pub findings_total: u64,
+    /// The first `FINDINGS_KEPT` findings recorded in the log (by the live
+    /// run), their evidence cut to `EVIDENCE_KEPT` events.
     pub recorded_findings: Vec<Finding>,
+    pub recorded_findings_total: u64,
     pub losses: u64,
     /// Events more than the reorder window out of order.
     pub late_events: u64,
     pub stats: ReadStats,
 }
+
+/// Findings a replay keeps in memory at most; the rest are only counted
+/// (and streamed to `on_finding`): a hostile log can't take gigabytes.
+pub const FINDINGS_KEPT: usize = 10_000;
+/// Evidence events kept per recorded finding.
+const EVIDENCE_KEPT: usize = 16;
 
 /// Reads the inputs and runs the detector over every event, in timestamp
 /// order within the default reorder window.
@@ -100,15 +110,18 @@ pub fn replay(
     filter: &Filter,
     on_event: impl FnMut(&Event, Option<ClockPair>),
 ) -> Result<Replayed, reader::InputError> {
-    replay_with(inputs, filter, REORDER_WINDOW_NS, on_event)
+    replay_with(inputs, filter, REORDER_WINDOW_NS, on_event, |_| {})
 }
 
-/// [`replay`] with a reorder window of `window_ns`.
+/// [`replay`] with a reorder window of `window_ns`, handing every finding
+/// that passes the filter to `on_finding` as it is found (after the event
+/// that raised it went to `on_event`).
 pub fn replay_with(
     inputs: &[PathBuf],
     filter: &Filter,
     window_ns: u64,
     mut on_event: impl FnMut(&Event, Option<ClockPair>),
+    mut on_finding: impl FnMut(&Finding),
 ) -> Result<Replayed, reader::InputError> {
     let files = reader::expand_inputs(inputs)?;
     let mut detector = Detector::new(DetectorConfig::default());
@@ -123,15 +136,29 @@ pub fn replay_with(
             detector.observe(ev, &mut found);
             for f in found.drain(..) {
                 if filter.finding(&f, clock) {
-                    out.findings.push(f);
+                    on_finding(&f);
+                    out.findings_total += 1;
+                    if out.findings.len() < FINDINGS_KEPT {
+                        out.findings.push(f);
+                    }
                 }
             }
         }
     };
     let mut recorded = Vec::new();
+    let mut recorded_total = 0;
     let mut losses = 0;
     reader::read_all(&files, &mut stats, |_, record| match record {
-        Record::Finding(f) => recorded.push((*f, seq.clock())),
+        Record::Finding(mut f) => {
+            if filter.finding(&f, seq.clock()) {
+                recorded_total += 1;
+                if recorded.len() < FINDINGS_KEPT {
+                    f.evidence.truncate(EVIDENCE_KEPT);
+                    f.evidence.shrink_to_fit();
+                    recorded.push(*f);
+                }
+            }
+        }
         Record::Loss(ref l) => {
             losses += l.lost;
             seq.push(record, &mut judge);
@@ -139,11 +166,8 @@ pub fn replay_with(
         other => seq.push(other, &mut judge),
     });
     seq.finish(&mut judge);
-    out.recorded_findings = recorded
-        .into_iter()
-        .filter(|(f, clock)| filter.finding(f, *clock))
-        .map(|(f, _)| f)
-        .collect();
+    out.recorded_findings = recorded;
+    out.recorded_findings_total = recorded_total;
     out.losses = losses;
     out.late_events = seq.late;
     out.stats = stats;
@@ -329,39 +353,71 @@ pub fn run(opts: &ReplayOptions) -> Result<u8, Failure> {
     } else {
         opts.inputs.clone()
     };
-    let mut out = io::BufWriter::new(io::stdout().lock());
-    let mut timeline = Timeline::default();
-    let replayed = replay(&inputs, &opts.filter, |ev, clock| {
-        if opts.timeline && opts.filter.event(ev, clock) {
-            timeline.push(ev, clock);
-        }
-    })
-    .map_err(|e| Failure::from(anyhow!(e)))?;
-
-    let write = |out: &mut io::BufWriter<io::StdoutLock<'_>>, s: &str| {
-        out.write_all(s.as_bytes())
-            .map_err(|e| Failure::from(anyhow!("writing output: {e}")))
+    let mut out = Output {
+        w: io::BufWriter::new(io::stdout().lock()),
+        failed: None,
     };
-    if opts.timeline {
-        write(&mut out, &timeline.render(&replayed.findings, opts.json))?;
-    } else {
-        for f in &replayed.findings {
-            let line = if opts.json {
-                f.to_json_record() + "\n"
-            } else {
-                f.to_text() + "\n"
-            };
-            write(&mut out, &line)?;
-        }
+    let mut timeline = Timeline::default();
+    let json = opts.json;
+    // Streamed as found, in judging order: nothing is held for the end.
+    let replayed = {
+        let out = std::cell::RefCell::new(&mut out);
+        replay_with(
+            &inputs,
+            &opts.filter,
+            REORDER_WINDOW_NS,
+            |ev, clock| {
+                if opts.timeline
+                    && opts.filter.event(ev, clock)
+                    && let Some(row) = timeline.row(ev, clock, json)
+                {
+                    out.borrow_mut().write(&row);
+                }
+            },
+            |f| {
+                let text = if opts.timeline {
+                    timeline_finding(f, json)
+                } else if json {
+                    f.to_json_record() + "\n"
+                } else {
+                    f.to_text() + "\n"
+                };
+                out.borrow_mut().write(&text);
+            },
+        )
     }
-    out.flush()
-        .map_err(|e| Failure::from(anyhow!("writing output: {e}")))?;
+    .map_err(|e| Failure::from(anyhow!(e)))?;
+    if opts.timeline && timeline.rows == 0 {
+        out.write("(no events match the filters)\n");
+    }
+    if let Err(e) = out.w.flush() {
+        out.failed.get_or_insert(e);
+    }
+    if let Some(e) = out.failed {
+        return Err(anyhow!("writing output: {e}").into());
+    }
     report(&replayed);
-    Ok(if replayed.findings.is_empty() {
+    Ok(if replayed.findings_total == 0 {
         0
     } else {
         EXIT_FINDINGS
     })
+}
+
+/// stdout, which stops being written after its first error.
+struct Output<'a> {
+    w: io::BufWriter<io::StdoutLock<'a>>,
+    failed: Option<io::Error>,
+}
+
+impl Output<'_> {
+    fn write(&mut self, s: &str) {
+        if self.failed.is_none()
+            && let Err(e) = self.w.write_all(s.as_bytes())
+        {
+            self.failed = Some(e);
+        }
+    }
 }
 
 /// The read report, on stderr.
@@ -392,12 +448,7 @@ fn report(r: &Replayed) {
     eprintln!(
         "tracer: replayed {} event(s) from {} file(s): {} finding(s); {} line(s) skipped \
          ({} torn); {} event(s) recorded as lost by the probes",
-        s.events,
-        s.files,
-        r.findings.len(),
-        s.skipped_lines,
-        s.torn_lines,
-        r.losses
+        s.events, s.files, r.findings_total, s.skipped_lines, s.torn_lines, r.losses
     );
     if r.late_events > 0 {
         eprintln!(
@@ -409,83 +460,69 @@ fn report(r: &Replayed) {
     }
 }
 
-/// One vCPU's root history.
+/// One vCPU's root history, a row per event as it is judged.
 #[derive(Default)]
 struct Timeline {
-    rows: Vec<(Event, Option<ClockPair>)>,
+    /// The roots of the last vCPU row, to mark changes.
+    last: Option<(Option<u64>, Option<u64>)>,
+    rows: u64,
 }
 
 impl Timeline {
-    fn push(&mut self, ev: &Event, clock: Option<ClockPair>) {
-        if ev.vcpu.is_some() || matches!(ev.kind, Kind::ZapAllFast | Kind::InvalidateRoots) {
-            self.rows.push((ev.clone(), clock));
+    /// The row for `ev`, if it makes one (vCPU events, zaps, invalidations).
+    fn row(&mut self, ev: &Event, clock: Option<ClockPair>, json: bool) -> Option<String> {
+        if ev.vcpu.is_none() && !matches!(ev.kind, Kind::ZapAllFast | Kind::InvalidateRoots) {
+            return None;
         }
-    }
-
-    fn render(&self, findings: &[Finding], json: bool) -> String {
+        self.rows += 1;
+        if json {
+            return Some(ev.to_json_record() + "\n");
+        }
+        let when = clock.map_or_else(
+            || {
+                format!(
+                    "{:>8}.{:06}s",
+                    ev.ts_ns / 1_000_000_000,
+                    (ev.ts_ns % 1_000_000_000) / 1000
+                )
+            },
+            |c| utc_rfc3339(c.to_realtime(ev.ts_ns)),
+        );
+        let roots = (ev.root_hpa, ev.mirror_root_hpa);
+        let change = match self.last {
+            Some(prev) if prev != roots && ev.vcpu.is_some() => "  <- roots changed",
+            _ => "",
+        };
+        if ev.vcpu.is_some() {
+            self.last = Some(roots);
+        }
+        let fmt = |v: Option<u64>| v.map_or_else(|| "-".into(), hpa);
+        let what = match ev.kind {
+            Kind::LoadReturn => format!("load_return ret={}", ev.ret.unwrap_or(0)),
+            Kind::AllocRoot => format!(
+                "alloc_root mirror={} before={}",
+                ev.arg.unwrap_or(0),
+                fmt(ev.before_hpa)
+            ),
+            Kind::InvalidateRoots => {
+                format!("invalidate_roots types={:#x}", ev.arg.unwrap_or(0))
+            }
+            Kind::ZapAllFast => format!("zap_all_fast gen={}", ev.mmu_valid_gen.unwrap_or(0)),
+            k => k.name().to_owned(),
+        };
         let mut s = String::new();
-        let mut last: Option<(Option<u64>, Option<u64>)> = None;
-        let mut fi = findings.iter().peekable();
-        for (ev, clock) in &self.rows {
-            while let Some(f) = fi.next_if(|f| f.ts_ns < ev.ts_ns) {
-                s.push_str(&timeline_finding(f, json));
-            }
-            if json {
-                s.push_str(&ev.to_json_record());
-                s.push('\n');
-                continue;
-            }
-            let when = clock.map_or_else(
-                || {
-                    format!(
-                        "{:>8}.{:06}s",
-                        ev.ts_ns / 1_000_000_000,
-                        (ev.ts_ns % 1_000_000_000) / 1000
-                    )
-                },
-                |c| utc_rfc3339(c.to_realtime(ev.ts_ns)),
+        if ev.vcpu.is_some() {
+            let line = format!(
+                "{when}  vcpu {:<4} {what:<34} root={:<18} mirror={:<18}{change}",
+                ev.vcpu_id.map_or_else(|| "?".into(), |v| v.to_string()),
+                fmt(ev.root_hpa),
+                fmt(ev.mirror_root_hpa)
             );
-            let roots = (ev.root_hpa, ev.mirror_root_hpa);
-            let change = match last {
-                Some(prev) if prev != roots && ev.vcpu.is_some() => "  <- roots changed",
-                _ => "",
-            };
-            if ev.vcpu.is_some() {
-                last = Some(roots);
-            }
-            let fmt = |v: Option<u64>| v.map_or_else(|| "-".into(), hpa);
-            let what = match ev.kind {
-                Kind::LoadReturn => format!("load_return ret={}", ev.ret.unwrap_or(0)),
-                Kind::AllocRoot => format!(
-                    "alloc_root mirror={} before={}",
-                    ev.arg.unwrap_or(0),
-                    fmt(ev.before_hpa)
-                ),
-                Kind::InvalidateRoots => {
-                    format!("invalidate_roots types={:#x}", ev.arg.unwrap_or(0))
-                }
-                Kind::ZapAllFast => format!("zap_all_fast gen={}", ev.mmu_valid_gen.unwrap_or(0)),
-                k => k.name().to_owned(),
-            };
-            if ev.vcpu.is_some() {
-                let line = format!(
-                    "{when}  vcpu {:<4} {what:<34} root={:<18} mirror={:<18}{change}",
-                    ev.vcpu_id.map_or_else(|| "?".into(), |v| v.to_string()),
-                    fmt(ev.root_hpa),
-                    fmt(ev.mirror_root_hpa)
-                );
-                let _ = writeln!(s, "{}", line.trim_end());
-            } else {
-                let _ = writeln!(s, "{when}  vm        {what}");
-            }
+            let _ = writeln!(s, "{}", line.trim_end());
+        } else {
+            let _ = writeln!(s, "{when}  vm        {what}");
         }
-        for f in fi {
-            s.push_str(&timeline_finding(f, json));
-        }
-        if self.rows.is_empty() {
-            s.push_str("(no events match the filters)\n");
-        }
-        s
+        Some(s)
     }
 }
 

@@ -186,6 +186,22 @@ fn segments_another_user_planted_are_ignored_by_retention_and_replay() {
     assert!(r.stderr.contains("owned by uid 65534"), "{}", r.stderr);
     assert!(r.stderr.contains("not a regular file"), "{}", r.stderr);
     assert!(r.code == Some(0) || r.code == Some(1), "{}", r.stderr);
+
+    // A segment whose name is not UTF-8 is named (lossily) and said to be
+    // ignored, not skipped in silence.
+    let odd = log.join(
+        <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(
+            b"events-2026\xff-000001.jsonl",
+        ),
+    );
+    std::fs::copy(&ours[0].0, &odd).unwrap();
+    let r = run(tracer().arg("replay").arg(&log));
+    assert!(r.stderr.contains("its name is not UTF-8"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("events-2026\u{fffd}-000001.jsonl"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
@@ -492,6 +508,56 @@ fn replay_memory_stays_bounded_on_hostile_logs() {
     assert!(err.contains("2000000 line(s) skipped"), "{err}");
     assert!(err.contains("not kept"), "{err}");
     assert!(mib < 64, "peak RSS {mib} MiB");
+
+    // 300 recorded findings of 2,000 evidence events each: 250 MB of JSON
+    // in a few KiB. Kept: the first of them, their evidence cut.
+    let sim = tracer()
+        .args([
+            "simulate",
+            "--kernel",
+            "mirror-freed-by-zap",
+            "--scenario",
+            "fleet",
+        ])
+        .args(["--vcpus", "2", "--rounds", "3"])
+        .output()
+        .unwrap();
+    let sim_log = dir.path().join("sim.jsonl");
+    std::fs::write(&sim_log, &sim.stdout).unwrap();
+    let found = tracer()
+        .arg("replay")
+        .arg("--json")
+        .arg(&sim_log)
+        .output()
+        .unwrap();
+    let text = String::from_utf8(found.stdout).unwrap();
+    let finding: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    let mut big = finding.clone();
+    let one = finding["evidence"][0].clone();
+    big["evidence"] = serde_json::Value::Array(vec![one; 2000]);
+    let header = String::from_utf8(sim.stdout)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .to_owned();
+    let bomb = dir.path().join("findings.jsonl.zst");
+    let mut bytes = zstd::encode_all(format!("{header}\n").as_bytes(), 3).unwrap();
+    let block = zstd::encode_all(format!("{big}\n").repeat(10).as_bytes(), 3).unwrap();
+    for _ in 0..30 {
+        bytes.extend_from_slice(&block);
+    }
+    std::fs::write(&bomb, &bytes).unwrap();
+    let (code, err, mib) = peak_rss(tracer().arg("replay").arg(&bomb));
+    eprintln!(
+        "300 recorded findings x 2,000 evidence events in {} KiB: peak RSS {mib} MiB",
+        bytes.len() >> 10
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(mib < 64, "peak RSS {mib} MiB");
+    let r = tracer::replay::replay(&[bomb], &tracer::replay::Filter::default(), |_, _| {}).unwrap();
+    assert_eq!(r.recorded_findings_total, 300);
+    assert!(r.recorded_findings.iter().all(|f| f.evidence.len() <= 16));
 
     // A device and a FIFO are not read (exit 2, at once).
     let fifo = dir.path().join("fifo.jsonl");
@@ -880,4 +946,199 @@ fn a_frozen_log_filesystem_stalls_only_the_log() {
         })
         .sum();
     assert!(written > 0, "nothing of the frozen time reached the log");
+}
+
+/// A copy of this test binary that the unprivileged user can run (the
+/// build folder may not be theirs to enter), in a folder it may read.
+struct AttackerExe {
+    _dir: tempfile::TempDir,
+    exe: PathBuf,
+}
+
+impl AttackerExe {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let exe = dir.path().join("attacker");
+        std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Self { _dir: dir, exe }
+    }
+
+    /// Runs `attack` with `arg` as the user nobody (`setpriv`, no groups,
+    /// no capabilities): the `as_nobody` helper below in a child process.
+    fn spawn(&self, attack: &str, arg: &str) -> std::process::Child {
+        std::process::Command::new("setpriv")
+            .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"])
+            .arg(&self.exe)
+            .args([
+                "--exact",
+                "as_nobody",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("ATTACK", attack)
+            .env("ATTACK_ARG", arg)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+}
+
+/// Reads the attacker's stdout up to its line starting with `READY` (or
+/// its end): what it reported once in place.
+fn attacker_ready(child: &mut std::process::Child) -> String {
+    use std::io::BufRead as _;
+    let out = child.stdout.take().unwrap();
+    let mut lines = std::io::BufReader::new(out).lines();
+    let mut said = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        said.push_str(&line);
+        said.push('\n');
+        // libtest prints "test as_nobody ... " before the helper's words.
+        if line.contains("READY") || line.contains("DONE") {
+            break;
+        }
+    }
+    // Keep the pipe drained so the attacker never blocks on it.
+    std::thread::spawn(move || lines.for_each(drop));
+    said
+}
+
+/// Not a test: what the unprivileged attacker does, run by the tests
+/// above as the user nobody through `setpriv`.
+#[test]
+#[ignore = "a helper: the tests run it as the user nobody"]
+fn as_nobody() {
+    use std::io::Write as _;
+    let arg = std::env::var("ATTACK_ARG").unwrap_or_default();
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    assert_ne!(uid, 0, "the attacker must not be root");
+    match std::env::var("ATTACK").unwrap_or_default().as_str() {
+        "squat" => {
+            let l = std::net::TcpListener::bind(arg.as_str()).unwrap();
+            println!("READY uid {uid} holds {}", l.local_addr().unwrap());
+            std::io::stdout().flush().unwrap();
+            std::thread::sleep(Duration::from_mins(1));
+        }
+        "idle" => {
+            let idle: Vec<std::net::TcpStream> = (0..1100)
+                .filter_map(|_| std::net::TcpStream::connect(arg.as_str()).ok())
+                .collect();
+            println!("READY uid {uid} holds {} idle connections", idle.len());
+            std::io::stdout().flush().unwrap();
+            std::thread::sleep(Duration::from_mins(1));
+        }
+        "plant" => {
+            // Everything a local user would try in the daemon's log folder.
+            let dir = Path::new(&arg);
+            let tries = [
+                ("list", std::fs::read_dir(dir).map(drop)),
+                (
+                    "symlink",
+                    std::os::unix::fs::symlink("/etc/shadow", dir.join("incident-x.jsonl")),
+                ),
+                (
+                    "segment",
+                    std::fs::write(dir.join("events-99991231T235959Z-999999.jsonl"), b"{}\n"),
+                ),
+            ];
+            for (what, r) in tries {
+                println!(
+                    "{what}: {}",
+                    r.map_or_else(|e| e.to_string(), |()| "ok".into())
+                );
+            }
+            println!("DONE");
+        }
+        other => panic!("unknown attack {other:?}"),
+    }
+}
+
+#[test]
+fn an_unprivileged_user_cannot_plant_in_the_log_folder_or_starve_the_daemon() {
+    if !live_or_skip("an_unprivileged_user_cannot_plant_in_the_log_folder_or_starve_the_daemon") {
+        return;
+    }
+    let attacker = AttackerExe::new();
+    // A folder every user can reach, as /var/lib is.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let log = dir.path().join("log");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+
+    // 1. nobody takes the metrics port first: a warning and a retry.
+    let mut squatter = attacker.spawn("squat", &addr);
+    let said = attacker_ready(&mut squatter);
+    assert!(said.contains("READY uid 65534 holds"), "{said}");
+    let d = Daemon::start(dir.path(), &addr);
+    assert!(d.err().contains("can't serve metrics"), "{}", d.err());
+    let _ = squatter.kill();
+    let _ = squatter.wait();
+    assert!(
+        wait(Duration::from_secs(25), || scrape(port).is_some()),
+        "the daemon never took its port back from nobody: {}",
+        d.err()
+    );
+
+    // 2. nobody can't list, link or write in the folder the daemon made.
+    let mode = std::fs::metadata(&log).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o750, "{mode:o}");
+    let mut planter = attacker.spawn("plant", log.to_str().unwrap());
+    let said = attacker_ready(&mut planter);
+    let _ = planter.wait();
+    for what in ["list", "symlink", "segment"] {
+        assert!(
+            said.contains(&format!("{what}: Permission denied")),
+            "{what}: {said}"
+        );
+    }
+
+    // 3. nobody holds 1,100 idle connections: the daemon keeps its
+    //    descriptors and answers scrapes again within the request timeout.
+    // SAFETY: getrlimit/setrlimit read or fill the struct we pass; the
+    // attacker inherits the raised limit.
+    unsafe {
+        let mut rl = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut rl);
+        rl.rlim_cur = rl.rlim_max.min(8192);
+        libc::setrlimit(libc::RLIMIT_NOFILE, &raw const rl);
+    }
+    let mut idler = attacker.spawn("idle", &addr);
+    let said = attacker_ready(&mut idler);
+    let held: usize = said
+        .split("READY")
+        .nth(1)
+        .unwrap_or_default()
+        .split_whitespace()
+        .nth(3)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(held > 1000, "{said}");
+    std::thread::sleep(Duration::from_secs(2));
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", d.pid()))
+        .unwrap()
+        .count();
+    eprintln!("nobody holds {held} idle connections: the daemon holds {fds} fds");
+    assert!(fds < 400, "{fds} descriptors held");
+    assert!(
+        wait(Duration::from_secs(15), || scrape(port).is_some()),
+        "no scrape answered while nobody held {held} connections"
+    );
+    let _ = idler.kill();
+    let _ = idler.wait();
+    let err = d.err();
+    assert_eq!(d.stop(), Some(0), "{err}");
 }
