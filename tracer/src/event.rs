@@ -50,6 +50,24 @@ impl Kind {
         Self::VmDestroy,
     ];
 
+    /// The kinds of event `probe` emits: the `events_total` series that
+    /// exist (at 0) from the moment it attaches.
+    pub fn emitted_by(probe: ProbeId) -> &'static [Self] {
+        match probe {
+            ProbeId::MmuLoad => &[Self::LoadEnter],
+            ProbeId::MmuLoadRet => &[Self::LoadReturn],
+            ProbeId::MmuAllocDirectRoots => &[Self::AllocDirectRoots],
+            ProbeId::TdpMmuAllocRoot => &[],
+            ProbeId::TdpMmuAllocRootRet => &[Self::AllocRoot],
+            ProbeId::ZapAllFastKprobe | ProbeId::ZapAllFastTracepoint => &[Self::ZapAllFast],
+            ProbeId::InvalidateRoots => &[Self::InvalidateRoots],
+            ProbeId::KvmEntry => &[Self::EntryTransition, Self::EntryForbidden],
+            ProbeId::KvmRunExit => &[Self::RunExit],
+            ProbeId::VcpuDestroy => &[Self::VcpuDestroy],
+            ProbeId::VmDestroy => &[Self::VmDestroy],
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Self::LoadEnter => "load_enter",

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use crate::{
     Failure,
     alerts::AlertTask,
+    detector::FindingKind,
     doctor::kernel_failure,
     event::Event,
     kernel::{self, KernelInfo, PlanOptions},
@@ -345,17 +346,27 @@ fn update_metrics(metrics: &SharedMetrics, p: &Pipeline, counters: &Counters, se
     let mut m = metrics
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    m.events = p
-        .tally
-        .by_probe_kind
+    // Every series exists from start-up, at 0: `increase()` over a series
+    // that appears at 1 reads 0, and the first finding would never alert.
+    m.events = session
+        .attached
         .iter()
-        .map(|((probe, kind), v)| ((probe.to_string(), kind.name().to_owned()), *v))
+        .flat_map(|(probe, _, _)| {
+            crate::event::Kind::emitted_by(*probe)
+                .iter()
+                .map(|k| ((probe.program_name().to_owned(), k.name().to_owned()), 0))
+        })
         .collect();
-    m.findings = p
-        .tally
-        .findings
+    for ((probe, kind), v) in &p.tally.by_probe_kind {
+        m.events
+            .insert((probe.to_string(), kind.name().to_owned()), *v);
+    }
+    m.findings = FindingKind::ALL
         .iter()
-        .map(|(k, v)| ((k.name().to_owned(), k.severity().name().to_owned()), *v))
+        .map(|k| {
+            let n = p.tally.findings.get(k).copied().unwrap_or(0);
+            ((k.name().to_owned(), k.severity().name().to_owned()), n)
+        })
         .collect();
     m.drops = counters
         .probes
@@ -422,6 +433,13 @@ async fn watch(plan: &kernel::AttachPlan, opts: &WatchOptions) -> Result<(), Fai
     inject(&mut p, &opts.service.inject)?;
 
     let (mut events, mut logs) = register(&mut session)?;
+    // The first scrape already sees every series (at 0).
+    update_metrics(
+        &metrics,
+        &p,
+        &session.counters().map_err(Failure::from)?,
+        &session,
+    );
     let started = Instant::now();
     let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
     let mut tick = tokio::time::interval(Duration::from_secs(1));

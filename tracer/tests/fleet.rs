@@ -158,6 +158,88 @@ fn shipped_rules_pass_promtool() {
     assert!(text.contains("SUCCESS: 8 rules found"), "{text}");
 }
 
+/// `promtool test rules` on the shipped unit tests: a first finding on a
+/// fresh host, a finding before the first scrape, forbidden entries, a
+/// single burst of drops, the daemon down, and every other rule.
+#[test]
+fn shipped_rules_pass_their_promtool_unit_tests() {
+    if !needs(
+        "shipped_rules_pass_their_promtool_unit_tests",
+        false,
+        &["/usr/bin/promtool"],
+    ) {
+        return;
+    }
+    let tests = repo().join("dist/prometheus/kvm-root-tracer.rules.test.yml");
+    let out = Command::new("/usr/bin/promtool")
+        .args(["test", "rules"])
+        .arg(&tests)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("SUCCESS"), "{text}");
+    // Every rule has a case.
+    let rules =
+        std::fs::read_to_string(repo().join("dist/prometheus/kvm-root-tracer.rules.yml")).unwrap();
+    let cases = std::fs::read_to_string(&tests).unwrap();
+    for line in rules.lines() {
+        if let Some(name) = line.trim().strip_prefix("- alert: ") {
+            assert!(
+                cases.contains(&format!("alertname: {name}")),
+                "no promtool case for {name}"
+            );
+        }
+    }
+}
+
+/// Every findings series (each kind with its severity), the events of each
+/// attached probe and the drops exist at 0 from start-up, before any event:
+/// `increase()` needs that sample to see the first finding.
+#[test]
+fn every_series_exists_at_zero_from_start_up() {
+    if !needs("every_series_exists_at_zero_from_start_up", true, &[]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mport = free_port();
+    let _daemon = Guard(
+        tracer()
+            .args(["run", "--duration", "60s", "--metrics-listen"])
+            .arg(format!("127.0.0.1:{mport}"))
+            .arg("--log-dir")
+            .arg(dir.path().join("log"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let text =
+        wait_for(Duration::from_secs(30), || http_get(mport, "/metrics")).expect("metrics served");
+    for kind in tracer::detector::FindingKind::ALL {
+        let series = format!(
+            "kvm_root_tracer_findings_total{{kind=\"{}\",severity=\"{}\"}} 0",
+            kind.name(),
+            kind.severity().name()
+        );
+        assert!(text.contains(&series), "no {series} in:\n{text}");
+    }
+    assert!(
+        text.contains(
+            "kvm_root_tracer_events_total{probe=\"kvm_mmu_zap_all_fast_tp\",kind=\"zap_all_fast\"} "
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("kvm_root_tracer_ringbuf_drops_total{probe=\"kvm_entry_gate\"} "),
+        "{text}"
+    );
+}
+
 #[test]
 fn systemd_unit_verifies_where_systemd_analyze_exists() {
     let analyze = Path::new("/usr/bin/systemd-analyze");
