@@ -434,12 +434,8 @@ async fn watch(plan: &kernel::AttachPlan, opts: &WatchOptions) -> Result<(), Fai
 
     let (mut events, mut logs) = register(&mut session)?;
     // The first scrape already sees every series (at 0).
-    update_metrics(
-        &metrics,
-        &p,
-        &session.counters().map_err(Failure::from)?,
-        &session,
-    );
+    let counters = session.counters().map_err(Failure::from)?;
+    update_metrics(&metrics, &p, &counters, &session);
     let started = Instant::now();
     let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
