@@ -517,16 +517,18 @@ async fn watch(plan: &kernel::AttachPlan, opts: &WatchOptions) -> Result<(), Fai
         .finish(ClockPair::now().monotonic_ns, Some(Duration::from_secs(30)))
         .map_err(|e| anyhow!("closing the event log: {e}"))?;
     summarize(&mut p, &counters, &costs, elapsed);
-    if let Some(rec) = rec {
-        eprintln!(
-            "tracer: event log: {} record(s), {} bytes in {} segment(s), {} dropped",
-            rec.records, rec.bytes, rec.segments_opened, rec.dropped
-        );
-    }
+    rec.inspect(print_log_stats);
     if let Some(warning) = blind_gate(gate_attached, &counters) {
         eprintln!("tracer: warning: {warning}");
     }
     Ok(())
+}
+
+fn print_log_stats(rec: &crate::log::writer::RecorderStats) {
+    eprintln!(
+        "tracer: event log: {} record(s), {} bytes in {} segment(s), {} dropped",
+        rec.records, rec.bytes, rec.segments_opened, rec.dropped
+    );
 }
 
 /// The `kvm_entry` gate is blind when vCPUs ran but it saw no guest entry:
