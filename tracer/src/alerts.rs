@@ -16,7 +16,7 @@ use tokio::{
 
 use crate::{
     config::AlertmanagerConfig,
-    detector::Finding,
+    detector::{Finding, Severity},
     log::{ClockPair, writer::utc_rfc3339},
     metrics::SharedMetrics,
 };
@@ -24,6 +24,7 @@ use crate::{
 /// The pipeline's end of the queue.
 pub struct AlertSink {
     tx: mpsc::Sender<Value>,
+    min_severity: Severity,
     host: String,
     clock: ClockPair,
     metrics: SharedMetrics,
@@ -81,6 +82,7 @@ pub fn spawn(
     Ok((
         AlertSink {
             tx,
+            min_severity: cfg.min_severity,
             host,
             clock,
             metrics,
@@ -90,8 +92,12 @@ pub fn spawn(
 }
 
 impl AlertSink {
-    /// Queues a finding; never blocks. A full queue drops and counts it.
+    /// Queues a finding at or above the minimum severity; never blocks. A
+    /// full queue drops and counts it.
     pub fn send(&self, f: &Finding) {
+        if f.severity < self.min_severity {
+            return;
+        }
         let alert = alert_for(f, &self.host, self.clock);
         if self.tx.try_send(alert).is_err() {
             self.metrics
@@ -104,12 +110,14 @@ impl AlertSink {
 
 /// The Alertmanager v2 alert for a finding.
 pub fn alert_for(f: &Finding, host: &str, clock: ClockPair) -> Value {
+    // The same alertname as the Prometheus rule for the kind; no kernel
+    // pointer (the `kvm` address stays in the event log: it would defeat
+    // KASLR for anyone who reads alerts).
     let mut labels = json!({
-        "alertname": f.kind.name(),
+        "alertname": f.kind.alertname(),
         "kind": f.kind.name(),
         "severity": f.severity.name(),
         "host": host,
-        "kvm": format!("{:#x}", f.kvm),
         "service": "kvm-root-tracer",
     });
     if let Some(pid) = f.userspace_pid {
@@ -234,5 +242,63 @@ mod tests {
             ("am.local:80", "/prefix/api/v2/alerts")
         );
         assert!(parse_url("https://am").is_err());
+    }
+
+    fn finding(kind: crate::detector::FindingKind) -> Finding {
+        Finding {
+            kind,
+            severity: kind.severity(),
+            ts_ns: 1,
+            kvm: 0xffff_8881_0000_1000,
+            userspace_pid: Some(7001),
+            vcpu_id: Some(3),
+            vcpu: None,
+            evidence: vec![],
+            explanation: "x".into(),
+        }
+    }
+
+    #[test]
+    fn pushed_alerts_use_the_rules_names_and_no_kernel_pointer() {
+        use crate::detector::FindingKind as K;
+        let clock = ClockPair {
+            monotonic_ns: 0,
+            realtime_ns: 0,
+        };
+        let a = alert_for(&finding(K::MirrorRootStaleAtEntry), "hv1", clock);
+        assert_eq!(a["labels"]["alertname"], "KvmMirrorRootInvalid");
+        assert_eq!(a["labels"]["kind"], "mirror_root_stale_at_entry");
+        assert!(a["labels"].get("kvm").is_none(), "{a}");
+        assert!(!a.to_string().contains("ffff8881"), "{a}");
+        // Every alertname a push can carry is a rule in dist/ (or info).
+        let rules = include_str!("../../dist/prometheus/kvm-root-tracer.rules.yml");
+        for k in K::ALL {
+            assert!(
+                k.severity() == Severity::Info
+                    || rules.contains(&format!("- alert: {}\n", k.alertname())),
+                "{}",
+                k.alertname()
+            );
+        }
+    }
+
+    #[test]
+    fn findings_below_the_minimum_severity_are_not_pushed() {
+        use crate::detector::FindingKind as K;
+        let (tx, mut rx) = mpsc::channel(8);
+        let sink = AlertSink {
+            tx,
+            min_severity: Severity::Warning,
+            host: "hv1".into(),
+            clock: ClockPair {
+                monotonic_ns: 0,
+                realtime_ns: 0,
+            },
+            metrics: SharedMetrics::default(),
+        };
+        sink.send(&finding(K::ZapStorm));
+        assert!(rx.try_recv().is_err(), "an info zap_storm was pushed");
+        sink.send(&finding(K::MmuLoadFailed));
+        assert!(rx.try_recv().is_ok(), "a warning was not pushed");
     }
 }

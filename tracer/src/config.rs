@@ -124,6 +124,9 @@ pub struct AlertmanagerConfig {
     pub queue: usize,
     /// The `host` label; empty: this machine's hostname.
     pub host: String,
+    /// Findings below this severity are not pushed (`info` ones are noise
+    /// to a pager: a memslot loop's `zap_storm`).
+    pub min_severity: crate::detector::Severity,
 }
 
 impl Default for AlertmanagerConfig {
@@ -134,6 +137,7 @@ impl Default for AlertmanagerConfig {
             attempts: 4,
             queue: 1024,
             host: String::new(),
+            min_severity: crate::detector::Severity::Warning,
         }
     }
 }

@@ -51,6 +51,22 @@ impl FindingKind {
         Self::ZapStorm,
     ];
 
+    /// The alert both routes give it: the shipped Prometheus rule's name
+    /// (dist/prometheus), and the `alertname` of a pushed alert.
+    pub fn alertname(self) -> &'static str {
+        match self {
+            Self::MirrorRootInvalidAtEntry
+            | Self::MirrorRootInvalidAfterLoad
+            | Self::MirrorRootStaleAtEntry
+            | Self::MirrorRootStaleAfterLoad => "KvmMirrorRootInvalid",
+            Self::MirrorRootReallocWhileValid
+            | Self::MirrorRootChangedWithoutTeardown
+            | Self::MirrorRootsInvalidatedLive => "KvmMirrorRootLifecycleFault",
+            Self::MmuLoadFailed => "KvmMmuLoadFailures",
+            Self::ZapStorm => "KvmZapStorm",
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Self::MirrorRootInvalidAtEntry => "mirror_root_invalid_at_entry",
