@@ -314,25 +314,21 @@ impl Pipeline {
         }
     }
 
-    /// Ends a batch: flushes stdout and the log.
-    pub fn end_batch(&mut self, now_mono_ns: u64) -> io::Result<()> {
+    /// Ends a batch: flushes stdout and hands the batch to the log's
+    /// thread (which never fails here: write errors degrade the log there).
+    pub fn end_batch(&mut self, now_mono_ns: u64) {
         if let Some(o) = self.out.as_mut() {
             o.flush();
         }
         if let Some(r) = self.recorder.as_mut() {
             r.end_batch(now_mono_ns);
         }
-        Ok(())
     }
 
-    /// Closes the log, waiting at most `limit` for its writer (a frozen
-    /// filesystem must not hold a stopping daemon forever); returns its
-    /// statistics.
-    pub fn finish(
-        &mut self,
-        now_mono_ns: u64,
-        limit: Option<Duration>,
-    ) -> io::Result<Option<RecorderStats>> {
+    /// Ends the last batch and closes the log, waiting at most `limit` for
+    /// its writer (a frozen filesystem must not hold a stopping daemon
+    /// forever); returns its statistics.
+    pub fn finish(&mut self, now_mono_ns: u64, limit: Option<Duration>) -> Option<RecorderStats> {
         if let Some(o) = self.out.as_mut() {
             o.flush();
         }
@@ -340,6 +336,6 @@ impl Pipeline {
         if let Some(s) = stats {
             self.tally.incidents = s.incidents;
         }
-        Ok(stats)
+        stats
     }
 }

@@ -128,10 +128,12 @@ pub fn replay_with(
     let mut out = Replayed::default();
     let mut found = Vec::new();
     let mut stats = ReadStats::default();
-    let mut seq = Sequencer::new(window_ns);
-    let mut judge = |step: Step<'_>| match step {
-        Step::Boundary(b) => detector.boundary(b),
-        Step::Event(ev, clock) => {
+    let mut recorded = Vec::new();
+    let mut recorded_total = 0;
+    let mut losses = 0;
+    let late = read_ordered(&files, &mut stats, window_ns, |read| match read {
+        Read::Step(Step::Boundary(b)) => detector.boundary(b),
+        Read::Step(Step::Event(ev, clock)) => {
             on_event(ev, clock);
             detector.observe(ev, &mut found);
             for f in found.drain(..) {
@@ -144,13 +146,8 @@ pub fn replay_with(
                 }
             }
         }
-    };
-    let mut recorded = Vec::new();
-    let mut recorded_total = 0;
-    let mut losses = 0;
-    reader::read_all(&files, &mut stats, |_, record| match record {
-        Record::Finding(mut f) => {
-            if filter.finding(&f, seq.clock()) {
+        Read::Finding(mut f, clock) => {
+            if filter.finding(&f, clock) {
                 recorded_total += 1;
                 if recorded.len() < FINDINGS_KEPT {
                     f.evidence.truncate(EVIDENCE_KEPT);
@@ -159,19 +156,55 @@ pub fn replay_with(
                 }
             }
         }
-        Record::Loss(ref l) => {
-            losses += l.lost;
-            seq.push(record, &mut judge);
-        }
-        other => seq.push(other, &mut judge),
+        Read::Lost(n) => losses += n,
+        Read::Header(_) => {}
     });
-    seq.finish(&mut judge);
     out.recorded_findings = recorded;
     out.recorded_findings_total = recorded_total;
     out.losses = losses;
-    out.late_events = seq.late;
+    out.late_events = late;
     out.stats = stats;
     Ok(out)
+}
+
+/// What [`read_ordered`] hands on.
+pub enum Read<'a> {
+    /// A header, as it is read (its boundary follows as a step).
+    Header(&'a Header),
+    /// A finding the live run recorded, as it is read, with the clock of
+    /// the header in effect.
+    Finding(Box<Finding>, Option<ClockPair>),
+    /// A `loss` record's count, as it is read (its gap follows as a step).
+    Lost(u64),
+    /// The next event or boundary, in judging order.
+    Step(Step<'a>),
+}
+
+/// Reads `files` and hands on what they hold, events and boundaries in the
+/// order the detector judges them (see [`Sequencer`]); returns how many
+/// events came too late to be put in order. `replay` and `top --replay`
+/// both read through it.
+pub fn read_ordered(
+    files: &[PathBuf],
+    stats: &mut ReadStats,
+    window_ns: u64,
+    mut on: impl FnMut(Read<'_>),
+) -> u64 {
+    let mut seq = Sequencer::new(window_ns);
+    reader::read_all(files, stats, |_, record| match record {
+        Record::Finding(f) => on(Read::Finding(f, seq.clock())),
+        Record::Header(ref h) => {
+            on(Read::Header(h));
+            seq.push(record, &mut |s| on(Read::Step(s)));
+        }
+        Record::Loss(ref l) => {
+            on(Read::Lost(l.lost));
+            seq.push(record, &mut |s| on(Read::Step(s)));
+        }
+        other => seq.push(other, &mut |s| on(Read::Step(s))),
+    });
+    seq.finish(&mut |s| on(Read::Step(s)));
+    seq.late
 }
 
 /// How far out of timestamp order events may arrive and still be judged in

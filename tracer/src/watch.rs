@@ -488,8 +488,7 @@ async fn watch(plan: &kernel::AttachPlan, opts: &WatchOptions) -> Result<(), Fai
             _ = sigterm.recv() => break,
             () = &mut sleep => break,
         }
-        p.end_batch(ClockPair::now().monotonic_ns)
-            .map_err(|e| anyhow!("writing the event log: {e}"))?;
+        p.end_batch(ClockPair::now().monotonic_ns);
         if p.stdout_closed() {
             break;
         }
@@ -511,11 +510,7 @@ async fn watch(plan: &kernel::AttachPlan, opts: &WatchOptions) -> Result<(), Fai
         .any(|(p, _, _)| *p == ProbeId::KvmEntry);
     let costs = session.costs();
     drop(session);
-    p.end_batch(ClockPair::now().monotonic_ns)
-        .map_err(|e| anyhow!("writing the event log: {e}"))?;
-    let rec = p
-        .finish(ClockPair::now().monotonic_ns, Some(Duration::from_secs(30)))
-        .map_err(|e| anyhow!("closing the event log: {e}"))?;
+    let rec = p.finish(ClockPair::now().monotonic_ns, Some(Duration::from_secs(30)));
     summarize(&mut p, &counters, &costs, elapsed);
     rec.inspect(print_log_stats);
     if let Some(warning) = blind_gate(gate_attached, &counters) {

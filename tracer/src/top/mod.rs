@@ -30,9 +30,9 @@ use crate::{
     loader::Session,
     log::{
         ClockPair, Header, PlanEntry,
-        reader::{self, ReadStats, Record},
+        reader::{self, ReadStats},
     },
-    replay::{REORDER_WINDOW_NS, Sequencer, Step},
+    replay::{REORDER_WINDOW_NS, Read, Step, read_ordered},
 };
 use state::{Action, TopState};
 
@@ -341,29 +341,22 @@ fn spawn_reader(files: Vec<PathBuf>) -> std::io::Result<Receiver<Fed>> {
         .name("replay-reader".into())
         .spawn(move || {
             let mut stats = ReadStats::default();
-            let mut seq = Sequencer::new(REORDER_WINDOW_NS);
             let mut events = 0u64;
-            let mut judge = |step: Step<'_>| {
-                if let Step::Event(ev, _) = step {
+            let mut header_sent = false;
+            read_ordered(&files, &mut stats, REORDER_WINDOW_NS, |read| match read {
+                Read::Header(h) if !header_sent => {
+                    header_sent = true;
+                    let _ = tx.send(Fed::Header(Box::new(h.clone())));
+                }
+                Read::Lost(n) => {
+                    let _ = tx.send(Fed::Lost(n));
+                }
+                Read::Step(Step::Event(ev, _)) => {
                     events += 1;
                     let _ = tx.send(Fed::Event(Box::new(ev.clone())));
                 }
-            };
-            let mut header_sent = false;
-            reader::read_all(&files, &mut stats, |_, r| match r {
-                Record::Header(ref h) if !header_sent => {
-                    header_sent = true;
-                    let _ = tx.send(Fed::Header(h.clone()));
-                    seq.push(r, &mut judge);
-                }
-                Record::Loss(ref l) => {
-                    let _ = tx.send(Fed::Lost(l.lost));
-                    seq.push(r, &mut judge);
-                }
-                Record::Finding(_) => {}
-                other => seq.push(other, &mut judge),
+                _ => {}
             });
-            seq.finish(&mut judge);
             let _ = tx.send(Fed::Done {
                 events,
                 problems: stats.problems.len() as u64 + stats.problems_not_kept,
