@@ -7,6 +7,9 @@
 //! something is missing they fail saying what, unless TRACER_SKIP_LIVE=1,
 //! in which case they print SKIPPED and the reason.
 
+#[path = "support/cli.rs"]
+mod support;
+
 use std::{
     io::{Read as _, Write as _},
     net::{TcpListener, TcpStream},
@@ -16,10 +19,7 @@ use std::{
 };
 
 use serde_json::Value;
-
-fn tracer() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_tracer"))
-}
+use support::{model_log, tracer};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -125,21 +125,46 @@ fn alertmanager_with(dir: &Path, config: &str) -> (Guard, u16) {
 
 /// A simulated log with mirror-root findings, for `--inject`.
 fn faulty_log(dir: &Path) -> PathBuf {
-    let out = tracer()
-        .args([
-            "simulate",
-            "--kernel",
-            "mirror-freed-by-zap",
-            "--scenario",
-            "hotplug",
-        ])
-        .args(["--vcpus", "2", "--rounds", "5"])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let path = dir.join("sim.jsonl");
-    std::fs::write(&path, out.stdout).unwrap();
-    path
+    model_log(dir, "sim.jsonl", ("mirror-freed-by-zap", "hotplug"), (2, 5))
+}
+
+/// `tracer run` for a minute with `args`, logging into `dir/log`; killed
+/// when dropped.
+fn daemon(dir: &Path, args: &[&str]) -> Guard {
+    Guard(
+        tracer()
+            .args(["run", "--duration", "60s"])
+            .args(args)
+            .arg("--log-dir")
+            .arg(dir.join("log"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// `tracer run` serving metrics on `port`.
+fn metrics_daemon(dir: &Path, port: u16) -> Guard {
+    daemon(dir, &["--metrics-listen", &format!("127.0.0.1:{port}")])
+}
+
+/// `tracer run` pushing to the Alertmanager on `am_port` what `inject`
+/// holds, with the alert host `hv-test`.
+fn pushing_daemon(dir: &Path, am_port: u16, inject: &Path) -> Guard {
+    daemon(
+        dir,
+        &[
+            "--metrics-listen",
+            "",
+            "--alert-host",
+            "hv-test",
+            "--alertmanager-url",
+            &format!("http://127.0.0.1:{am_port}"),
+            "--inject",
+            inject.to_str().unwrap(),
+        ],
+    )
 }
 
 #[test]
@@ -210,17 +235,7 @@ fn every_series_exists_at_zero_from_start_up() {
     }
     let dir = tempfile::tempdir().unwrap();
     let mport = free_port();
-    let _daemon = Guard(
-        tracer()
-            .args(["run", "--duration", "60s", "--metrics-listen"])
-            .arg(format!("127.0.0.1:{mport}"))
-            .arg("--log-dir")
-            .arg(dir.path().join("log"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _daemon = metrics_daemon(dir.path(), mport);
     let text =
         wait_for(Duration::from_secs(30), || http_get(mport, "/metrics")).expect("metrics served");
     for kind in tracer::detector::FindingKind::ALL {
@@ -392,20 +407,12 @@ fn the_daemon_makes_only_system_calls_the_unit_allows() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let sim = tracer()
-        .args([
-            "simulate",
-            "--kernel",
-            "mirror-freed-by-zap",
-            "--scenario",
-            "fleet",
-        ])
-        .args(["--vcpus", "2", "--rounds", "3"])
-        .output()
-        .unwrap();
-    assert!(sim.status.success());
-    let inject = dir.path().join("busy.jsonl");
-    std::fs::write(&inject, sim.stdout).unwrap();
+    let inject = model_log(
+        dir.path(),
+        "busy.jsonl",
+        ("mirror-freed-by-zap", "fleet"),
+        (2, 3),
+    );
     let port = free_port();
     let trace = dir.path().join("strace.txt");
     let mut child = Command::new("strace")
@@ -534,17 +541,7 @@ fn prometheus_scrapes_the_daemon() {
     }
     let dir = tempfile::tempdir().unwrap();
     let mport = free_port();
-    let _daemon = Guard(
-        tracer()
-            .args(["run", "--duration", "60s", "--metrics-listen"])
-            .arg(format!("127.0.0.1:{mport}"))
-            .arg("--log-dir")
-            .arg(dir.path().join("log"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _daemon = metrics_daemon(dir.path(), mport);
     wait_for(Duration::from_secs(30), || http_get(mport, "/metrics")).expect("metrics served");
     let pport = free_port();
     let cfg = dir.path().join("prometheus.yml");
@@ -601,28 +598,7 @@ fn findings_reach_alertmanager_with_their_labels() {
     let (_am, port) = alertmanager(dir.path());
     let sim = faulty_log(dir.path());
     let started = Instant::now();
-    let _daemon = Guard(
-        tracer()
-            .args([
-                "run",
-                "--duration",
-                "60s",
-                "--metrics-listen",
-                "",
-                "--alert-host",
-                "hv-test",
-            ])
-            .arg("--alertmanager-url")
-            .arg(format!("http://127.0.0.1:{port}"))
-            .arg("--inject")
-            .arg(&sim)
-            .arg("--log-dir")
-            .arg(dir.path().join("log"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _daemon = pushing_daemon(dir.path(), port, &sim);
     let alert = wait_for(Duration::from_mins(1), || {
         let body = http_get(port, "/api/v2/alerts")?;
         let alerts: Vec<Value> = serde_json::from_str(&body).ok()?;
@@ -738,42 +714,13 @@ fn one_faulty_vm_is_one_alertmanager_group() {
     let (_am, port) = alertmanager_with(dir.path(), &config);
     // Two TDX VMs of 8 vCPUs each, through hot-plug cycles, on a kernel
     // that frees mirror roots under them.
-    let sim = tracer()
-        .args([
-            "simulate",
-            "--kernel",
-            "mirror-freed-by-zap",
-            "--scenario",
-            "hotplug",
-        ])
-        .args(["--vcpus", "8", "--rounds", "5"])
-        .output()
-        .unwrap();
-    assert!(sim.status.success());
-    let log = dir.path().join("sim.jsonl");
-    std::fs::write(&log, sim.stdout).unwrap();
-    let _daemon = Guard(
-        tracer()
-            .args([
-                "run",
-                "--duration",
-                "60s",
-                "--metrics-listen",
-                "",
-                "--alert-host",
-                "hv-test",
-            ])
-            .arg("--alertmanager-url")
-            .arg(format!("http://127.0.0.1:{port}"))
-            .arg("--inject")
-            .arg(&log)
-            .arg("--log-dir")
-            .arg(dir.path().join("log"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+    let log = model_log(
+        dir.path(),
+        "sim.jsonl",
+        ("mirror-freed-by-zap", "hotplug"),
+        (8, 5),
     );
+    let _daemon = pushing_daemon(dir.path(), port, &log);
     let groups = wait_for(Duration::from_mins(1), || {
         let body = http_get(port, "/api/v2/alerts/groups")?;
         let groups: Vec<Value> = serde_json::from_str(&body).ok()?;

@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use support::{run, tracer};
+use support::{model_log, run, tracer};
 use tracer::log::{
     Header,
     writer::{RecordConfig, Recorder, compress_segment, list_segments, utc_compact},
@@ -356,14 +356,27 @@ fn wait(limit: Duration, mut ok: impl FnMut() -> bool) -> bool {
 }
 
 fn scrape(port: u16) -> Option<String> {
+    get(port, "/metrics")
+}
+
+/// `GET path` on the daemon's port: the whole answer, if it is a 200.
+fn get(port: u16, path: &str) -> Option<String> {
     use std::io::{Read as _, Write as _};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
-        .ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     out.starts_with("HTTP/1.1 200").then_some(out)
+}
+
+/// A loopback port nothing listens on (now).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// CPU seconds the process used (utime + stime).
@@ -406,11 +419,7 @@ fn idle_connections_do_not_exhaust_the_daemon() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let d = Daemon::start(dir.path(), &format!("127.0.0.1:{port}"));
     assert!(wait(Duration::from_secs(10), || scrape(port).is_some()));
     // This test process needs descriptors for its 1,100 sockets too.
@@ -511,19 +520,12 @@ fn replay_memory_stays_bounded_on_hostile_logs() {
 
     // 300 recorded findings of 2,000 evidence events each: 250 MB of JSON
     // in a few KiB. Kept: the first of them, their evidence cut.
-    let sim = tracer()
-        .args([
-            "simulate",
-            "--kernel",
-            "mirror-freed-by-zap",
-            "--scenario",
-            "fleet",
-        ])
-        .args(["--vcpus", "2", "--rounds", "3"])
-        .output()
-        .unwrap();
-    let sim_log = dir.path().join("sim.jsonl");
-    std::fs::write(&sim_log, &sim.stdout).unwrap();
+    let sim_log = model_log(
+        dir.path(),
+        "sim.jsonl",
+        ("mirror-freed-by-zap", "fleet"),
+        (2, 3),
+    );
     let found = tracer()
         .arg("replay")
         .arg("--json")
@@ -535,7 +537,7 @@ fn replay_memory_stays_bounded_on_hostile_logs() {
     let mut big = finding.clone();
     let one = finding["evidence"][0].clone();
     big["evidence"] = serde_json::Value::Array(vec![one; 2000]);
-    let header = String::from_utf8(sim.stdout)
+    let header = std::fs::read_to_string(&sim_log)
         .unwrap()
         .lines()
         .next()
@@ -608,21 +610,7 @@ impl Drop for Tmpfs {
 
 /// A busy faulty model log to feed `tracer run --inject`.
 fn busy_log(dir: &Path) -> PathBuf {
-    let out = tracer()
-        .args([
-            "simulate",
-            "--kernel",
-            "mirror-freed-by-zap",
-            "--scenario",
-            "fleet",
-        ])
-        .args(["--vcpus", "4", "--rounds", "10"])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let p = dir.join("busy.jsonl");
-    std::fs::write(&p, out.stdout).unwrap();
-    p
+    model_log(dir, "busy.jsonl", ("mirror-freed-by-zap", "fleet"), (4, 10))
 }
 
 fn daemon_with(dir: &Path, args: &[&str]) -> Daemon {
@@ -659,11 +647,7 @@ fn a_full_disk_degrades_the_log_and_detection_goes_on() {
     let fs = Tmpfs::mount(&dir.path().join("mnt"), "256k");
     let log = fs.0.join("log");
     let sim = busy_log(dir.path());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let metrics = format!("127.0.0.1:{port}");
     let d = daemon_with(
         dir.path(),
@@ -840,16 +824,6 @@ impl Drop for FrozenCapable {
     }
 }
 
-fn get(port: u16, path: &str) -> Option<String> {
-    use std::io::{Read as _, Write as _};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.starts_with("HTTP/1.1 200").then_some(out)
-}
-
 #[test]
 fn a_frozen_log_filesystem_stalls_only_the_log() {
     if !live_or_skip("a_frozen_log_filesystem_stalls_only_the_log") {
@@ -858,11 +832,7 @@ fn a_frozen_log_filesystem_stalls_only_the_log() {
     let dir = tempfile::tempdir().unwrap();
     let fs = FrozenCapable::mount(dir.path());
     let log = fs.0.join("log");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let metrics = format!("127.0.0.1:{port}");
     let d = daemon_with(
         dir.path(),
@@ -1069,11 +1039,7 @@ fn an_unprivileged_user_cannot_plant_in_the_log_folder_or_starve_the_daemon() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let log = dir.path().join("log");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let addr = format!("127.0.0.1:{port}");
 
     // 1. nobody takes the metrics port first: a warning and a retry.

@@ -25,6 +25,28 @@ struct Tmux {
 }
 
 impl Tmux {
+    /// A private server (named `tag` and this process's id) running
+    /// `script` in a 150x45 window called `top`.
+    fn start(tag: &str, script: &str) -> Self {
+        let tmux = Tmux {
+            socket: format!("{tag}-{}", std::process::id()),
+        };
+        tmux.cmd(&[
+            "new-session",
+            "-d",
+            "-s",
+            "top",
+            "-x",
+            "150",
+            "-y",
+            "45",
+            "sh",
+            "-c",
+            script,
+        ]);
+        tmux
+    }
+
     fn cmd(&self, args: &[&str]) -> String {
         let out = Command::new("tmux")
             .args(["-L", &self.socket, "-f", "/dev/null"])
@@ -136,22 +158,7 @@ fn top_replays_a_faulty_kernel_in_a_real_terminal() {
     let script = format!(
         "{run}; echo EXIT1=$?; read _; {run}; echo EXIT2=$?; read _; {run}; echo EXIT3=$?; sleep 120"
     );
-    let tmux = Tmux {
-        socket: format!("tracer-top-test-{}", std::process::id()),
-    };
-    tmux.cmd(&[
-        "new-session",
-        "-d",
-        "-s",
-        "top",
-        "-x",
-        "150",
-        "-y",
-        "45",
-        "sh",
-        "-c",
-        &script,
-    ]);
+    let tmux = Tmux::start("tracer-top-test", &script);
 
     let s = tmux.wait("the end of the log", |s| s.contains("end of log"));
     assert!(s.contains("tracer top"), "{s}");
@@ -245,23 +252,8 @@ fn a_long_replay_streams_in_bounded_memory() {
     std::fs::write(&log, &bytes).unwrap();
     assert!(bytes.len() < 256 << 10, "{} bytes", bytes.len());
 
-    let tmux = Tmux {
-        socket: format!("tracer-top-long-{}", std::process::id()),
-    };
     let run = format!("{TRACER} top --replay {} --speed 100000", log.display());
-    tmux.cmd(&[
-        "new-session",
-        "-d",
-        "-s",
-        "top",
-        "-x",
-        "150",
-        "-y",
-        "45",
-        "sh",
-        "-c",
-        &run,
-    ]);
+    let tmux = Tmux::start("tracer-top-long", &run);
     let started = Instant::now();
     let mut peak_kib = 0u64;
     let mut seen = false;
