@@ -69,11 +69,15 @@ impl Tmux {
     /// never does.
     fn wait(&self, what: &str, ok: impl Fn(&str) -> bool) -> String {
         let started = Instant::now();
+        let mut last = String::new();
         loop {
             let s = self.screen();
-            if ok(&s) {
+            // Twice the same: a capture taken while a frame is being drawn
+            // shows its top half new and its bottom half old.
+            if ok(&s) && s == last {
                 return s;
             }
+            last.clone_from(&s);
             assert!(
                 started.elapsed() < Duration::from_secs(30),
                 "timed out waiting for {what}; the screen:\n{s}"
