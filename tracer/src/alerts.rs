@@ -1,18 +1,20 @@
-//! Findings to Alertmanager (`POST /api/v2/alerts`), from a background
-//! task: the pipeline only `try_send`s into a bounded queue, so alerting
-//! never blocks tracing. Each batch is retried with exponential back-off a
-//! bounded number of times; what can't be delivered is counted. The event
-//! log keeps every finding regardless.
+//! Findings to Alertmanager (`POST /api/v2/alerts`), from background
+//! tasks, one per Alertmanager URL: each alert goes to every URL (as
+//! Prometheus does for an HA pair), so a down or slow replica delays only
+//! its own queue. The pipeline only `try_send`s into bounded queues, so
+//! alerting never blocks tracing. Each batch is retried with exponential
+//! back-off a bounded number of times; what can't be delivered is counted
+//! per URL. The event log keeps every finding regardless. HTTP is hyper's,
+//! TLS rustls's (`https://` with a CA file or the system's roots), with
+//! basic auth or a bearer token.
 
-use std::time::Duration;
+use std::{path::Path, sync::Arc, time::Duration};
 
+use http_body_util::BodyExt as _;
+use hyper::header::HeaderValue;
 use serde_json::{Value, json};
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpStream,
-    sync::mpsc,
-    task::JoinHandle,
-};
+use tokio::{net::TcpStream, sync::mpsc, task::JoinHandle};
+use tokio_rustls::rustls::{ClientConfig, pki_types::ServerName};
 
 use crate::{
     config::AlertmanagerConfig,
@@ -21,93 +23,224 @@ use crate::{
     metrics::SharedMetrics,
 };
 
-/// The pipeline's end of the queue.
+/// The pipeline's end of the queues.
 pub struct AlertSink {
-    tx: mpsc::Sender<Value>,
+    queues: Vec<(String, mpsc::Sender<Arc<Value>>)>,
     min_severity: Severity,
     host: String,
     clock: ClockPair,
     metrics: SharedMetrics,
 }
 
-/// The sender task, to drain on shutdown.
-pub struct AlertTask(JoinHandle<()>);
+/// The sender tasks, to drain on shutdown.
+pub struct AlertTask(Vec<JoinHandle<()>>);
 
 impl AlertTask {
     /// Waits up to `deadline` for queued alerts to go out.
     pub async fn drain(self, deadline: Duration) {
-        let _ = tokio::time::timeout(deadline, self.0).await;
+        let _ = tokio::time::timeout(deadline, async {
+            for t in self.0 {
+                let _ = t.await;
+            }
+        })
+        .await;
     }
 }
 
-/// `http://host:port[/prefix]`.
-struct Target {
+/// One Alertmanager: `http[s]://host[:port][/prefix]`.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// The URL as configured (the `alertmanager` label of the counters).
+    pub url: String,
     addr: String,
-    host: String,
+    authority: String,
     path: String,
+    tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
 }
 
-fn parse_url(url: &str) -> Result<Target, String> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| format!("{url:?} must start with http://"))?;
-    let (hostport, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-    let addr = if hostport.contains(':') {
-        hostport.to_owned()
+/// Everything the senders need, checked and loaded before anything
+/// attaches: URLs parsed, CA file and secrets read.
+#[derive(Clone, Debug)]
+pub struct Prepared {
+    pub targets: Vec<Target>,
+    auth: Option<HeaderValue>,
+    cfg: AlertmanagerConfig,
+}
+
+fn parse_url(url: &str, tls: Option<&Arc<ClientConfig>>) -> Result<Target, String> {
+    let (rest, port, secure) = if let Some(r) = url.strip_prefix("http://") {
+        (r, 80, false)
+    } else if let Some(r) = url.strip_prefix("https://") {
+        (r, 443, true)
     } else {
-        format!("{hostport}:80")
+        return Err(format!("{url:?} must start with http:// or https://"));
+    };
+    let (authority, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    if authority.contains('@') {
+        return Err(format!(
+            "{url:?}: credentials don't go in the URL (it is a metric label); use \
+             basic_auth or bearer_token_file"
+        ));
+    }
+    if authority.is_empty() || prefix.contains(['?', '#']) {
+        return Err(format!(
+            "{url:?} is not a URL like http://host:9093[/prefix]"
+        ));
+    }
+    // [v6]:port, host:port, [v6], host
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !p.contains(']') => (
+            h,
+            p.parse::<u16>()
+                .map_err(|_| format!("{url:?}: bad port {p:?}"))?,
+        ),
+        _ => (authority, port),
+    };
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let tls = if secure {
+        let cfg = tls.ok_or_else(|| format!("{url:?}: no TLS config"))?;
+        let name = ServerName::try_from(bare.to_owned())
+            .map_err(|e| format!("{url:?}: {bare:?} is not a TLS server name: {e}"))?;
+        Some((cfg.clone(), name))
+    } else {
+        None
     };
     let prefix = prefix.trim_end_matches('/');
     Ok(Target {
-        addr,
-        host: hostport.to_owned(),
+        url: url.to_owned(),
+        addr: format!("{host}:{port}"),
+        authority: authority.to_owned(),
         path: if prefix.is_empty() {
             "/api/v2/alerts".into()
         } else {
             format!("/{prefix}/api/v2/alerts")
         },
+        tls,
     })
 }
 
-/// Starts the sender; returns the sink for the pipeline.
+impl Prepared {
+    /// Parses the URLs and reads the CA file and the secret files.
+    pub fn new(cfg: &AlertmanagerConfig) -> Result<Self, String> {
+        let urls = cfg.all_urls();
+        let tls = if urls.iter().any(|u| u.starts_with("https://")) {
+            let ca = (!cfg.ca_file.as_os_str().is_empty()).then_some(cfg.ca_file.as_path());
+            Some(crate::web::client_tls(ca).map_err(|e| format!("ca_file: {e}"))?)
+        } else {
+            None
+        };
+        let mut targets = Vec::new();
+        for u in &urls {
+            let t = parse_url(u, tls.as_ref())?;
+            if targets.iter().any(|o: &Target| o.url == t.url) {
+                return Err(format!("{u:?} is listed twice"));
+            }
+            targets.push(t);
+        }
+        let auth = match (
+            &cfg.basic_auth,
+            cfg.bearer_token_file.as_os_str().is_empty(),
+        ) {
+            (Some(_), false) => {
+                return Err("basic_auth and bearer_token_file are exclusive".into());
+            }
+            (Some(b), true) => {
+                use base64::Engine as _;
+                if b.username.is_empty() || b.username.contains(':') {
+                    return Err("basic_auth.username: empty or has a ':'".into());
+                }
+                let pass = crate::web::read_secret(Path::new(&b.password_file))
+                    .map_err(|e| format!("basic_auth.password_file: {e}"))?;
+                let token = base64::engine::general_purpose::STANDARD
+                    .encode(format!("{}:{pass}", b.username));
+                Some(header_value(&format!("Basic {token}"))?)
+            }
+            (None, false) => {
+                let token = crate::web::read_secret(&cfg.bearer_token_file)
+                    .map_err(|e| format!("bearer_token_file: {e}"))?;
+                Some(header_value(&format!("Bearer {token}"))?)
+            }
+            (None, true) => None,
+        };
+        Ok(Self {
+            targets,
+            auth,
+            cfg: cfg.clone(),
+        })
+    }
+}
+
+fn header_value(v: &str) -> Result<HeaderValue, String> {
+    let mut h = HeaderValue::from_str(v).map_err(|_| "a secret has bytes a header can't carry")?;
+    h.set_sensitive(true);
+    Ok(h)
+}
+
+/// Starts one sender per URL; returns the sink for the pipeline.
 pub fn spawn(
-    cfg: &AlertmanagerConfig,
+    prepared: &Prepared,
     host: String,
     clock: ClockPair,
     metrics: SharedMetrics,
-) -> Result<(AlertSink, AlertTask), String> {
-    let target = parse_url(&cfg.url)?;
-    let (tx, rx) = mpsc::channel(cfg.queue.max(1));
-    let task = tokio::spawn(sender(rx, target, cfg.clone(), metrics.clone()));
-    Ok((
+) -> (AlertSink, AlertTask) {
+    let cfg = &prepared.cfg;
+    let mut queues = Vec::new();
+    let mut tasks = Vec::new();
+    {
+        let mut m = metrics
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for t in &prepared.targets {
+            // Every counter exists at 0 from start-up.
+            m.alerts_sent.insert(t.url.clone(), 0);
+            m.alerts_failed.insert(t.url.clone(), 0);
+            m.alerts_dropped.insert(t.url.clone(), 0);
+        }
+    }
+    for t in &prepared.targets {
+        let (tx, rx) = mpsc::channel(cfg.queue.max(1));
+        queues.push((t.url.clone(), tx));
+        tasks.push(tokio::spawn(sender(
+            rx,
+            t.clone(),
+            prepared.auth.clone(),
+            cfg.clone(),
+            metrics.clone(),
+        )));
+    }
+    (
         AlertSink {
-            tx,
+            queues,
             min_severity: cfg.min_severity,
             host,
             clock,
             metrics,
         },
-        AlertTask(task),
-    ))
+        AlertTask(tasks),
+    )
 }
 
 impl AlertSink {
-    /// Queues a finding at or above the minimum severity; never blocks. A
-    /// full queue drops and counts it.
+    /// Queues a finding at or above the minimum severity for every
+    /// Alertmanager; never blocks. A full queue drops and counts it.
     pub fn send(&self, f: &Finding) {
         if f.severity < self.min_severity {
             return;
         }
-        let alert = alert_for(f, &self.host, self.clock);
-        if self.tx.try_send(alert).is_err() {
-            self.metrics
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .alerts_dropped += 1;
+        let alert = Arc::new(alert_for(f, &self.host, self.clock));
+        for (url, tx) in &self.queues {
+            if tx.try_send(alert.clone()).is_err() {
+                *self
+                    .metrics
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .alerts_dropped
+                    .entry(url.clone())
+                    .or_default() += 1;
+            }
         }
     }
 }
-
 /// The Alertmanager v2 alert for a finding.
 pub fn alert_for(f: &Finding, host: &str, clock: ClockPair) -> Value {
     // The same alertname as the Prometheus rule for the kind; no kernel
@@ -137,12 +270,13 @@ pub fn alert_for(f: &Finding, host: &str, clock: ClockPair) -> Value {
 }
 
 async fn sender(
-    mut rx: mpsc::Receiver<Value>,
+    mut rx: mpsc::Receiver<Arc<Value>>,
     target: Target,
+    auth: Option<HeaderValue>,
     cfg: AlertmanagerConfig,
     metrics: SharedMetrics,
 ) {
-    let mut batch = Vec::new();
+    let mut batch: Vec<Arc<Value>> = Vec::new();
     while let Some(first) = rx.recv().await {
         batch.push(first);
         while batch.len() < 64 {
@@ -151,18 +285,24 @@ async fn sender(
                 Err(_) => break,
             }
         }
-        let body = Value::Array(std::mem::take(&mut batch)).to_string();
-        let n = body_len(&body);
+        let n = batch.len() as u64;
+        let body = hyper::body::Bytes::from(
+            serde_json::to_vec(&batch.iter().map(|a| &**a).collect::<Vec<&Value>>())
+                .expect("JSON values serialize"),
+        );
+        batch.clear();
         let mut delay = Duration::from_millis(500);
         let mut ok = false;
         for attempt in 1..=cfg.attempts {
-            match tokio::time::timeout(cfg.timeout, post(&target, &body)).await {
+            match tokio::time::timeout(cfg.timeout, post(&target, auth.as_ref(), body.clone()))
+                .await
+            {
                 Ok(Ok(())) => {
                     ok = true;
                     break;
                 }
-                Ok(Err(e)) => log::warn!("alertmanager: attempt {attempt}: {e}"),
-                Err(_) => log::warn!("alertmanager: attempt {attempt}: timed out"),
+                Ok(Err(e)) => log::warn!("alertmanager {}: attempt {attempt}: {e}", target.url),
+                Err(_) => log::warn!("alertmanager {}: attempt {attempt}: timed out", target.url),
             }
             if attempt < cfg.attempts {
                 tokio::time::sleep(delay).await;
@@ -173,55 +313,96 @@ async fn sender(
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if ok {
-            m.alerts_sent += n;
+            *m.alerts_sent.entry(target.url.clone()).or_default() += n;
         } else {
-            m.alerts_failed += n;
+            *m.alerts_failed.entry(target.url.clone()).or_default() += n;
             eprintln!(
-                "tracer: warning: {n} alert(s) not delivered to Alertmanager after {} attempt(s); \
-                 they are in the event log",
-                cfg.attempts
+                "tracer: warning: {n} alert(s) not delivered to Alertmanager {} after {} \
+                 attempt(s); they are in the event log",
+                target.url, cfg.attempts
             );
         }
     }
 }
 
 /// The most of an Alertmanager response that is read.
-const RESPONSE_MAX: u64 = 64 << 10;
+const RESPONSE_MAX: usize = 64 << 10;
 
-fn body_len(body: &str) -> u64 {
-    serde_json::from_str::<Vec<Value>>(body).map_or(0, |v| v.len() as u64)
-}
-
-async fn post(t: &Target, body: &str) -> Result<(), String> {
-    let mut s = TcpStream::connect(&t.addr)
+async fn post(
+    t: &Target,
+    auth: Option<&HeaderValue>,
+    body: hyper::body::Bytes,
+) -> Result<(), String> {
+    let tcp = TcpStream::connect(&t.addr)
         .await
         .map_err(|e| format!("connect {}: {e}", t.addr))?;
-    let req = format!(
-        "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        t.path,
-        t.host,
-        body.len()
-    );
-    s.write_all(req.as_bytes())
+    let _ = tcp.set_nodelay(true);
+    match &t.tls {
+        Some((cfg, name)) => {
+            let tls = tokio_rustls::TlsConnector::from(cfg.clone())
+                .connect(name.clone(), tcp)
+                .await
+                .map_err(|e| format!("TLS with {}: {e}", t.addr))?;
+            exchange(tls, t, auth, body).await
+        }
+        None => exchange(tcp, t, auth, body).await,
+    }
+}
+
+/// One request on a fresh connection; at most [`RESPONSE_MAX`] bytes of
+/// the answer are read, so an endless answer can't grow the daemon.
+async fn exchange<S>(
+    io: S,
+    t: &Target,
+    auth: Option<&HeaderValue>,
+    body: hyper::body::Bytes,
+) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
         .await
-        .map_err(|e| format!("send: {e}"))?;
-    // At most RESPONSE_MAX bytes are read: an endless answer can't grow
-    // the daemon's memory.
-    let mut resp = Vec::new();
-    (&mut s)
-        .take(RESPONSE_MAX)
-        .read_to_end(&mut resp)
-        .await
-        .map_err(|e| format!("read: {e}"))?;
-    let head = String::from_utf8_lossy(&resp);
-    let status = head.split_whitespace().nth(1).unwrap_or("");
-    if status.starts_with('2') {
-        Ok(())
-    } else {
-        Err(format!(
-            "HTTP {status}: {}",
-            head.lines().last().unwrap_or("")
-        ))
+        .map_err(|e| format!("HTTP: {e}"))?;
+    let mut req = hyper::Request::post(&t.path)
+        .header(hyper::header::HOST, &t.authority)
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .header(
+            hyper::header::USER_AGENT,
+            concat!("kvm-root-tracer/", env!("CARGO_PKG_VERSION")),
+        )
+        .body(http_body_util::Full::new(body))
+        .map_err(|e| format!("request: {e}"))?;
+    if let Some(a) = auth {
+        req.headers_mut()
+            .insert(hyper::header::AUTHORIZATION, a.clone());
+    }
+    let work = async move {
+        let resp = send
+            .send_request(req)
+            .await
+            .map_err(|e| format!("send: {e}"))?;
+        let status = resp.status();
+        let text = http_body_util::Limited::new(resp.into_body(), RESPONSE_MAX)
+            .collect()
+            .await
+            .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+            .unwrap_or_default();
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "HTTP {status}: {}",
+                text.lines().next().unwrap_or("")
+            ))
+        }
+    };
+    tokio::pin!(conn);
+    tokio::select! {
+        r = work => r,
+        c = &mut conn => Err(match c {
+            Err(e) => format!("connection: {e}"),
+            Ok(()) => "connection closed before an answer".to_owned(),
+        }),
     }
 }
 
@@ -231,17 +412,32 @@ mod tests {
 
     #[test]
     fn urls() {
-        let t = parse_url("http://127.0.0.1:9093").unwrap();
+        let t = parse_url("http://127.0.0.1:9093", None).unwrap();
         assert_eq!(
             (t.addr.as_str(), t.path.as_str()),
             ("127.0.0.1:9093", "/api/v2/alerts")
         );
-        let t = parse_url("http://am.local/prefix/").unwrap();
+        let t = parse_url("http://am.local/prefix/", None).unwrap();
         assert_eq!(
             (t.addr.as_str(), t.path.as_str()),
             ("am.local:80", "/prefix/api/v2/alerts")
         );
-        assert!(parse_url("https://am").is_err());
+        let t = parse_url("http://[::1]:9093", None).unwrap();
+        assert_eq!(t.addr, "[::1]:9093");
+        let tls = crate::web::client_tls(None).ok();
+        if let Some(tls) = &tls {
+            let t = parse_url("https://am.example", Some(tls)).unwrap();
+            assert_eq!(t.addr, "am.example:443");
+        }
+        for bad in [
+            "ftp://am",
+            "http://user:pw@am:9093",
+            "http://am:99999",
+            "http://",
+            "http://am/?x",
+        ] {
+            assert!(parse_url(bad, tls.as_ref()).is_err(), "{bad}");
+        }
     }
 
     fn finding(kind: crate::detector::FindingKind) -> Finding {
@@ -287,7 +483,7 @@ mod tests {
         use crate::detector::FindingKind as K;
         let (tx, mut rx) = mpsc::channel(8);
         let sink = AlertSink {
-            tx,
+            queues: vec![("http://am".into(), tx)],
             min_severity: Severity::Warning,
             host: "hv1".into(),
             clock: ClockPair {

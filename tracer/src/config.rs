@@ -96,17 +96,26 @@ impl Default for ProbesConfig {
     }
 }
 
+/// The default metrics address: loopback, on a port no common exporter
+/// uses (9100–9999 is the Prometheus exporters' range, all allocated; 9464
+/// is OpenTelemetry's Prometheus exporter).
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:10464";
+
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
     /// Address of the Prometheus endpoint (`/metrics`); empty disables it.
     pub listen: String,
+    /// An exporter-toolkit `web.config` file (TLS, basic auth); empty:
+    /// plain HTTP, no auth.
+    pub web_config_file: PathBuf,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
         Self {
-            listen: "127.0.0.1:9464".into(),
+            listen: DEFAULT_METRICS_LISTEN.into(),
+            web_config_file: PathBuf::new(),
         }
     }
 }
@@ -114,13 +123,23 @@ impl Default for MetricsConfig {
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AlertmanagerConfig {
-    /// Base URL (`http://host:port`); empty: no Alertmanager.
+    /// One base URL (`http[s]://host:port[/prefix]`); empty: none. Kept
+    /// beside `urls` for configs written before there were several.
     pub url: String,
+    /// Base URLs: every alert goes to each (an HA cluster's replicas).
+    pub urls: Vec<String>,
+    /// CA certificates (PEM) for `https://` URLs; empty: the system's.
+    pub ca_file: PathBuf,
+    /// `{ username = "…", password_file = "…" }`.
+    pub basic_auth: Option<BasicAuthConfig>,
+    /// A file whose first line is a bearer token.
+    pub bearer_token_file: PathBuf,
     #[serde(deserialize_with = "de_duration")]
     pub timeout: Duration,
     /// Attempts per alert batch before it is counted as failed.
     pub attempts: u32,
-    /// Alerts waiting to be sent at most; more are dropped and counted.
+    /// Alerts waiting to be sent at most, per URL; more are dropped and
+    /// counted.
     pub queue: usize,
     /// The `host` label; empty: this machine's hostname.
     pub host: String,
@@ -129,16 +148,38 @@ pub struct AlertmanagerConfig {
     pub min_severity: crate::detector::Severity,
 }
 
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BasicAuthConfig {
+    pub username: String,
+    pub password_file: PathBuf,
+}
+
 impl Default for AlertmanagerConfig {
     fn default() -> Self {
         Self {
             url: String::new(),
+            urls: Vec::new(),
+            ca_file: PathBuf::new(),
+            basic_auth: None,
+            bearer_token_file: PathBuf::new(),
             timeout: Duration::from_secs(5),
             attempts: 4,
             queue: 1024,
             host: String::new(),
             min_severity: crate::detector::Severity::Warning,
         }
+    }
+}
+
+impl AlertmanagerConfig {
+    /// `url` and `urls` together.
+    pub fn all_urls(&self) -> Vec<String> {
+        std::iter::once(&self.url)
+            .filter(|u| !u.is_empty())
+            .chain(&self.urls)
+            .cloned()
+            .collect()
     }
 }
 
@@ -216,16 +257,16 @@ impl Config {
             && self.metrics.listen.parse::<std::net::SocketAddr>().is_err()
         {
             return Err(format!(
-                "key `metrics.listen`: {:?} is not an address like 127.0.0.1:9464",
+                "key `metrics.listen`: {:?} is not an address like 127.0.0.1:10464",
                 self.metrics.listen
             ));
         }
-        if !self.alertmanager.url.is_empty() && !self.alertmanager.url.starts_with("http://") {
-            return Err(format!(
-                "key `alertmanager.url`: {:?} must start with http:// (TLS is not supported; \
-                 use a local relay)",
-                self.alertmanager.url
-            ));
+        for u in self.alertmanager.all_urls() {
+            if !u.starts_with("http://") && !u.starts_with("https://") {
+                return Err(format!(
+                    "key `alertmanager.urls`: {u:?} must start with http:// or https://"
+                ));
+            }
         }
         if self.alertmanager.attempts == 0 {
             return Err("key `alertmanager.attempts`: must be at least 1".into());
@@ -388,7 +429,7 @@ mod tests {
         let cfg = Config::parse(Path::new("dist/config.toml"), EXAMPLE).unwrap();
         let mut want = Config::default();
         // The example turns nothing on that the defaults leave off.
-        want.alertmanager.url = cfg.alertmanager.url.clone();
+        want.alertmanager.urls.clone_from(&cfg.alertmanager.urls);
         assert_eq!(cfg, want);
     }
 
@@ -447,13 +488,10 @@ mod tests {
             .to_string();
         assert!(e.contains("key `probes.ringbuf_size`"), "{e}");
 
-        let e = Config::parse(
-            Path::new("t.toml"),
-            "[alertmanager]\nurl = \"https://am\"\n",
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("key `alertmanager.url`"), "{e}");
+        let e = Config::parse(Path::new("t.toml"), "[alertmanager]\nurl = \"ftp://am\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key `alertmanager.urls`"), "{e}");
 
         let e = Config::parse(Path::new("t.toml"), "[metrics]\nlisten = \"everywhere\"\n")
             .unwrap_err()

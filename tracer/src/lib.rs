@@ -18,6 +18,7 @@ pub mod replay;
 #[cfg(feature = "top")]
 pub mod top;
 pub mod watch;
+pub mod web;
 
 /// Exit code for a usage or runtime error.
 pub const EXIT_ERROR: u8 = 2;

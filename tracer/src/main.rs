@@ -201,9 +201,20 @@ struct RunArgs {
     /// [metrics] listen: address of GET /metrics ("" disables).
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<String>,
-    /// [alertmanager] url: http://host:port ("" disables).
+    /// [metrics] web_config_file: exporter-toolkit web config (TLS, basic
+    /// auth) of the metrics endpoint.
+    #[arg(long, value_name = "FILE")]
+    web_config_file: Option<PathBuf>,
+    /// [alertmanager] urls: http[s]://host:port; repeat for each replica of
+    /// an HA cluster (every alert goes to each).
     #[arg(long, value_name = "URL")]
-    alertmanager_url: Option<String>,
+    alertmanager_url: Vec<String>,
+    /// [alertmanager] ca_file: CA certificates (PEM) for https:// URLs.
+    #[arg(long, value_name = "FILE")]
+    alertmanager_ca_file: Option<PathBuf>,
+    /// [alertmanager] bearer_token_file.
+    #[arg(long, value_name = "FILE")]
+    alertmanager_bearer_token_file: Option<PathBuf>,
     /// [alertmanager] timeout.
     #[arg(long, value_name = "TIME", value_parser = parse_duration)]
     alertmanager_timeout: Option<Duration>,
@@ -247,7 +258,16 @@ impl RunArgs {
         set!(c.probes.wakeup_bytes, self.wakeup_bytes);
         set!(c.probes.poll_interval, self.poll_interval);
         set!(c.metrics.listen, self.metrics_listen);
-        set!(c.alertmanager.url, self.alertmanager_url);
+        set!(c.metrics.web_config_file, self.web_config_file);
+        if !self.alertmanager_url.is_empty() {
+            c.alertmanager.url.clear();
+            c.alertmanager.urls.clone_from(&self.alertmanager_url);
+        }
+        set!(c.alertmanager.ca_file, self.alertmanager_ca_file);
+        set!(
+            c.alertmanager.bearer_token_file,
+            self.alertmanager_bearer_token_file
+        );
         set!(c.alertmanager.timeout, self.alertmanager_timeout);
         set!(c.alertmanager.attempts, self.alertmanager_attempts);
         set!(c.alertmanager.queue, self.alertmanager_queue);
@@ -263,6 +283,35 @@ impl RunArgs {
             .map_err(|e| Failure::from(anyhow::anyhow!("flags: {e}")))?;
         Ok(c)
     }
+}
+
+/// The metrics web config and the Alertmanager senders, loaded (files read,
+/// certificates parsed) before anything attaches: a mistake is exit 2, not a
+/// daemon that runs without its TLS.
+fn services(
+    c: &Config,
+) -> Result<
+    (
+        Option<tracer::web::WebServer>,
+        Option<tracer::alerts::Prepared>,
+    ),
+    Failure,
+> {
+    let bad = |e: String| Failure::from(anyhow::anyhow!("{e}"));
+    let web = if c.metrics.web_config_file.as_os_str().is_empty() {
+        None
+    } else {
+        Some(tracer::web::WebConfigFile::load(&c.metrics.web_config_file).map_err(bad)?)
+    };
+    let am = if c.alertmanager.all_urls().is_empty() {
+        None
+    } else {
+        Some(
+            tracer::alerts::Prepared::new(&c.alertmanager)
+                .map_err(|e| bad(format!("alertmanager: {e}")))?,
+        )
+    };
+    Ok((web, am))
 }
 
 /// Event-log rotation and retention.
@@ -439,6 +488,7 @@ fn main() -> ExitCode {
             })
         }),
         Command::Run(args) => args.config().and_then(|c| {
+            let (web, alertmanager) = services(&c)?;
             let host = if c.alertmanager.host.is_empty() {
                 std::fs::read_to_string("/proc/sys/kernel/hostname")
                     .map(|h| h.trim().to_owned())
@@ -463,7 +513,8 @@ fn main() -> ExitCode {
                 service: watch::ServiceOptions {
                     metrics_listen: (!c.metrics.listen.is_empty())
                         .then(|| c.metrics.listen.parse().expect("validated")),
-                    alertmanager: (!c.alertmanager.url.is_empty()).then(|| c.alertmanager.clone()),
+                    web,
+                    alertmanager,
                     host,
                     findings_out: (!c.findings.output.is_empty())
                         .then(|| c.findings.output.clone()),

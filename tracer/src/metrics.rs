@@ -12,10 +12,7 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge, info::Info},
     registry::Registry,
 };
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpListener,
-};
+use tokio::net::TcpListener;
 
 /// What the metrics say, as plain numbers.
 #[derive(Clone, Debug, Default)]
@@ -39,9 +36,12 @@ pub struct MetricsState {
     pub log_write_errors: u64,
     pub stale_entries: u64,
     pub entry_report_retries: u64,
-    pub alerts_sent: u64,
-    pub alerts_failed: u64,
-    pub alerts_dropped: u64,
+    /// Alertmanager URL → alerts it accepted.
+    pub alerts_sent: BTreeMap<String, u64>,
+    /// Alertmanager URL → alerts not delivered after every attempt.
+    pub alerts_failed: BTreeMap<String, u64>,
+    /// Alertmanager URL → alerts dropped because its queue was full.
+    pub alerts_dropped: BTreeMap<String, u64>,
     pub log_records: u64,
     pub log_dropped: u64,
     /// Why the event log can't be written now (disk full, read-only,
@@ -84,7 +84,9 @@ fn pair(a: &str, av: &str, b: &str, bv: &str) -> Vec<(String, String)> {
 
 /// The exposition text.
 pub fn render(s: &MetricsState) -> String {
-    let mut r = Registry::with_prefix("kvm_root_tracer");
+    let mut root = Registry::default();
+    register_process(&mut root);
+    let r = root.sub_registry_with_prefix("kvm_root_tracer");
     r.register(
         "build",
         "Version of the tracer and the kernel it runs on",
@@ -94,7 +96,7 @@ pub fn render(s: &MetricsState) -> String {
         ]),
     );
     counter_family(
-        &mut r,
+        r,
         "events",
         "Root events received, by probe and kind",
         s.events
@@ -102,7 +104,7 @@ pub fn render(s: &MetricsState) -> String {
             .map(|((p, k), v)| (pair("probe", p, "kind", k), *v)),
     );
     counter_family(
-        &mut r,
+        r,
         "findings",
         "Findings raised, by kind and severity",
         s.findings
@@ -110,7 +112,7 @@ pub fn render(s: &MetricsState) -> String {
             .map(|((k, sev), v)| (pair("kind", k, "severity", sev), *v)),
     );
     counter_family(
-        &mut r,
+        r,
         "ringbuf_drops",
         "Events lost because the ring buffer was full, by probe",
         s.drops
@@ -128,56 +130,186 @@ pub fn render(s: &MetricsState) -> String {
         "eBPF programs by how they attached (off: not attached)",
         probes,
     );
+    gauge(r, "tracked_vms", "VMs the detector tracks", s.tracked_vms);
     gauge(
-        &mut r,
-        "tracked_vms",
-        "VMs the detector tracks",
-        s.tracked_vms,
-    );
-    gauge(
-        &mut r,
+        r,
         "tracked_vcpus",
         "vCPUs the detector tracks",
         s.tracked_vcpus,
     );
-    gauge(
-        &mut r,
-        "tdx_vms",
-        "Tracked VMs whose vm_type is TDX",
-        s.tdx_vms,
-    );
+    gauge(r, "tdx_vms", "Tracked VMs whose vm_type is TDX", s.tdx_vms);
     if s.log_enabled {
         gauge(
-            &mut r,
+            r,
             "log_writable",
             "1 while the event log is written, 0 while it fails (see /healthz for why); detection goes on either way",
             u64::from(s.log_failing.is_none()),
         );
     }
-    counter_family(
-        &mut r,
-        "bpf_run_time_nanoseconds",
+    let run_time =
+        Family::<Vec<(String, String)>, Counter<f64, std::sync::atomic::AtomicU64>>::default();
+    for (p, (ns, _)) in &s.bpf {
+        #[allow(clippy::cast_precision_loss)] // exact to the ns for 104 days of run time
+        run_time
+            .get_or_create(&vec![("program".to_owned(), p.clone())])
+            .inc_by(*ns as f64 / 1e9);
+    }
+    r.register(
+        "bpf_run_time_seconds",
         "Time the kernel spent in each eBPF program (BPF stats)",
-        s.bpf
-            .iter()
-            .map(|(p, (ns, _))| (vec![("program".to_owned(), p.clone())], *ns)),
+        run_time,
     );
     counter_family(
-        &mut r,
+        r,
         "bpf_runs",
         "Runs of each eBPF program (BPF stats)",
         s.bpf
             .iter()
             .map(|(p, (_, n))| (vec![("program".to_owned(), p.clone())], *n)),
     );
-    register_totals(&mut r, s);
+    register_totals(r, s);
     let mut out = String::new();
-    encode(&mut out, &r).expect("writing to a String can't fail");
+    encode(&mut out, &root).expect("writing to a String can't fail");
     out
+}
+
+/// The standard `process_*` metrics (what client_golang exports), read from
+/// `/proc/self`: memory against the unit's `MemoryMax`, CPU, descriptors
+/// against the limit, threads, start time.
+#[allow(clippy::cast_precision_loss)] // exact below 2^53: bytes, fds, ticks
+fn register_process(r: &mut Registry) {
+    use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
+    let Some(p) = ProcessStats::read() else {
+        return;
+    };
+    let cpu = Counter::<f64, std::sync::atomic::AtomicU64>::default();
+    cpu.inc_by(p.cpu_seconds);
+    r.register(
+        "process_cpu_seconds",
+        "Total user and system CPU time spent in seconds",
+        cpu,
+    );
+    let fgauge = |r: &mut Registry, name: &str, help: &str, v: f64| {
+        let g = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        g.set(v);
+        r.register(name, help, g);
+    };
+    fgauge(
+        r,
+        "process_resident_memory_bytes",
+        "Resident memory size in bytes",
+        p.rss_bytes as f64,
+    );
+    fgauge(
+        r,
+        "process_virtual_memory_bytes",
+        "Virtual memory size in bytes",
+        p.vsize_bytes as f64,
+    );
+    fgauge(
+        r,
+        "process_open_fds",
+        "Number of open file descriptors",
+        p.open_fds as f64,
+    );
+    fgauge(
+        r,
+        "process_max_fds",
+        "Maximum number of open file descriptors",
+        p.max_fds as f64,
+    );
+    fgauge(
+        r,
+        "process_threads",
+        "Number of OS threads in the process",
+        p.threads as f64,
+    );
+    fgauge(
+        r,
+        "process_start_time_seconds",
+        "Start time of the process since unix epoch in seconds",
+        p.start_time_seconds,
+    );
+}
+
+/// This process's figures from `/proc/self`.
+#[derive(Debug)]
+pub struct ProcessStats {
+    pub cpu_seconds: f64,
+    pub rss_bytes: u64,
+    pub vsize_bytes: u64,
+    pub open_fds: u64,
+    pub max_fds: u64,
+    pub threads: u64,
+    pub start_time_seconds: f64,
+}
+
+impl ProcessStats {
+    #[allow(clippy::cast_precision_loss)] // ticks and seconds, far below 2^53
+    pub fn read() -> Option<Self> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // The command name is in parentheses and may hold spaces: fields
+        // are counted after its closing one (field 3 is `state`).
+        let after = &stat[stat.rfind(')')? + 2..];
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let field = |n: usize| -> Option<u64> { f.get(n - 3)?.parse().ok() };
+        // SAFETY: sysconf only reads a configuration value.
+        let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        // SAFETY: as above.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
+        let btime: f64 = std::fs::read_to_string("/proc/stat")
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("btime ")?.trim().parse().ok())?;
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes into the rlimit we pass.
+        let max_fds = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) } == 0 {
+            lim.rlim_cur
+        } else {
+            0
+        };
+        Some(Self {
+            cpu_seconds: (field(14)? + field(15)?) as f64 / tick,
+            threads: field(20)?,
+            start_time_seconds: btime + field(22)? as f64 / tick,
+            vsize_bytes: field(23)?,
+            rss_bytes: field(24)? * page,
+            open_fds: std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64),
+            max_fds,
+        })
+    }
 }
 
 /// The plain counters: gate, alerts, log.
 fn register_totals(r: &mut Registry, s: &MetricsState) {
+    for (name, help, rows) in [
+        (
+            "alerts_sent",
+            "Alerts each Alertmanager accepted",
+            &s.alerts_sent,
+        ),
+        (
+            "alerts_failed",
+            "Alerts not delivered to an Alertmanager after every attempt",
+            &s.alerts_failed,
+        ),
+        (
+            "alerts_dropped",
+            "Alerts dropped because an Alertmanager's send queue was full",
+            &s.alerts_dropped,
+        ),
+    ] {
+        counter_family(
+            r,
+            name,
+            help,
+            rows.iter()
+                .map(|(url, v)| (vec![("alertmanager".to_owned(), url.clone())], *v)),
+        );
+    }
     for (name, help, v) in [
         (
             "guest_entries",
@@ -198,17 +330,6 @@ fn register_totals(r: &mut Registry, s: &MetricsState) {
             "entry_report_retries",
             "Forbidden-state reports the kvm_entry gate retried because the ring buffer was full",
             s.entry_report_retries,
-        ),
-        ("alerts_sent", "Alerts Alertmanager accepted", s.alerts_sent),
-        (
-            "alerts_failed",
-            "Alerts not delivered after every attempt",
-            s.alerts_failed,
-        ),
-        (
-            "alerts_dropped",
-            "Alerts dropped because the send queue was full",
-            s.alerts_dropped,
         ),
         (
             "log_records",
@@ -233,8 +354,13 @@ fn register_totals(r: &mut Registry, s: &MetricsState) {
 /// Connections served at once; more are closed at once.
 pub const MAX_CONNECTIONS: usize = 128;
 
-/// A connection must deliver its request head within this, or it is closed.
+/// A connection must finish its TLS handshake and each request head within
+/// this, or it is closed (an idle keep-alive connection too).
 pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A connection lives at most this long (a reader that takes a scrape's
+/// answer a byte a second can't hold a connection slot forever).
+pub const CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_mins(1);
 
 /// Binds `addr` and serves it, retrying every `retry` while it can't be
 /// bound (another process holds the port): a metrics endpoint that can't
@@ -242,14 +368,16 @@ pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 pub async fn serve_retrying(
     addr: std::net::SocketAddr,
     state: SharedMetrics,
+    web: crate::web::WebServer,
     retry: std::time::Duration,
 ) {
     let mut failures = 0u64;
+    let scheme = if web.tls.is_some() { "https" } else { "http" };
     loop {
         match TcpListener::bind(addr).await {
             Ok(listener) => {
-                eprintln!("tracer: metrics on http://{addr}/metrics");
-                serve(listener, state).await;
+                eprintln!("tracer: metrics on {scheme}://{addr}/metrics");
+                serve(listener, state, web).await;
                 return;
             }
             Err(e) => {
@@ -267,14 +395,15 @@ pub async fn serve_retrying(
     }
 }
 
-/// Serves `GET /metrics` (and `GET /healthz`) until the task is dropped. At
-/// most [`MAX_CONNECTIONS`] at once, each closed after [`REQUEST_TIMEOUT`]
-/// without an answer; `accept` errors (out of file descriptors) back off
+/// Serves `GET /metrics` (and `GET /healthz`) with hyper until the task is
+/// dropped, over TLS and behind basic auth when `web` says so. At most
+/// [`MAX_CONNECTIONS`] at once; handshakes and request heads have
+/// [`REQUEST_TIMEOUT`]; `accept` errors (out of file descriptors) back off
 /// instead of spinning.
-pub async fn serve(listener: TcpListener, state: SharedMetrics) {
+pub async fn serve(listener: TcpListener, state: SharedMetrics, web: crate::web::WebServer) {
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok((mut sock, _)) = listener.accept().await else {
+        let Ok((sock, _)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             continue;
         };
@@ -283,69 +412,200 @@ pub async fn serve(listener: TcpListener, state: SharedMetrics) {
             drop(sock);
             continue;
         };
-        let state = state.clone();
+        let (state, web) = (state.clone(), web.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(&mut sock, &state)).await;
+            let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection(sock, state, web)).await;
         });
     }
 }
 
-/// Reads one request head and answers it.
-async fn answer(sock: &mut tokio::net::TcpStream, state: &SharedMetrics) {
-    let mut buf = vec![0u8; 8192];
-    let mut len = 0;
-    // Read the request head (we ignore any body).
-    while len < buf.len() {
-        match sock.read(&mut buf[len..]).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => len += n,
+async fn connection(sock: tokio::net::TcpStream, state: SharedMetrics, web: crate::web::WebServer) {
+    let auth = web.auth.clone();
+    match &web.tls {
+        Some(acceptor) => {
+            if let Ok(Ok(tls)) = tokio::time::timeout(REQUEST_TIMEOUT, acceptor.accept(sock)).await
+            {
+                http1(tls, state, auth).await;
+            }
         }
-        if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-            break;
+        None => http1(sock, state, auth).await,
+    }
+}
+
+async fn http1<S>(io: S, state: SharedMetrics, auth: Option<Arc<crate::web::BasicAuth>>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req| {
+        let (state, auth) = (state.clone(), auth.clone());
+        async move { Ok::<_, std::convert::Infallible>(respond(&req, &state, auth.as_deref()).await) }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(REQUEST_TIMEOUT)
+        .max_buf_size(16 << 10)
+        .serve_connection(hyper_util::rt::TokioIo::new(io), svc)
+        .await;
+}
+
+type Body = http_body_util::Full<hyper::body::Bytes>;
+
+fn reply(status: u16, ctype: &str, body: String) -> hyper::Response<Body> {
+    let mut r = hyper::Response::new(Body::new(body.into()));
+    *r.status_mut() = hyper::StatusCode::from_u16(status).expect("a valid status");
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_str(ctype).expect("a valid content type"),
+    );
+    r
+}
+
+/// The content type of the OpenMetrics answer.
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The content type of the Prometheus text format answer.
+pub const TEXT_004: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+async fn respond<B>(
+    req: &hyper::Request<B>,
+    state: &SharedMetrics,
+    auth: Option<&crate::web::BasicAuth>,
+) -> hyper::Response<Body> {
+    if let Some(auth) = auth {
+        let header = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .map(hyper::header::HeaderValue::as_bytes);
+        if !auth.allows(header).await {
+            let mut r = reply(401, "text/plain", "Unauthorized\n".into());
+            r.headers_mut().insert(
+                hyper::header::WWW_AUTHENTICATE,
+                hyper::header::HeaderValue::from_static("Basic realm=\"kvm-root-tracer\""),
+            );
+            return r;
         }
     }
-    let head = String::from_utf8_lossy(&buf[..len]);
-    let path = head.split_whitespace().nth(1).unwrap_or("");
-    let (status, ctype, body) = match (head.starts_with("GET "), path) {
-        (true, "/metrics") => {
-            let snapshot = state
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .clone();
-            (
-                "200 OK",
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                render(&snapshot),
-            )
-        }
-        (true, "/healthz") => {
-            let failing = state
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .log_failing
-                .clone();
-            // Still 200: detection goes on without the log, and a restart
-            // would not bring the disk back.
-            let body = match failing {
-                None => "ok\n".to_owned(),
-                Some(why) => format!("degraded: event log: {why}\n"),
-            };
-            ("200 OK", "text/plain", body)
-        }
-        (true, _) => ("404 Not Found", "text/plain", "try /metrics\n".to_owned()),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "GET only\n".to_owned(),
-        ),
+    let head = req.method() == hyper::Method::HEAD;
+    if req.method() != hyper::Method::GET && !head {
+        let mut r = reply(405, "text/plain", "GET only\n".into());
+        r.headers_mut().insert(
+            hyper::header::ALLOW,
+            hyper::header::HeaderValue::from_static("GET, HEAD"),
+        );
+        return r;
+    }
+    let snapshot = || {
+        state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     };
-    let resp = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = sock.write_all(resp.as_bytes()).await;
-    let _ = sock.shutdown().await;
+    let mut r = match req.uri().path() {
+        "/metrics" => {
+            let accept = req
+                .headers()
+                .get(hyper::header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            let text = render(&snapshot());
+            if wants_openmetrics(accept) {
+                reply(200, OPENMETRICS, text)
+            } else {
+                reply(200, TEXT_004, openmetrics_to_text004(&text))
+            }
+        }
+        "/healthz" => {
+            let (status, body) = health(&snapshot());
+            reply(status, "text/plain; charset=utf-8", body)
+        }
+        _ => reply(404, "text/plain", "try /metrics or /healthz\n".into()),
+    };
+    if head {
+        *r.body_mut() = Body::default();
+    }
+    r
+}
+
+/// `/healthz`: the status and the reason.
+pub fn health(s: &MetricsState) -> (u16, String) {
+    // Still 200 on a failing log: detection goes on without the log, and a
+    // restart would not bring the disk back.
+    match &s.log_failing {
+        None => (200, "ok\n".to_owned()),
+        Some(why) => (200, format!("degraded: event log: {why}\n")),
+    }
+}
+
+/// Whether an `Accept` header prefers OpenMetrics to the Prometheus text
+/// format 0.0.4 (by q-value; a tie, no header or `*/*` is text 0.0.4, what
+/// every tool reads).
+pub fn wants_openmetrics(accept: &str) -> bool {
+    let (mut om, mut text) = (0.0f32, 0.0f32);
+    for item in accept.split(',') {
+        let mut parts = item.split(';').map(str::trim);
+        let media = parts.next().unwrap_or("").to_ascii_lowercase();
+        let mut q = 1.0f32;
+        let mut version = None;
+        for p in parts {
+            if let Some((k, v)) = p.split_once('=') {
+                match k.trim().to_ascii_lowercase().as_str() {
+                    "q" => q = v.trim().parse().unwrap_or(0.0),
+                    "version" => version = Some(v.trim().to_owned()),
+                    _ => {}
+                }
+            }
+        }
+        match media.as_str() {
+            // 0.0.1 is an earlier OpenMetrics draft; ours is 1.0.0.
+            "application/openmetrics-text" if version.as_deref().is_none_or(|v| v == "1.0.0") => {
+                om = om.max(q);
+            }
+            "text/plain" if version.as_deref().is_none_or(|v| v == "0.0.4") => text = text.max(q),
+            _ => {}
+        }
+    }
+    om > text
+}
+
+/// The same metrics in the Prometheus text format 0.0.4: counters named
+/// with their `_total`, `info` as a gauge named `_info`, no `# UNIT` and no
+/// `# EOF` (what `promtool check metrics`, Telegraf and netdata read).
+pub fn openmetrics_to_text004(om: &str) -> String {
+    let mut out = String::with_capacity(om.len());
+    let mut help: Option<(&str, &str)> = None;
+    for line in om.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, text) = rest.split_once(' ').unwrap_or((rest, ""));
+            help = Some((name, text));
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let (name, kind) = match kind {
+                "counter" => (format!("{name}_total"), "counter"),
+                "info" => (format!("{name}_info"), "gauge"),
+                "gauge" | "histogram" | "summary" => (name.to_owned(), kind),
+                _ => (name.to_owned(), "untyped"),
+            };
+            if let Some((h, text)) = help.take() {
+                debug_assert_eq!(h, rest.split(' ').next().unwrap_or(""));
+                out.push_str("# HELP ");
+                out.push_str(&name);
+                out.push(' ');
+                out.push_str(text);
+                out.push('\n');
+            }
+            out.push_str("# TYPE ");
+            out.push_str(&name);
+            out.push(' ');
+            out.push_str(kind);
+            out.push('\n');
+        } else if line.starts_with("# ") {
+            // # UNIT, # EOF: OpenMetrics only.
+        } else if !line.is_empty() {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -50,7 +50,9 @@ pub struct RecordOptions {
 #[derive(Clone, Debug, Default)]
 pub struct ServiceOptions {
     pub metrics_listen: Option<std::net::SocketAddr>,
-    pub alertmanager: Option<crate::config::AlertmanagerConfig>,
+    /// TLS and basic auth of the metrics endpoint.
+    pub web: Option<crate::web::WebServer>,
+    pub alertmanager: Option<crate::alerts::Prepared>,
     /// The `host` label of alerts.
     pub host: String,
     /// `-` or a file: findings as JSON lines.
@@ -280,11 +282,25 @@ fn start_service(
     }
     raise_nofile();
     if let Some(addr) = opts.metrics_listen {
-        if !addr.ip().is_loopback() {
+        let web = opts.web.clone().unwrap_or(crate::web::WebServer {
+            tls: None,
+            auth: None,
+        });
+        if !addr.ip().is_loopback() && (web.tls.is_none() || web.auth.is_none()) {
             eprintln!(
-                "tracer: warning: metrics on {addr} are served beyond this host, without TLS or \
-                 authentication: anyone who reaches it reads VM ids and kernel activity; prefer \
-                 loopback and a local agent"
+                "tracer: warning: metrics on {addr} are served beyond this host{}{}: anyone \
+                 who reaches it reads VM ids and kernel activity; prefer loopback, or set \
+                 [metrics] web_config_file",
+                if web.tls.is_none() {
+                    ", without TLS"
+                } else {
+                    ""
+                },
+                if web.auth.is_none() {
+                    ", without authentication"
+                } else {
+                    ""
+                },
             );
         }
         // A port another process holds is a warning and a retry: tracing
@@ -292,14 +308,15 @@ fn start_service(
         tokio::spawn(crate::metrics::serve_retrying(
             addr,
             metrics.clone(),
+            web,
             std::time::Duration::from_secs(10),
         ));
     }
     Ok(match &opts.alertmanager {
         Some(am) => {
-            let (sink, task) = crate::alerts::spawn(am, opts.host.clone(), clock, metrics.clone())
-                .map_err(|e| anyhow!("alertmanager: {e}"))?;
-            eprintln!("tracer: findings go to Alertmanager at {}", am.url);
+            let (sink, task) = crate::alerts::spawn(am, opts.host.clone(), clock, metrics.clone());
+            let urls: Vec<&str> = am.targets.iter().map(|t| t.url.as_str()).collect();
+            eprintln!("tracer: findings go to Alertmanager at {}", urls.join(", "));
             p.alerts = Some(sink);
             Some(task)
         }

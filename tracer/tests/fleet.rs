@@ -759,3 +759,478 @@ fn one_faulty_vm_is_one_alertmanager_group() {
         );
     }
 }
+
+/// A test CA and a server certificate for 127.0.0.1 and localhost, as PEM
+/// files in `dir`: (ca.pem, server.pem, server.key), the last two also
+/// named relative to `dir`.
+fn pki(dir: &Path) -> PathBuf {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "kvm-root-tracer test CA");
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(dir.join("server.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
+    dir.join("ca.pem")
+}
+
+/// A web config (exporter-toolkit format, read by the daemon and by
+/// Alertmanager alike): TLS with `dir`'s server certificate (relative
+/// paths) and one basic-auth user.
+fn web_config(dir: &Path, user: &str, password: &str) -> PathBuf {
+    let hash = bcrypt::hash(password, 4).unwrap();
+    let path = dir.join("web.yml");
+    std::fs::write(
+        &path,
+        format!(
+            "tls_server_config:\n  cert_file: server.pem\n  key_file: server.key\n\
+             basic_auth_users:\n  {user}: {hash}\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// `curl` (status, body); status 0 when no HTTP answer came.
+fn curl(url: &str, args: &[&str]) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "5", "-o", "-", "-w", "\n%{http_code}"])
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+/// A scrape asked for in the Prometheus text format 0.0.4 passes `promtool
+/// check metrics` (OpenMetrics' `info` type broke it, and Telegraf and
+/// netdata with it); OpenMetrics is still served to whoever prefers it;
+/// `process_*` metrics are there.
+#[test]
+fn a_text_scrape_passes_promtool_check_metrics() {
+    if !needs(
+        "a_text_scrape_passes_promtool_check_metrics",
+        true,
+        &["/usr/bin/promtool", "/usr/bin/curl"],
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mport = free_port();
+    let _daemon = metrics_daemon(dir.path(), mport);
+    let url = format!("http://127.0.0.1:{mport}/metrics");
+    wait_for(Duration::from_secs(30), || http_get(mport, "/metrics")).expect("metrics served");
+    let head = |accept: &str| {
+        let out = Command::new("curl")
+            .args(["-s", "-D", "-", "-o", "/dev/null", "-H"])
+            .arg(format!("Accept: {accept}"))
+            .arg(&url)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_ascii_lowercase()
+    };
+    assert!(
+        head("text/plain;version=0.0.4").contains("content-type: text/plain; version=0.0.4"),
+        "{}",
+        head("text/plain;version=0.0.4")
+    );
+    // Prometheus 2.42's own Accept header prefers OpenMetrics.
+    let prom = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;\
+                version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+    assert!(
+        head(prom).contains("content-type: application/openmetrics-text; version=1.0.0"),
+        "{}",
+        head(prom)
+    );
+    let (code, text) = curl(&url, &["-H", "Accept: text/plain;version=0.0.4"]);
+    assert_eq!(code, 200);
+    for name in [
+        "process_resident_memory_bytes ",
+        "process_open_fds ",
+        "process_max_fds ",
+        "process_cpu_seconds_total ",
+        "process_start_time_seconds ",
+        "# TYPE kvm_root_tracer_findings_total counter",
+        "# TYPE kvm_root_tracer_build_info gauge",
+    ] {
+        assert!(text.contains(name), "no {name:?} in:\n{text}");
+    }
+    assert!(!text.contains("# EOF"), "{text}");
+    let mut check = Command::new("/usr/bin/promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("promtool check metrics: ok on a {} byte scrape", text.len());
+}
+
+/// `--web-config-file` as node_exporter reads it: TLS with the given
+/// certificate and basic auth with bcrypt hashes; a real Prometheus scrapes
+/// through both; wrong, missing credentials and plain HTTP get nothing.
+#[test]
+fn metrics_over_tls_with_basic_auth_as_the_web_config_says() {
+    if !needs(
+        "metrics_over_tls_with_basic_auth_as_the_web_config_says",
+        true,
+        &["/usr/bin/prometheus", "/usr/bin/curl"],
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ca = pki(dir.path());
+    let web = web_config(dir.path(), "prom", "scrape-secret");
+    let mport = free_port();
+    let _daemon = daemon(
+        dir.path(),
+        &[
+            "--metrics-listen",
+            &format!("127.0.0.1:{mport}"),
+            "--web-config-file",
+            web.to_str().unwrap(),
+        ],
+    );
+    let url = format!("https://127.0.0.1:{mport}/metrics");
+    let ca_arg = ["--cacert", ca.to_str().unwrap()];
+    let with = |extra: &[&str]| {
+        let args: Vec<&str> = ca_arg
+            .iter()
+            .copied()
+            .chain(extra.iter().copied())
+            .collect();
+        curl(&url, &args)
+    };
+    wait_for(Duration::from_secs(30), || {
+        (with(&["-u", "prom:scrape-secret"]).0 == 200).then_some(())
+    })
+    .expect("metrics served over TLS to the right user");
+    assert_eq!(with(&["-u", "prom:wrong"]).0, 401);
+    assert_eq!(with(&["-u", "nobody:scrape-secret"]).0, 401);
+    assert_eq!(with(&[]).0, 401);
+    assert_eq!(
+        curl(&format!("https://127.0.0.1:{mport}/healthz"), &ca_arg).0,
+        401,
+        "health is behind the same auth"
+    );
+    assert_ne!(
+        curl(&format!("http://127.0.0.1:{mport}/metrics"), &[]).0,
+        200,
+        "plain HTTP on the TLS port"
+    );
+    assert_eq!(
+        curl(&url, &["-k", "--tlsv1.3", "-u", "prom:scrape-secret"]).0,
+        200
+    );
+
+    let pport = free_port();
+    let cfg = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: kvm-root-tracer\n    \
+             scheme: https\n    tls_config:\n      ca_file: {}\n    basic_auth:\n      \
+             username: prom\n      password: scrape-secret\n    static_configs:\n      \
+             - targets: ['127.0.0.1:{mport}']\n",
+            ca.display()
+        ),
+    )
+    .unwrap();
+    let _prom = Guard(
+        Command::new("/usr/bin/prometheus")
+            .arg(format!("--config.file={}", cfg.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{pport}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start prometheus"),
+    );
+    let up = wait_for(Duration::from_mins(1), || {
+        let body = http_get(pport, "/api/v1/query?query=up")?;
+        let v: Value = serde_json::from_str(&body).ok()?;
+        let r = v["data"]["result"].as_array()?.first()?.clone();
+        (r["value"][1] == "1").then_some(r)
+    });
+    assert!(up.is_some(), "Prometheus scraped over TLS with basic auth");
+}
+
+/// A web config the daemon can't use is exit 2, with the file and the
+/// reason, before anything attaches (no root needed to see it).
+#[test]
+fn a_bad_web_config_is_exit_2_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    for (text, reason) in [
+        ("basic_auth_users:\n  prom: plain\n", "not a bcrypt hash"),
+        (
+            "tls_server_config:\n  cert_file: none.pem\n  key_file: none.key\n",
+            "none.pem",
+        ),
+        ("tls_config:\n  cert_file: a\n", "unknown field"),
+        (
+            "tls_server_config:\n  cert_file: a\n  key_file: b\n  client_auth_type: RequireAndVerifyClientCert\n",
+            "a:",
+        ),
+    ] {
+        let web = dir.path().join("web.yml");
+        std::fs::write(&web, text).unwrap();
+        let out = tracer()
+            .args(["run", "--duration", "1s", "--web-config-file"])
+            .arg(&web)
+            .arg("--log-dir")
+            .arg(dir.path().join("log"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{text}: {err}");
+        assert!(
+            err.contains("web.yml") && err.contains(reason),
+            "{text}: {err}"
+        );
+        assert!(!err.contains("attached"), "{err}");
+    }
+}
+
+/// `tracer run --findings-out -` with `args`; the receiver gets the moment
+/// each finding line came out.
+fn findings_daemon(dir: &Path, args: &[&str]) -> (Guard, std::sync::mpsc::Receiver<Instant>) {
+    use std::io::BufRead as _;
+    let mut child = tracer()
+        .args(["run", "--duration", "60s", "--findings-out", "-"])
+        .args(args)
+        .arg("--log-dir")
+        .arg(dir.join("log"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for _ in std::io::BufReader::new(out).lines() {
+            if tx.send(Instant::now()).is_err() {
+                break;
+            }
+        }
+    });
+    (Guard(child), rx)
+}
+
+/// One Alertmanager replica of a two-replica cluster on loopback, served
+/// over TLS with basic auth (`web`); (guard, web port).
+fn cluster_replica(dir: &Path, name: &str, web: &Path, ports: (u16, u16, u16)) -> Guard {
+    let (port, gossip, peer) = ports;
+    let cfg = dir.join(format!("{name}.yml"));
+    std::fs::write(
+        &cfg,
+        "route:\n  receiver: blackhole\nreceivers:\n  - name: blackhole\n",
+    )
+    .unwrap();
+    Guard(
+        Command::new("/usr/bin/prometheus-alertmanager")
+            .arg(format!("--config.file={}", cfg.display()))
+            .arg(format!("--storage.path={}", dir.join(name).display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg(format!("--web.config.file={}", web.display()))
+            .arg(format!("--cluster.listen-address=127.0.0.1:{gossip}"))
+            .arg(format!("--cluster.peer=127.0.0.1:{peer}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start alertmanager"),
+    )
+}
+
+/// When `check(i)` first came true for each i < N, polling every 10 ms
+/// for 20 s at most.
+fn first_seen<const N: usize>(
+    mut check: impl FnMut(usize) -> Option<Instant>,
+) -> [Option<Instant>; N] {
+    let mut seen = [None; N];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while seen.iter().any(Option::is_none) && Instant::now() < deadline {
+        for (i, s) in seen.iter_mut().enumerate() {
+            *s = s.or_else(|| check(i));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    seen
+}
+
+/// An alert counter's value for one Alertmanager URL, from a scrape.
+fn alert_counter(text: &str, name: &str, url: &str) -> Option<f64> {
+    let key = format!("{name}{{alertmanager=\"{url}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&key)?.trim().parse().ok())
+}
+
+/// GET on a replica of [`tls_cluster`] as the user `tracer`.
+fn am_get(port: u16, path: &str, ca: &str) -> (u16, String) {
+    curl(
+        &format!("https://127.0.0.1:{port}{path}"),
+        &["--cacert", ca, "-u", "tracer:am-secret"],
+    )
+}
+
+/// Two Alertmanager replicas peered on loopback, served over TLS with
+/// basic auth (`web`); returns once both see two peers.
+fn tls_cluster(dir: &Path, web: &Path, ca: &str) -> (Vec<Guard>, u16, u16) {
+    let (a1, a2, g1, g2) = (free_port(), free_port(), free_port(), free_port());
+    let guards = vec![
+        cluster_replica(dir, "am1", web, (a1, g1, g2)),
+        cluster_replica(dir, "am2", web, (a2, g2, g1)),
+    ];
+    for port in [a1, a2] {
+        wait_for(Duration::from_secs(30), || {
+            let (code, body) = am_get(port, "/api/v2/status", ca);
+            let v: Value = serde_json::from_str(&body).ok()?;
+            let peers = v["cluster"]["peers"].as_array().map_or(0, Vec::len);
+            (code == 200 && peers == 2).then_some(())
+        })
+        .expect("both replicas up and peered");
+    }
+    (guards, a1, a2)
+}
+
+/// A loopback port that accepts connections and never answers.
+fn never_answers() -> u16 {
+    let slow = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = slow.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in slow.incoming() {
+            held.push(s);
+        }
+    });
+    port
+}
+
+/// Every alert goes to both replicas of a real TLS + basic-auth
+/// Alertmanager cluster, while a third URL is down and a fourth accepts
+/// and never answers: neither delays the replicas, nor tracing (metrics
+/// answer, events flow), and the down one is counted.
+#[test]
+fn alerts_reach_both_replicas_of_a_tls_alertmanager_cluster() {
+    if !needs(
+        "alerts_reach_both_replicas_of_a_tls_alertmanager_cluster",
+        true,
+        &["/usr/bin/prometheus-alertmanager", "/usr/bin/curl"],
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ca = pki(dir.path());
+    let web = web_config(dir.path(), "tracer", "am-secret");
+    let ca_s = ca.to_str().unwrap().to_owned();
+    let (_cluster, a1, a2) = tls_cluster(dir.path(), &web, &ca_s);
+    let am = |port: u16, path: &str| am_get(port, path, &ca_s);
+    let down = free_port();
+    let slow_port = never_answers();
+    std::fs::write(dir.path().join("pw"), "am-secret\n").unwrap();
+    let mport = free_port();
+    let config = dir.path().join("tracer.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[metrics]\nlisten = \"127.0.0.1:{mport}\"\n[alertmanager]\nurls = \
+             [\"http://127.0.0.1:{slow_port}\", \"http://127.0.0.1:{down}\", \
+             \"https://127.0.0.1:{a1}\", \"https://127.0.0.1:{a2}\"]\n\
+             ca_file = \"{ca_s}\"\nbasic_auth = {{ username = \"tracer\", password_file = \"{}\" }}\n\
+             timeout = \"30s\"\nattempts = 2\nhost = \"hv-ha\"\n",
+            dir.path().join("pw").display()
+        ),
+    )
+    .unwrap();
+    let sim = faulty_log(dir.path());
+    let (_daemon, found) = findings_daemon(
+        dir.path(),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--inject",
+            sim.to_str().unwrap(),
+        ],
+    );
+    let first = found
+        .recv_timeout(Duration::from_mins(1))
+        .expect("the daemon raised a finding");
+    let visible = |port: u16| {
+        let (_, body) = am(port, "/api/v2/alerts");
+        let alerts: Vec<Value> = serde_json::from_str(&body).ok()?;
+        alerts
+            .iter()
+            .any(|a| a["labels"]["host"] == "hv-ha")
+            .then(Instant::now)
+    };
+    let [t1, t2] = first_seen(|i| visible([a1, a2][i]));
+    let (t1, t2) = (
+        t1.expect("replica 1 got the alerts"),
+        t2.expect("replica 2 got the alerts"),
+    );
+    let ms = |t: Instant| t.saturating_duration_since(first).as_millis();
+    eprintln!(
+        "fleet: finding → visible in Alertmanager (TLS + basic auth, curl polling every 10 ms): \
+         replica 1 {} ms, replica 2 {} ms, both {} ms; a down and a never-answering URL beside them",
+        ms(t1),
+        ms(t2),
+        ms(t1.max(t2))
+    );
+    // The never-answering URL has a 30 s timeout: had it been in the way,
+    // the replicas would have waited for it.
+    assert!(t1.max(t2) < first + Duration::from_secs(10));
+    let metric = alert_counter;
+    let text = wait_for(Duration::from_secs(20), || {
+        let text = http_get(mport, "/metrics")?;
+        let failed = metric(
+            &text,
+            "kvm_root_tracer_alerts_failed_total",
+            &format!("http://127.0.0.1:{down}"),
+        )?;
+        (failed > 0.0).then_some(text)
+    })
+    .expect("the down Alertmanager's failures are counted, and metrics answer");
+    for port in [a1, a2] {
+        let sent = metric(
+            &text,
+            "kvm_root_tracer_alerts_sent_total",
+            &format!("https://127.0.0.1:{port}"),
+        );
+        assert!(sent.is_some_and(|n| n >= 1.0), "{text}");
+    }
+    let slow_url = format!("http://127.0.0.1:{slow_port}");
+    assert_eq!(
+        metric(&text, "kvm_root_tracer_alerts_sent_total", &slow_url),
+        Some(0.0),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("kvm_root_tracer_events_total{") && !l.ends_with(" 0")),
+        "events flow while an Alertmanager hangs:\n{text}"
+    );
+}

@@ -110,6 +110,7 @@ fn main() -> Result<()> {
             apt_install(&[
                 ("/usr/bin/tmux", "tmux"),
                 ("/usr/bin/strace", "strace"),
+                ("/usr/bin/curl", "curl"),
                 ("/usr/bin/prometheus", "prometheus"),
                 ("/usr/bin/promtool", "prometheus"),
                 (

@@ -458,7 +458,7 @@ const INJECT_PHASE: &str = r#"
 echo "@@VMTEST ksym $(grep -E ' (vmemmap_base|page_offset_base|init_top_pgt|phys_base)$' /proc/kallsyms | tr '\n' ' ')"
 mkdir -p /tmp/ilog
 ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
-tracer run --log-dir /tmp/ilog --no-compress --min-free 1M --metrics-listen 127.0.0.1:9464 --findings-out - --poll-interval 10ms 2> /tmp/run.err &
+tracer run --log-dir /tmp/ilog --no-compress --min-free 1M --metrics-listen 127.0.0.1:10464 --findings-out - --poll-interval 10ms 2> /tmp/run.err &
 R=$!
 i=0
 while ! grep -q "probe(s) in" /tmp/run.err 2>/dev/null; do
@@ -486,7 +486,7 @@ cat /tmp/hold.json
 echo "@@VMTEST end hold $?"
 sleep 1
 echo "@@VMTEST begin inject-metrics"
-wget -qO- http://127.0.0.1:9464/metrics
+wget -qO- http://127.0.0.1:10464/metrics
 echo "@@VMTEST end inject-metrics $?"
 kill -INT $R
 wait $R
