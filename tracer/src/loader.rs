@@ -40,7 +40,9 @@ pub struct Session {
     /// From the start of `load` to the last attach.
     pub attach_time: Duration,
     /// Keeps the kernel's BPF run-time stats on while we run.
-    _stats: Option<std::os::fd::OwnedFd>,
+    /// The BPF_ENABLE_STATS fd (held to keep the stats on), `Ok(None)` when
+    /// the sysctl has them on already, or why they are off.
+    pub stats: Result<Option<std::os::fd::OwnedFd>, String>,
 }
 
 /// Counters summed over CPUs.
@@ -163,9 +165,20 @@ impl Session {
                 }
             }
         }
-        let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
-            .map_err(|e| log::info!("BPF run-time stats unavailable: {e}"))
-            .ok();
+        let stats = match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+            Ok(fd) => Ok(Some(fd)),
+            // Someone (sysctl kernel.bpf_stats_enabled=1) turned them on for
+            // everyone: they count without our fd.
+            Err(_) if bpf_stats_sysctl() => Ok(None),
+            Err(e) => Err(format!(
+                "BPF run-time stats are off ({e}; BPF_ENABLE_STATS needs CAP_SYS_ADMIN): the \
+                 per-program cost metrics stay 0. Set `sysctl kernel.bpf_stats_enabled=1` to \
+                 turn them on"
+            )),
+        };
+        if let Err(why) = &stats {
+            eprintln!("tracer: warning: {why}");
+        }
         Ok(Self {
             ebpf,
             logger,
@@ -173,8 +186,13 @@ impl Session {
             floors,
             failures,
             attach_time: started.elapsed(),
-            _stats: stats,
+            stats,
         })
+    }
+
+    /// Whether the kernel counts the programs' run time.
+    pub fn stats_enabled(&self) -> bool {
+        self.stats.is_ok()
     }
 
     /// Takes the event ring buffer (once).
@@ -390,4 +408,9 @@ fn attach_one(ebpf: &mut Ebpf, name: &str, kind: AttachKind, target: &str) -> Re
         AttachKind::Off => {}
     }
     Ok(())
+}
+
+/// `kernel.bpf_stats_enabled` is 1.
+fn bpf_stats_sysctl() -> bool {
+    std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|s| s.trim() == "1")
 }

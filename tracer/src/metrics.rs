@@ -49,6 +49,16 @@ pub struct MetricsState {
     pub log_failing: Option<String>,
     /// Recording is on.
     pub log_enabled: bool,
+    /// Every planned program: (program, attach, target) → attached.
+    pub programs: BTreeMap<(String, String, String), bool>,
+    /// Feature (as `tracer doctor` names it) → on.
+    pub features: BTreeMap<String, bool>,
+    /// Probes are attached and events stream.
+    pub tracing: bool,
+    /// Why nothing is traced yet (KVM not loaded, waited for).
+    pub waiting: Option<String>,
+    /// Why the kvm_entry gate is blind (vCPUs ran, it saw no entry).
+    pub entry_gate_blind: Option<String>,
 }
 
 pub type SharedMetrics = Arc<Mutex<MetricsState>>;
@@ -130,6 +140,7 @@ pub fn render(s: &MetricsState) -> String {
         "eBPF programs by how they attached (off: not attached)",
         probes,
     );
+    register_blindness(r, s);
     gauge(r, "tracked_vms", "VMs the detector tracks", s.tracked_vms);
     gauge(
         r,
@@ -281,6 +292,49 @@ impl ProcessStats {
             max_fds,
         })
     }
+}
+
+/// What the tool can and can't see: per-program attach state, features,
+/// whether it traces at all, and the entry gate's blindness.
+fn register_blindness(r: &mut Registry, s: &MetricsState) {
+    let programs = Family::<Vec<(String, String)>, Gauge>::default();
+    for ((program, attach, target), on) in &s.programs {
+        programs
+            .get_or_create(&vec![
+                ("program".to_owned(), program.clone()),
+                ("attach".to_owned(), attach.clone()),
+                ("target".to_owned(), target.clone()),
+            ])
+            .set(i64::from(*on));
+    }
+    r.register(
+        "program_attached",
+        "1 for each eBPF program attached, 0 for one planned but off or failed (tracer doctor says why)",
+        programs,
+    );
+    let features = Family::<Vec<(String, String)>, Gauge>::default();
+    for (name, on) in &s.features {
+        features
+            .get_or_create(&vec![("feature".to_owned(), name.clone())])
+            .set(i64::from(*on));
+    }
+    r.register(
+        "feature_enabled",
+        "1 for each capability on for this kernel and host, 0 when off (tracer doctor says why)",
+        features,
+    );
+    gauge(
+        r,
+        "tracing",
+        "1 while probes are attached and events stream; 0 while waiting for KVM (see /healthz)",
+        u64::from(s.tracing),
+    );
+    gauge(
+        r,
+        "entry_gate_blind",
+        "1 when vCPUs ran but the kvm_entry gate saw no guest entry: the entry check is blind on this host",
+        u64::from(s.entry_gate_blind.is_some()),
+    );
 }
 
 /// The plain counters: gate, alerts, log.
@@ -528,8 +582,15 @@ async fn respond<B>(
 
 /// `/healthz`: the status and the reason.
 pub fn health(s: &MetricsState) -> (u16, String) {
-    // Still 200 on a failing log: detection goes on without the log, and a
-    // restart would not bring the disk back.
+    // 503 while blind to what the tool exists to watch; still 200 on a
+    // failing log: detection goes on without the log, and a restart would
+    // not bring the disk back.
+    if let Some(why) = &s.waiting {
+        return (503, format!("blind: not tracing: {why}\n"));
+    }
+    if let Some(why) = &s.entry_gate_blind {
+        return (503, format!("blind: entry check: {why}\n"));
+    }
     match &s.log_failing {
         None => (200, "ok\n".to_owned()),
         Some(why) => (200, format!("degraded: event log: {why}\n")),

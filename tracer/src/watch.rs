@@ -79,14 +79,56 @@ pub struct WatchOptions {
 }
 
 pub fn run(opts: &WatchOptions) -> Result<(), Failure> {
-    // SAFETY: geteuid has no preconditions and can't fail.
-    if unsafe { libc::geteuid() } != 0 {
+    if let Some(missing) = missing_capabilities() {
         return Err(Failure::unsupported(anyhow!(
-            "tracer must run as root to load eBPF programs (CAP_BPF, CAP_PERFMON); \
-             `tracer doctor` works without root"
+            "tracer needs {missing} to load and attach eBPF programs (root has them; so does \
+             `setpriv --ambient-caps=+bpf,+perfmon`); `tracer doctor` works without them"
         )));
     }
-    let info = KernelInfo::live().map_err(kernel_failure)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the tokio runtime")?;
+    rt.block_on(async {
+        let metrics: SharedMetrics = Arc::new(Mutex::new(MetricsState::default()));
+        // The endpoint is up before anything else, so that a host without
+        // KVM yet is seen waiting (503), not silent.
+        start_metrics(&opts.service, &metrics);
+        let plan = match plan_live(opts) {
+            Ok(plan) => plan,
+            // The daemon waits for KVM; `watch` says what is missing.
+            Err(e @ kernel::KernelError::NoKvm { .. }) if opts.stdout.is_none() => {
+                match wait_for_kvm(opts, &metrics, &e).await? {
+                    Some(plan) => plan,
+                    None => return Ok(()),
+                }
+            }
+            Err(e) => return Err(kernel_failure(e)),
+        };
+        if plan.attached().next().is_none() {
+            return Err(Failure::unsupported(anyhow!(
+                "no probe can attach on this kernel; run `tracer doctor` for the reasons"
+            )));
+        }
+        metrics
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .kernel_release
+            .clone_from(&plan.kernel_release);
+        watch(&plan, opts, metrics).await
+    })
+}
+
+/// The kernel to inspect: `/`, or for tests the folder named by
+/// `TRACER_TEST_KERNEL_ROOT` (a symlink a test can turn from a root without
+/// KVM to `/`, to see the daemon wait for KVM).
+fn kernel_root() -> PathBuf {
+    std::env::var_os("TRACER_TEST_KERNEL_ROOT").map_or_else(|| PathBuf::from("/"), PathBuf::from)
+}
+
+/// Inspects the live kernel and plans the attachment.
+fn plan_live(opts: &WatchOptions) -> Result<kernel::AttachPlan, kernel::KernelError> {
+    let info = KernelInfo::inspect(&kernel_root())?;
     let plan = kernel::plan::plan(
         &info,
         PlanOptions {
@@ -94,20 +136,90 @@ pub fn run(opts: &WatchOptions) -> Result<(), Failure> {
             wakeup_bytes: opts.wakeup_bytes,
         },
     );
-    if plan.attached().next().is_none() {
-        return Err(Failure::unsupported(anyhow!(
-            "no probe can attach on this kernel; run `tracer doctor` for the reasons"
-        )));
-    }
     // The parsed BTF is tens of MB: the plan holds everything needed now.
     drop(info);
     // SAFETY: malloc_trim only returns free heap pages to the kernel.
     unsafe { libc::malloc_trim(0) };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("failed to start the tokio runtime")?;
-    rt.block_on(watch(&plan, opts))
+    Ok(plan)
+}
+
+/// How often a daemon without KVM looks again.
+pub const KVM_RETRY: Duration = Duration::from_secs(5);
+
+/// A daemon started before KVM (module not loaded yet) waits for it rather
+/// than exit: `/healthz` answers 503 with the reason and
+/// `kvm_root_tracer_tracing` is 0 until KVM is there. `None`: stopped
+/// (signal, `--duration`) while waiting.
+async fn wait_for_kvm(
+    opts: &WatchOptions,
+    metrics: &SharedMetrics,
+    first: &kernel::KernelError,
+) -> Result<Option<kernel::AttachPlan>, Failure> {
+    let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let set_waiting = |why: String| {
+        let mut m = metrics
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        m.tracing = false;
+        m.waiting = Some(why);
+    };
+    eprintln!(
+        "tracer: warning: {first}; waiting for KVM (looking again every {} s; /healthz answers \
+         503 until then)",
+        KVM_RETRY.as_secs()
+    );
+    set_waiting(first.to_string());
+    let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
+    let stop = async {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(KVM_RETRY) => {}
+            _ = sigint.recv() => return Ok(None),
+            _ = sigterm.recv() => return Ok(None),
+            () = &mut stop => return Ok(None),
+        }
+        match plan_live(opts) {
+            Ok(plan) => {
+                eprintln!("tracer: KVM is there now; attaching");
+                return Ok(Some(plan));
+            }
+            Err(e @ kernel::KernelError::NoKvm { .. }) => set_waiting(e.to_string()),
+            Err(e) => return Err(kernel_failure(e)),
+        }
+    }
+}
+
+/// The capabilities missing to load and attach the programs, if any:
+/// CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN (what the kernel checks), not
+/// uid 0.
+pub fn missing_capabilities() -> Option<String> {
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_PERFMON: u32 = 38;
+    const CAP_BPF: u32 = 39;
+    let eff = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })?;
+    let has = |cap: u32| eff & (1 << cap) != 0;
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+        return None;
+    }
+    let missing: Vec<&str> = [(CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")]
+        .into_iter()
+        .filter(|(c, _)| !has(*c))
+        .map(|(_, n)| n)
+        .collect();
+    Some(format!("{} (or CAP_SYS_ADMIN)", missing.join(" and ")))
 }
 
 /// The attach plan as the log header records it.
@@ -260,26 +372,9 @@ fn register(session: &mut Session) -> Result<(AsyncFd<RingBuf<MapData>>, Option<
     Ok((events, logs))
 }
 
-/// Metrics endpoint, alert sender and findings output, before attaching.
-fn start_service(
-    p: &mut Pipeline,
-    opts: &ServiceOptions,
-    metrics: &SharedMetrics,
-    clock: ClockPair,
-) -> Result<Option<AlertTask>, Failure> {
-    if let Some(out) = &opts.findings_out {
-        p.findings_out = Some(if out == "-" {
-            Box::new(io::stdout())
-        } else {
-            Box::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(out)
-                    .map_err(|e| anyhow!("can't open the findings output {out}: {e}"))?,
-            )
-        });
-    }
+/// The metrics endpoint, when one is configured: never a reason to stop
+/// tracing (a taken port is retried).
+fn start_metrics(opts: &ServiceOptions, metrics: &SharedMetrics) {
     raise_nofile();
     if let Some(addr) = opts.metrics_listen {
         let web = opts.web.clone().unwrap_or(crate::web::WebServer {
@@ -311,6 +406,28 @@ fn start_service(
             web,
             std::time::Duration::from_secs(10),
         ));
+    }
+}
+
+/// Alert sender and findings output, before attaching.
+fn start_service(
+    p: &mut Pipeline,
+    opts: &ServiceOptions,
+    metrics: &SharedMetrics,
+    clock: ClockPair,
+) -> Result<Option<AlertTask>, Failure> {
+    if let Some(out) = &opts.findings_out {
+        p.findings_out = Some(if out == "-" {
+            Box::new(io::stdout())
+        } else {
+            Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(out)
+                    .map_err(|e| anyhow!("can't open the findings output {out}: {e}"))?,
+            )
+        });
     }
     Ok(match &opts.alertmanager {
         Some(am) => {
@@ -355,7 +472,22 @@ fn count_attached(metrics: &SharedMetrics, plan: &kernel::AttachPlan, session: &
             "off".into()
         };
         *m.probes.entry(kind).or_default() += 1;
+        m.programs.insert(
+            (
+                probe.program.to_owned(),
+                probe.attach.to_string(),
+                probe.target.clone(),
+            ),
+            attached,
+        );
     }
+    for f in &plan.features {
+        m.features.insert(f.name.to_owned(), f.enabled);
+    }
+    m.features
+        .insert("bpf-stats".to_owned(), session.stats_enabled());
+    m.tracing = !session.attached.is_empty();
+    m.waiting = None;
 }
 
 /// Copies the pipeline's, detector's and probes' numbers into the metrics.
@@ -398,6 +530,11 @@ fn update_metrics(metrics: &SharedMetrics, p: &Pipeline, counters: &Counters, se
     m.forbidden_entries = counters.entry.forbidden_entries;
     m.stale_entries = counters.entry.stale_entries;
     m.entry_report_retries = counters.entry.retries;
+    let gate_attached = session
+        .attached
+        .iter()
+        .any(|(p, _, _)| *p == ProbeId::KvmEntry);
+    m.entry_gate_blind = blind_gate(gate_attached, counters);
     m.bpf = session
         .bpf_stats()
         .into_iter()
@@ -413,11 +550,12 @@ fn update_metrics(metrics: &SharedMetrics, p: &Pipeline, counters: &Counters, se
     }
 }
 
-/// The pipeline of a live run, its metrics, and the alert sender.
+/// The pipeline of a live run and the alert sender.
 fn live_pipeline(
     plan: &kernel::AttachPlan,
     opts: &WatchOptions,
-) -> Result<(Pipeline, SharedMetrics, Option<AlertTask>), Failure> {
+    metrics: &SharedMetrics,
+) -> Result<(Pipeline, Option<AlertTask>), Failure> {
     let header = Header::for_this_host(
         "live".into(),
         plan.kernel_release.clone(),
@@ -425,21 +563,21 @@ fn live_pipeline(
     );
     let clock = header.clock;
     let mut p = build_pipeline(opts.stdout, opts.record.as_ref(), header, true)?;
-    let metrics: SharedMetrics = Arc::new(Mutex::new(MetricsState {
-        kernel_release: plan.kernel_release.clone(),
-        ..MetricsState::default()
-    }));
-    let alert_task = start_service(&mut p, &opts.service, &metrics, clock)?;
-    Ok((p, metrics, alert_task))
+    let alert_task = start_service(&mut p, &opts.service, metrics, clock)?;
+    Ok((p, alert_task))
 }
 
-async fn watch(plan: &kernel::AttachPlan, opts: &WatchOptions) -> Result<(), Failure> {
+async fn watch(
+    plan: &kernel::AttachPlan,
+    opts: &WatchOptions,
+    metrics: SharedMetrics,
+) -> Result<(), Failure> {
     // Signals first: a SIGINT or SIGTERM that arrives once "attached" is
     // printed must detach cleanly, not kill the process.
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
-    let (mut p, metrics, alert_task) = live_pipeline(plan, opts)?;
+    let (mut p, alert_task) = live_pipeline(plan, opts, &metrics)?;
     let mut session =
         Session::start(plan, opts.ringbuf_bytes, opts.baseline).map_err(Failure::from)?;
     report_attach(&session, plan, opts)?;
@@ -546,16 +684,26 @@ fn print_log_stats(rec: &crate::log::writer::RecorderStats) {
 /// The `kvm_entry` gate is blind when vCPUs ran but it saw no guest entry:
 /// some KVM backends (PVM, for one) never fire `kvm:kvm_entry`.
 pub fn blind_gate(gate_attached: bool, counters: &Counters) -> Option<String> {
-    let runs = counters
-        .probes
-        .iter()
-        .find(|(name, _)| *name == ProbeId::KvmRunExit.program_name())
-        .map_or(0, |(_, c)| c.hits);
-    (gate_attached && counters.entry.entries == 0 && runs > 0).then(|| {
+    // vCPUs ran: KVM_RUN returned (the sys_exit fallback), or loaded their
+    // roots (the kvm_mmu_load kprobe, where that replaces the fallback).
+    let hits = |id: ProbeId| {
+        counters
+            .probes
+            .iter()
+            .find(|(name, _)| *name == id.program_name())
+            .map_or(0, |(_, c)| c.hits)
+    };
+    let (runs, loads) = (hits(ProbeId::KvmRunExit), hits(ProbeId::MmuLoadRet));
+    (gate_attached && counters.entry.entries == 0 && runs + loads > 0).then(|| {
+        let seen = if runs > 0 {
+            format!("{runs} KVM_RUN calls returned")
+        } else {
+            format!("{loads} kvm_mmu_load calls returned")
+        };
         format!(
-            "vCPUs ran ({runs} KVM_RUN calls returned) but kvm:kvm_entry never fired: this KVM \
-             backend does not trace guest entries (e.g. PVM), so the in-kernel entry check is \
-             blind here; roots are still sampled at each KVM_RUN exit"
+            "vCPUs ran ({seen}) but kvm:kvm_entry never fired: this KVM backend does not \
+             trace guest entries (e.g. PVM), so the in-kernel entry check is blind here; \
+             roots are still sampled at each KVM_RUN exit or root load"
         )
     })
 }

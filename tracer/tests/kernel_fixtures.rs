@@ -221,3 +221,31 @@ fn missing_btf_and_missing_kvm_are_reported_as_such() {
 fn invalid_page_is_all_ones() {
     assert_eq!(INVALID_PAGE, !0u64);
 }
+
+/// A host whose only KVM backend is kvm_pvm (as this CI machine's) never
+/// fires kvm:kvm_entry: the gate still attaches, but the entry check and
+/// the entry transitions are reported off, saying why, where a host with
+/// kvm_amd (or no /sys/module at all) keeps them on.
+#[test]
+fn a_kvm_pvm_host_reports_the_entry_check_as_unable_to_work() {
+    let with = |modules: &[&str]| {
+        let mut info = KernelInfo::inspect(&fixture("debian-6.18.15-kvm-module")).unwrap();
+        info.kvm_backends = modules.iter().map(|m| (*m).to_owned()).collect();
+        plan(&info, PlanOptions::default())
+    };
+    let p = with(&["kvm_pvm"]);
+    assert_eq!(attach(&p, ProbeId::KvmEntry), AttachKind::RawTracepoint);
+    for f in ["entry-invariant-check", "entry-transitions"] {
+        let f = p.feature(f).unwrap();
+        assert!(!f.enabled, "{f:?}");
+        assert!(f.reason.contains("kvm_pvm"), "{f:?}");
+    }
+    for modules in [&["kvm_pvm", "kvm_amd"][..], &["kvm_intel"], &[]] {
+        assert!(
+            with(modules)
+                .feature("entry-invariant-check")
+                .unwrap()
+                .enabled
+        );
+    }
+}

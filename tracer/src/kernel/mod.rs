@@ -80,6 +80,9 @@ pub struct KernelInfo {
     /// Kernel config (`CONFIG_X` -> value), when available.
     pub config: HashMap<String, String>,
     pub dev_kvm: bool,
+    /// KVM backends loaded (`kvm_intel`, `kvm_amd`, `kvm_pvm`), from
+    /// `/sys/module`; empty when unknown.
+    pub kvm_backends: Vec<String>,
 }
 
 impl KernelInfo {
@@ -175,6 +178,11 @@ impl KernelInfo {
             .join("sys/bus/event_source/devices/kprobe/type")
             .exists();
         let dev_kvm = root.join("dev/kvm").exists();
+        let kvm_backends = ["kvm_intel", "kvm_amd", "kvm_pvm"]
+            .into_iter()
+            .filter(|m| root.join("sys/module").join(m).exists())
+            .map(str::to_owned)
+            .collect();
 
         Ok(Self {
             root: root.to_path_buf(),
@@ -187,6 +195,7 @@ impl KernelInfo {
             kprobe_pmu,
             config,
             dev_kvm,
+            kvm_backends,
         })
     }
 

@@ -428,6 +428,15 @@ impl Planner<'_> {
             .iter()
             .find(|f| f.name == "kvm_mmu.mirror_root_hpa")
             .and_then(|f| f.absent.clone());
+        // PVM runs guests without VMX/SVM and never fires kvm:kvm_entry: the
+        // gate attaches but sees nothing while only it is loaded.
+        let b = &self.k.kvm_backends;
+        let blind_backend = (!b.is_empty() && b.iter().all(|m| m == "kvm_pvm")).then(|| {
+            "the only KVM backend loaded is kvm_pvm, which never fires kvm:kvm_entry: the \
+             entry check can't see guest entries here (roots are still sampled when \
+             KVM_RUN returns)"
+                .to_owned()
+        });
         vec![
             Feature {
                 name: "kprobes",
@@ -456,9 +465,11 @@ impl Planner<'_> {
             },
             Feature {
                 name: "entry-invariant-check",
-                enabled: gate && mirror && vm_type,
+                enabled: gate && mirror && vm_type && blind_backend.is_none(),
                 reason: if !gate {
                     "the kvm_entry gate is off".into()
+                } else if let Some(why) = &blind_backend {
+                    why.clone()
                 } else if !(mirror && vm_type) {
                     "needs mirror_root_hpa and arch.vm_type".into()
                 } else {
@@ -469,9 +480,11 @@ impl Planner<'_> {
             },
             Feature {
                 name: "entry-transitions",
-                enabled: gate && opts.entry_transitions,
+                enabled: gate && opts.entry_transitions && blind_backend.is_none(),
                 reason: if !gate {
                     "the kvm_entry gate is off".into()
+                } else if let Some(why) = &blind_backend {
+                    why.clone()
                 } else if opts.entry_transitions {
                     "reports a vCPU's first guest entry with new roots (once per root change)"
                         .into()
