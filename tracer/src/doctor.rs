@@ -56,9 +56,9 @@ pub fn run(root: Option<&Path>, json: bool, verify: bool) -> Result<(), Failure>
             )
             .into());
         }
-        if !env.root {
+        if let Some(missing) = crate::watch::missing_capabilities() {
             return Err(Failure::unsupported(anyhow::anyhow!(
-                "doctor --verify loads eBPF programs and must run as root"
+                "doctor --verify loads eBPF programs and needs {missing}"
             )));
         }
         Some(verify_all(&plan)?)

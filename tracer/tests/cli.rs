@@ -114,13 +114,13 @@ fn doctor_text_says_why_a_feature_is_off() {
 }
 
 #[test]
-fn watch_as_non_root_exits_3() {
+fn watch_without_bpf_capabilities_exits_3_naming_them() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         // Already unprivileged: run directly.
         let r = run(tracer().args(["watch", "--duration", "1s"]));
         assert_eq!(r.code, Some(3), "{}", r.stderr);
-        assert!(r.stderr.contains("must run as root"), "{}", r.stderr);
+        assert!(r.stderr.contains("CAP_BPF"), "{}", r.stderr);
         return;
     }
     // As root, drop to nobody with setpriv (util-linux).
@@ -134,7 +134,12 @@ fn watch_as_non_root_exits_3() {
         .arg(env!("CARGO_BIN_EXE_tracer"))
         .args(["watch", "--duration", "1s"]));
     assert_eq!(r.code, Some(3), "{}", r.stderr);
-    assert!(r.stderr.contains("must run as root"), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN)"),
+        "{}",
+        r.stderr
+    );
 }
 
 /// `tracer simulate --kernel K --scenario S | tracer replay --json -`,

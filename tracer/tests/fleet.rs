@@ -1234,3 +1234,98 @@ fn alerts_reach_both_replicas_of_a_tls_alertmanager_cluster() {
         "events flow while an Alertmanager hangs:\n{text}"
     );
 }
+
+/// Every PromQL expression of the shipped Grafana dashboard parses (promtool
+/// checks it as a recording rule, with Grafana's variables filled in), and
+/// every metric it names is one the daemon exports.
+#[test]
+fn the_grafana_dashboard_queries_real_metrics_with_valid_promql() {
+    if !needs(
+        "the_grafana_dashboard_queries_real_metrics_with_valid_promql",
+        false,
+        &["/usr/bin/promtool"],
+    ) {
+        return;
+    }
+    let dash: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("dist/grafana/kvm-root-tracer.json")).unwrap(),
+    )
+    .unwrap();
+    let mut exprs = Vec::new();
+    for p in dash["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().unwrap() {
+            exprs.push(t["expr"].as_str().unwrap().to_owned());
+        }
+    }
+    assert!(exprs.len() >= 10, "{exprs:?}");
+    let grafana_vars = |e: &str| {
+        e.replace("$__rate_interval", "5m")
+            .replace("$instance", ".*")
+    };
+    let rules: String = std::iter::once("groups:\n  - name: grafana\n    rules:\n".to_owned())
+        .chain(exprs.iter().enumerate().map(|(i, e)| {
+            format!(
+                "      - record: grafana:panel_{i}\n        expr: {}\n",
+                serde_json::to_string(&grafana_vars(e)).unwrap()
+            )
+        }))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let rules_file = dir.path().join("grafana.rules.yml");
+    std::fs::write(&rules_file, &rules).unwrap();
+    let out = Command::new("/usr/bin/promtool")
+        .args(["check", "rules"])
+        .arg(&rules_file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}\n{rules}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // What the daemon exports, every family with a series.
+    let mut s = tracer::metrics::MetricsState::default();
+    s.events.insert(("p".into(), "k".into()), 1);
+    s.findings.insert(("k".into(), "critical".into()), 1);
+    s.drops.insert("p".into(), 1);
+    s.probes.insert("kprobe".into(), 1);
+    s.programs
+        .insert(("p".into(), "kprobe".into(), "t".into()), true);
+    s.features.insert("f".into(), true);
+    s.bpf.insert("p".into(), (1, 1));
+    for m in [
+        &mut s.alerts_sent,
+        &mut s.alerts_failed,
+        &mut s.alerts_dropped,
+    ] {
+        m.insert("http://am".into(), 1);
+    }
+    let exported = tracer::metrics::openmetrics_to_text004(&tracer::metrics::render(&s));
+    let names: std::collections::BTreeSet<&str> = exported
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    let mut used = std::collections::BTreeSet::new();
+    for e in exprs.iter().chain(std::iter::once(
+        &dash["templating"]["list"][1]["query"]
+            .as_str()
+            .unwrap()
+            .to_owned(),
+    )) {
+        for word in e.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if word.starts_with("kvm_root_tracer_") || word.starts_with("process_") {
+                used.insert(word.to_owned());
+            }
+        }
+    }
+    for n in &used {
+        assert!(names.contains(n.as_str()), "{n} is not exported: {names:?}");
+    }
+    eprintln!(
+        "grafana: {} expressions valid, {} metric names all exported",
+        exprs.len(),
+        used.len()
+    );
+}

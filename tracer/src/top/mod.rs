@@ -233,11 +233,10 @@ struct Live {
 
 impl Live {
     fn start(opts: &TopOptions) -> Result<Self, Failure> {
-        // SAFETY: geteuid has no preconditions and can't fail.
-        if unsafe { libc::geteuid() } != 0 {
+        if let Some(missing) = crate::watch::missing_capabilities() {
             return Err(Failure::unsupported(anyhow!(
-                "tracer top must run as root to load eBPF programs (CAP_BPF, CAP_PERFMON); \
-                 `tracer top --replay LOG` works without root"
+                "tracer top needs {missing} to load eBPF programs; `tracer top --replay LOG` \
+                 works without them"
             )));
         }
         let info = KernelInfo::live().map_err(crate::doctor::kernel_failure)?;
