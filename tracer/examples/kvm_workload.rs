@@ -5,7 +5,9 @@
 //! vCPUs N more times at the end (guest entries without zaps); `hold=FILE`
 //! keeps running the vCPUs to `hlt` (each exit to userspace and re-entry is
 //! a guest entry) until FILE exists, for fault injection into the running
-//! kernel. Prints what it did as JSON.
+//! kernel; `idle=FILE` keeps the VM alive, idle, until FILE exists. Prints what it did as JSON. Arguments after MODE are ignored, so
+//! a test can give it a QEMU-like command line (`-name guest=NAME -uuid U`)
+//! for the daemon to read from `/proc/<pid>/cmdline`.
 
 #[path = "../tests/support/kvm.rs"]
 mod kvm;
@@ -15,8 +17,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let vcpus: u64 = args.next().map_or(Ok(1), |s| s.parse())?;
     let churns: u64 = args.next().map_or(Ok(3), |s| s.parse())?;
     let mut hold = None;
+    let mut idle = None;
     let (run, extra_runs) = match args.next().as_deref() {
         None => (true, 0),
+        Some(m) if m.starts_with("idle=") => {
+            idle = Some(std::path::PathBuf::from(&m["idle=".len()..]));
+            (true, 0)
+        }
         Some("churn-only") => (false, 0),
         Some(m) if m.starts_with("extra-runs=") => (true, m["extra-runs=".len()..].parse()?),
         Some(m) if m.starts_with("hold=") => {
@@ -25,7 +32,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         Some(other) => {
             return Err(format!(
-                "unknown mode {other:?}; expected churn-only, extra-runs=N or hold=FILE"
+                "unknown mode {other:?}; expected churn-only, extra-runs=N, hold=FILE or idle=FILE"
             )
             .into());
         }
@@ -47,6 +54,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         while !stop.exists() {
             guest.run_to_hlt()?;
             held_runs += 1;
+        }
+    }
+    if let Some(stop) = idle {
+        while !stop.exists() {
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
     }
     println!(

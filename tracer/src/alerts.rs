@@ -259,6 +259,18 @@ pub fn alert_for(f: &Finding, host: &str, clock: ClockPair) -> Value {
     if let Some(v) = f.vcpu_id {
         labels["vcpu"] = json!(v.to_string());
     }
+    // The VM's names outlive its pid: a tenant can be found after a restart.
+    if let Some(vm) = &f.vm {
+        for (key, value) in [
+            ("vm_name", &vm.name),
+            ("vm_uuid", &vm.uuid),
+            ("libvirt_domain", &vm.libvirt_domain),
+        ] {
+            if let Some(v) = value {
+                labels[key] = json!(v);
+            }
+        }
+    }
     json!({
         "labels": labels,
         "annotations": {
@@ -451,6 +463,7 @@ mod tests {
             vcpu: None,
             evidence: vec![],
             explanation: "x".into(),
+            vm: None,
         }
     }
 
@@ -466,6 +479,20 @@ mod tests {
         assert_eq!(a["labels"]["kind"], "mirror_root_stale_at_entry");
         assert!(a["labels"].get("kvm").is_none(), "{a}");
         assert!(!a.to_string().contains("ffff8881"), "{a}");
+        // The VM's names, when known, are labels.
+        let mut f = finding(K::MirrorRootStaleAtEntry);
+        f.vm = Some(crate::vmid::VmIdentity {
+            name: Some("td-guest-7".into()),
+            uuid: Some("6b29fc40-ca47-1067-b31d-00dd010662da".into()),
+            libvirt_domain: None,
+        });
+        let a = alert_for(&f, "hv1", clock);
+        assert_eq!(a["labels"]["vm_name"], "td-guest-7");
+        assert_eq!(
+            a["labels"]["vm_uuid"],
+            "6b29fc40-ca47-1067-b31d-00dd010662da"
+        );
+        assert!(a["labels"].get("libvirt_domain").is_none(), "{a}");
         // Every alertname a push can carry is a rule in dist/ (or info).
         let rules = include_str!("../../dist/prometheus/kvm-root-tracer.rules.yml");
         for k in K::ALL {

@@ -145,6 +145,9 @@ pub struct Finding {
     pub evidence: Vec<Event>,
     /// A paragraph a host engineer can act on.
     pub explanation: String,
+    /// The VM's names (QEMU `-name`, `-uuid`, libvirt domain), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<crate::vmid::VmIdentity>,
 }
 
 impl Finding {
@@ -555,6 +558,7 @@ impl Detector {
             vm.storm_reported_until = ev.ts_ns + cfg.zap_storm_window_ns;
             let n = vm.zaps.len();
             out.push(Finding {
+                vm: None,
                 kind: FindingKind::ZapStorm,
                 severity: FindingKind::ZapStorm.severity(),
                 ts_ns: ev.ts_ns,
@@ -603,6 +607,7 @@ impl Detector {
             return;
         }
         out.push(Finding {
+            vm: None,
             kind: FindingKind::MirrorRootsInvalidatedLive,
             severity: FindingKind::MirrorRootsInvalidatedLive.severity(),
             ts_ns: ev.ts_ns,
@@ -767,6 +772,7 @@ struct Raise<'a> {
 impl Raise<'_> {
     fn finding(&self, kind: FindingKind, evidence: Vec<Event>, explanation: String) -> Finding {
         Finding {
+            vm: None,
             kind,
             severity: kind.severity(),
             ts_ns: self.ev.ts_ns,

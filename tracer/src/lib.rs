@@ -17,6 +17,7 @@ pub mod pipeline;
 pub mod replay;
 #[cfg(feature = "top")]
 pub mod top;
+pub mod vmid;
 pub mod watch;
 pub mod web;
 

@@ -226,6 +226,8 @@ pub struct Pipeline {
     pub alerts: Option<crate::alerts::AlertSink>,
     /// Findings as JSON lines (`--findings-out`).
     pub findings_out: Option<Box<dyn io::Write + Send>>,
+    /// Live: VMMs' names, read from `/proc` at first sight and recorded.
+    pub names: Option<crate::vmid::VmNames>,
 }
 
 impl Pipeline {
@@ -243,6 +245,7 @@ impl Pipeline {
             flight,
             alerts: None,
             findings_out: None,
+            names: None,
         }
     }
 
@@ -265,6 +268,13 @@ impl Pipeline {
         if let Some(o) = self.out.as_mut() {
             o.event(ev);
         }
+        // A VMM's names go in the log before its first event.
+        if let (Some(names), Some(pid)) = (self.names.as_mut(), ev.userspace_pid)
+            && let Some(rec) = names.observe(pid, ev.ts_ns)
+            && let Some(r) = self.recorder.as_mut()
+        {
+            r.vm(&rec);
+        }
         if let Some(r) = self.recorder.as_mut() {
             r.event(ev);
         }
@@ -272,7 +282,10 @@ impl Pipeline {
             f.event(ev);
         }
         self.detector.observe(ev, &mut self.findings);
-        for f in std::mem::take(&mut self.findings) {
+        for mut f in std::mem::take(&mut self.findings) {
+            if let Some(names) = self.names.as_ref() {
+                f.vm = names.get(f.userspace_pid).cloned();
+            }
             *self.tally.findings.entry(f.kind).or_default() += 1;
             if let Some(o) = self.out.as_mut() {
                 o.finding(&f);

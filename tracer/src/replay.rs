@@ -131,12 +131,14 @@ pub fn replay_with(
     let mut recorded = Vec::new();
     let mut recorded_total = 0;
     let mut losses = 0;
+    let mut names = crate::vmid::VmNames::default();
     let late = read_ordered(&files, &mut stats, window_ns, |read| match read {
         Read::Step(Step::Boundary(b)) => detector.boundary(b),
         Read::Step(Step::Event(ev, clock)) => {
             on_event(ev, clock);
             detector.observe(ev, &mut found);
-            for f in found.drain(..) {
+            for mut f in found.drain(..) {
+                f.vm = names.get(f.userspace_pid).cloned();
                 if filter.finding(&f, clock) {
                     on_finding(&f);
                     out.findings_total += 1;
@@ -157,6 +159,7 @@ pub fn replay_with(
             }
         }
         Read::Lost(n) => losses += n,
+        Read::Vm(v) => names.insert(&v),
         Read::Header(_) => {}
     });
     out.recorded_findings = recorded;
@@ -176,6 +179,8 @@ pub enum Read<'a> {
     Finding(Box<Finding>, Option<ClockPair>),
     /// A `loss` record's count, as it is read (its gap follows as a step).
     Lost(u64),
+    /// A VMM's names, as they are read (before its events are judged).
+    Vm(Box<crate::vmid::VmRecord>),
     /// The next event or boundary, in judging order.
     Step(Step<'a>),
 }
@@ -193,6 +198,7 @@ pub fn read_ordered(
     let mut seq = Sequencer::new(window_ns);
     reader::read_all(files, stats, |_, record| match record {
         Record::Finding(f) => on(Read::Finding(f, seq.clock())),
+        Record::Vm(v) => on(Read::Vm(v)),
         Record::Header(ref h) => {
             on(Read::Header(h));
             seq.push(record, &mut |s| on(Read::Step(s)));
@@ -312,7 +318,7 @@ impl Sequencer {
             }
             Record::Loss(l) if l.lost > 0 => self.hold(l.from_ns, Item::Gap, judge),
             Record::Skipped => self.hold(self.newest, Item::Gap, judge),
-            Record::Loss(_) | Record::Finding(_) | Record::Summary => {}
+            Record::Loss(_) | Record::Finding(_) | Record::Vm(_) | Record::Summary => {}
         }
     }
 

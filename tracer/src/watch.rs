@@ -563,6 +563,7 @@ fn live_pipeline(
     );
     let clock = header.clock;
     let mut p = build_pipeline(opts.stdout, opts.record.as_ref(), header, true)?;
+    p.names = Some(crate::vmid::VmNames::live());
     let alert_task = start_service(&mut p, &opts.service, metrics, clock)?;
     Ok((p, alert_task))
 }

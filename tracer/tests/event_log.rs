@@ -482,6 +482,7 @@ fn every_example_in_the_schema_document_parses() {
                     Record::Event(_) => "event",
                     Record::Finding(_) => "finding",
                     Record::Loss(_) => "loss",
+                    Record::Vm(_) => "vm",
                     Record::Summary => "summary",
                     Record::Skipped => "skipped",
                 });
@@ -489,5 +490,5 @@ fn every_example_in_the_schema_document_parses() {
             _ => {}
         }
     }
-    assert_eq!(kinds, ["header", "event", "finding", "loss"]);
+    assert_eq!(kinds, ["header", "event", "finding", "loss", "vm"]);
 }

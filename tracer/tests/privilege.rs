@@ -1,7 +1,8 @@
-//! Issue 14, items 4 and 6: least privilege and visible blindness, on the
-//! real kernel. Capabilities, not the uid, decide who can trace; a daemon
-//! started before KVM waits for it (503 meanwhile); a blind entry gate is a
-//! gauge and a 503; missing BPF stats are a warning and a gauge.
+//! Issue 14, items 4 to 6: least privilege, visible blindness and VM
+//! identity, on the real kernel. Capabilities, not the uid, decide who can
+//! trace; a daemon started before KVM waits for it (503 meanwhile); a blind
+//! entry gate is a gauge and a 503; missing BPF stats are a warning and a
+//! gauge; a VMM's `-name` and `-uuid` reach the event log and replay.
 //!
 //! These need root and /dev/kvm; without them they fail saying so, unless
 //! TRACER_SKIP_LIVE=1, in which case they print SKIPPED and the reason.
@@ -236,5 +237,154 @@ fn a_blind_entry_gate_is_a_gauge_and_a_503() {
         assert!(body.contains("kvm:kvm_entry never fired"), "{body}");
     } else {
         assert_eq!(code, 200, "{body}");
+    }
+}
+
+/// A real VMM process with a QEMU-like command line: the daemon reads its
+/// `-name guest=…` and `-uuid` once and records them (a `vm` record) before
+/// its events; replay puts them on the findings of that pid, and the
+/// kernel pointer stays out of them.
+#[test]
+fn a_vmms_name_and_uuid_reach_the_event_log_and_replay() {
+    if !live_or_skip("a_vmms_name_and_uuid_reach_the_event_log_and_replay") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let uuid = "6b29fc40-ca47-1067-b31d-00dd010662da";
+    let mut daemon = tracer()
+        .args([
+            "run",
+            "--duration",
+            "60s",
+            "--no-compress",
+            "--metrics-listen",
+            "",
+        ])
+        .arg("--log-dir")
+        .arg(&log)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = daemon.stderr.take().unwrap();
+    let attached = std::thread::spawn(move || {
+        use std::io::Read as _;
+        let mut text = String::new();
+        let _ = err.read_to_string(&mut text);
+        text
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let workload = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples/kvm_workload");
+    let stop = dir.path().join("stop");
+    let mut vmm = Command::new(&workload)
+        .args(["1", "2"])
+        .arg(format!("idle={}", stop.display()))
+        .args(["-name", "guest=td-named,debug-threads=on", "-uuid", uuid])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}: {e}", workload.display()));
+    std::thread::sleep(Duration::from_secs(2));
+    std::fs::write(&stop, "").unwrap();
+    assert!(vmm.wait().unwrap().success());
+    // SAFETY: kill sends a signal to our own child.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    assert_eq!(daemon.wait().unwrap().code(), Some(0));
+    let err = attached.join().unwrap();
+    let mut text = String::new();
+    for e in std::fs::read_dir(&log).unwrap() {
+        text.push_str(&std::fs::read_to_string(e.unwrap().path()).unwrap_or_default());
+    }
+    let line = text
+        .lines()
+        .find(|l| {
+            l.contains("\"record\":\"vm\"")
+                && l.contains(&format!("\"userspace_pid\":{}", vmm.id()))
+        })
+        .unwrap_or_else(|| panic!("no vm record for pid {}:\n{err}\n{text}", vmm.id()));
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(v["name"], "td-named", "{line}");
+    assert_eq!(v["uuid"], uuid, "{line}");
+    // Before the VMM's first event in the log.
+    let vm_at = text.find(line).unwrap();
+    let first_event = text
+        .find(&format!("\"userspace_pid\":{}", vmm.id()))
+        .unwrap();
+    assert_eq!(
+        vm_at + line.find("\"userspace_pid\"").unwrap(),
+        first_event,
+        "{text}"
+    );
+    // Replay reads the log, record and all, without a problem.
+    let out = tracer()
+        .args(["replay", "--json"])
+        .arg(&log)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Replay names the VM of a finding from the log's `vm` record, after the
+/// pid is long gone (no root needed).
+#[test]
+fn replay_names_the_vm_of_a_finding_from_its_vm_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = support::model_log(
+        dir.path(),
+        "sim.jsonl",
+        ("mirror-freed-by-zap", "hotplug"),
+        (1, 3),
+    );
+    let text = std::fs::read_to_string(&sim).unwrap();
+    let pids: std::collections::BTreeSet<i64> = text
+        .lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            v["userspace_pid"].as_i64()
+        })
+        .collect();
+    // The header first, then the names, then the events.
+    let (header, rest) = text.split_once('\n').unwrap();
+    let vm_records = pids.iter().fold(String::new(), |mut out, pid| {
+        use std::fmt::Write as _;
+        let _ = writeln!(
+            out,
+            "{{\"record\":\"vm\",\"ts_ns\":0,\"userspace_pid\":{pid},\"name\":\"td-tenant-{pid}\",\"uuid\":\"6b29fc40-ca47-1067-b31d-00dd010662da\"}}"
+        );
+        out
+    });
+    let named = dir.path().join("named.jsonl");
+    std::fs::write(&named, format!("{header}\n{vm_records}{rest}")).unwrap();
+    let out = tracer()
+        .args(["replay", "--json"])
+        .arg(&named)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "findings expected");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let findings: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|v: &serde_json::Value| v["record"] == "finding")
+        .collect();
+    assert!(!findings.is_empty(), "{stdout}");
+    for f in &findings {
+        let want = format!("td-tenant-{}", f["userspace_pid"]);
+        assert_eq!(f["vm"]["name"], want.as_str(), "{f}");
+        assert_eq!(
+            f["vm"]["uuid"], "6b29fc40-ca47-1067-b31d-00dd010662da",
+            "{f}"
+        );
     }
 }

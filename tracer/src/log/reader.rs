@@ -23,6 +23,8 @@ pub enum Record {
     Event(Box<Event>),
     Finding(Box<Finding>),
     Loss(Loss),
+    /// A VMM's names (QEMU `-name`, `-uuid`, the libvirt domain).
+    Vm(Box<crate::vmid::VmRecord>),
     /// `watch --json` summaries: not part of the log's content.
     Summary,
     /// Not in the file: a line (or a whole file) here could not be read, so
@@ -393,6 +395,9 @@ pub fn parse(text: &str) -> Result<Record, String> {
         "loss" => Record::Loss(serde_json::from_str(text).map_err(|e| bad("loss", e))?),
         "header" => Record::Header(Box::new(
             serde_json::from_str(text).map_err(|e| bad("header", e))?,
+        )),
+        "vm" => Record::Vm(Box::new(
+            serde_json::from_str(text).map_err(|e| bad("vm", e))?,
         )),
         "summary" => Record::Summary,
         other => return Err(format!("unknown record type {other:?}")),

@@ -171,6 +171,11 @@ impl LogSink {
         self.push(f.ts_ns);
     }
 
+    pub fn vm(&mut self, v: &crate::vmid::VmRecord) {
+        self.batch.extend_from_slice(v.to_json_record().as_bytes());
+        self.push(v.ts_ns);
+    }
+
     pub fn loss(&mut self, l: &Loss) {
         self.batch.extend_from_slice(l.to_json_record().as_bytes());
         self.push(l.to_ns);

@@ -284,12 +284,14 @@ impl Live {
     }
 
     fn state(&self) -> TopState {
-        TopState::new(
+        let mut s = TopState::new(
             hostname(),
             self.kernel.clone(),
             "live".into(),
             self.plan_summary.clone(),
-        )
+        );
+        s.names = crate::vmid::VmNames::live();
+        s
     }
 
     fn pump(&mut self, s: &mut TopState) {
@@ -321,6 +323,7 @@ enum Fed {
     Header(Box<Header>),
     Event(Box<Event>),
     Lost(u64),
+    Vm(Box<crate::vmid::VmRecord>),
     Done {
         events: u64,
         problems: u64,
@@ -350,6 +353,9 @@ fn spawn_reader(files: Vec<PathBuf>) -> std::io::Result<Receiver<Fed>> {
                 Read::Lost(n) => {
                     let _ = tx.send(Fed::Lost(n));
                 }
+                Read::Vm(v) => {
+                    let _ = tx.send(Fed::Vm(v));
+                }
                 Read::Step(Step::Event(ev, _)) => {
                     events += 1;
                     let _ = tx.send(Fed::Event(Box::new(ev.clone())));
@@ -376,6 +382,8 @@ struct Replay {
     /// How the log ended, once it has: the status line.
     end: Option<String>,
     lost: u64,
+    /// `vm` records read, for the state before the next event.
+    names: Vec<crate::vmid::VmRecord>,
     first_ns: u64,
     /// Log nanoseconds played so far.
     played_ns: f64,
@@ -399,11 +407,13 @@ impl Replay {
         let rx = spawn_reader(files).context("starting the log reader")?;
         let mut header = None;
         let mut lost = 0;
+        let mut vm_names = Vec::new();
         // The header and the first event, or why there are none.
         let first = loop {
             match rx.recv() {
                 Ok(Fed::Header(h)) => header = Some(h),
                 Ok(Fed::Lost(n)) => lost += n,
+                Ok(Fed::Vm(v)) => vm_names.push(*v),
                 Ok(Fed::Event(ev)) => break *ev,
                 Ok(Fed::Done { first_problem, .. }) => {
                     let why = first_problem.map_or(String::new(), |p| format!(": {p}"));
@@ -425,6 +435,7 @@ impl Replay {
             fed: 0,
             end: None,
             lost,
+            names: vm_names,
             played_ns: 0.0,
             last_wall: Instant::now(),
             speed: opts.speed.clamp(MIN_SPEED, MAX_SPEED),
@@ -482,6 +493,7 @@ impl Replay {
             match self.rx.try_recv() {
                 Ok(Fed::Event(ev)) => return Some(*ev),
                 Ok(Fed::Lost(n)) => self.lost += n,
+                Ok(Fed::Vm(v)) => self.names.push(*v),
                 Ok(Fed::Header(_)) => {}
                 Ok(Fed::Done {
                     events,
@@ -518,6 +530,9 @@ impl Replay {
             if ev.ts_ns > until && self.fed > 0 {
                 self.pending = Some(ev);
                 break;
+            }
+            for v in self.names.drain(..) {
+                s.names.insert(&v);
             }
             s.event(&ev);
             self.fed += 1;

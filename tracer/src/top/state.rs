@@ -118,6 +118,8 @@ pub struct TopState {
     pub source: String,
     pub plan_summary: String,
     pub vms: BTreeMap<u64, VmRow>,
+    /// VMMs' names: read from `/proc` live, from `vm` records in a replay.
+    pub names: crate::vmid::VmNames,
     /// Newest first.
     pub findings: VecDeque<Finding>,
     pub events: u64,
@@ -176,15 +178,25 @@ impl TopState {
             status: String::new(),
             detector: Detector::new(DetectorConfig::default()),
             scratch: Vec::new(),
+            names: crate::vmid::VmNames::default(),
         }
+    }
+
+    /// The VM's name (QEMU `-name`, libvirt domain or uuid), when known.
+    pub fn vm_name(&self, vm: &VmRow) -> Option<&str> {
+        self.names.get(vm.userspace_pid)?.display_name()
     }
 
     /// Takes one event: rows, counters, and the detector's findings.
     pub fn event(&mut self, ev: &Event) {
         self.events += 1;
         self.now_ns = self.now_ns.max(ev.ts_ns);
+        if let Some(pid) = ev.userspace_pid {
+            self.names.observe(pid, ev.ts_ns);
+        }
         self.detector.observe(ev, &mut self.scratch);
-        for f in std::mem::take(&mut self.scratch) {
+        for mut f in std::mem::take(&mut self.scratch) {
+            f.vm = self.names.get(f.userspace_pid).cloned();
             self.finding(f);
         }
         let Some(kvm) = ev.kvm else {

@@ -112,6 +112,7 @@ fn draw_vms(f: &mut Frame, s: &TopState, visible: &[&VmRow], selected: Option<us
     };
     let header = Row::new(vec![
         head("VMM PID", "pid"),
+        "NAME".to_owned(),
         head("TYPE", "type"),
         head("VCPUS", "vcpus"),
         head("LOADS/S", "loads/s"),
@@ -130,6 +131,7 @@ fn draw_vms(f: &mut Frame, s: &TopState, visible: &[&VmRow], selected: Option<us
         };
         Row::new(vec![
             vm.userspace_pid.map_or("?".into(), |p| p.to_string()),
+            s.vm_name(vm).unwrap_or("-").to_owned(),
             vm.type_name().to_owned(),
             vm.vcpus.len().to_string(),
             format!("{:.1}", vm.loads_per_s),
@@ -160,6 +162,7 @@ fn draw_vms(f: &mut Frame, s: &TopState, visible: &[&VmRow], selected: Option<us
         rows,
         [
             Constraint::Length(9),
+            Constraint::Length(16),
             Constraint::Length(9),
             Constraint::Length(6),
             Constraint::Length(9),
