@@ -582,19 +582,24 @@ async fn respond<B>(
 
 /// `/healthz`: the status and the reason.
 pub fn health(s: &MetricsState) -> (u16, String) {
-    // 503 while blind to what the tool exists to watch; still 200 on a
-    // failing log: detection goes on without the log, and a restart would
-    // not bring the disk back.
+    // 503 while blind to what the tool exists to watch; a failing log alone
+    // is still 200: detection goes on without the log, and a restart would
+    // not bring the disk back. Every reason is a line of its own.
+    let mut lines = Vec::new();
     if let Some(why) = &s.waiting {
-        return (503, format!("blind: not tracing: {why}\n"));
+        lines.push(format!("blind: not tracing: {why}"));
     }
     if let Some(why) = &s.entry_gate_blind {
-        return (503, format!("blind: entry check: {why}\n"));
+        lines.push(format!("blind: entry check: {why}"));
     }
-    match &s.log_failing {
-        None => (200, "ok\n".to_owned()),
-        Some(why) => (200, format!("degraded: event log: {why}\n")),
+    let status = if lines.is_empty() { 200 } else { 503 };
+    if let Some(why) = &s.log_failing {
+        lines.push(format!("degraded: event log: {why}"));
     }
+    if lines.is_empty() {
+        lines.push("ok".into());
+    }
+    (status, lines.join("\n") + "\n")
 }
 
 /// Whether an `Accept` header prefers OpenMetrics to the Prometheus text
@@ -702,5 +707,63 @@ mod tests {
         );
         assert!(text.contains("kvm_root_tracer_tracked_vcpus 7"), "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn health_is_503_while_blind_and_names_every_reason() {
+        let mut s = MetricsState::default();
+        assert_eq!(health(&s), (200, "ok\n".into()));
+        s.log_failing = Some("disk full".into());
+        assert_eq!(health(&s), (200, "degraded: event log: disk full\n".into()));
+        s.entry_gate_blind = Some("no kvm_entry".into());
+        let (code, body) = health(&s);
+        assert_eq!(code, 503);
+        assert!(
+            body.starts_with("blind: entry check: no kvm_entry\n"),
+            "{body}"
+        );
+        assert!(body.contains("degraded: event log: disk full"), "{body}");
+    }
+
+    #[test]
+    fn accept_headers() {
+        assert!(!wants_openmetrics(""));
+        assert!(!wants_openmetrics("*/*"));
+        assert!(!wants_openmetrics("text/plain;version=0.0.4"));
+        assert!(wants_openmetrics("application/openmetrics-text"));
+        assert!(wants_openmetrics(
+            "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+        ));
+        assert!(!wants_openmetrics(
+            "application/openmetrics-text;version=1.0.0;q=0.2,text/plain;version=0.0.4;q=0.9"
+        ));
+        assert!(!wants_openmetrics(
+            "application/openmetrics-text;version=0.0.1"
+        ));
+    }
+
+    #[test]
+    fn text_004_renames_counters_and_info() {
+        let s = MetricsState {
+            kernel_release: "6.18.0".into(),
+            ..MetricsState::default()
+        };
+        let text = openmetrics_to_text004(&render(&s));
+        assert!(
+            text.contains("# TYPE kvm_root_tracer_build_info gauge\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# HELP kvm_root_tracer_guest_entries_total "),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE kvm_root_tracer_guest_entries_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("# EOF") && !text.contains("# UNIT"),
+            "{text}"
+        );
     }
 }

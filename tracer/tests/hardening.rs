@@ -461,28 +461,38 @@ fn idle_connections_do_not_exhaust_the_daemon() {
     assert_eq!(d.stop(), Some(0), "{err}");
 }
 
-/// Runs `cmd` to the end; its exit code, stderr and peak RSS in MiB.
-#[expect(
-    clippy::zombie_processes,
-    reason = "reaped by wait4, which also gives its rusage"
-)]
+/// Runs `cmd`: its exit code, stderr, and its peak RSS in MiB: the VmHWM of
+/// its own address space, sampled every 5 ms until it exits. (wait4's
+/// ru_maxrss would count the test process's own pages: a spawned child
+/// inherits the parent's high-water mark through exec.)
 fn peak_rss(cmd: &mut std::process::Command) -> (Option<i32>, String, u64) {
-    let child = cmd
+    let mut child = cmd
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let pid = child.id() as i32;
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.unwrap(), &mut err).unwrap();
-    let mut status = 0;
-    // SAFETY: a zeroed rusage is a valid out-parameter for wait4.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: wait4 on our own child, with valid out-pointers.
-    let r = unsafe { libc::wait4(pid, &raw mut status, 0, &raw mut ru) };
-    assert_eq!(r, pid);
-    let code = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
-    (code, err, u64::try_from(ru.ru_maxrss).unwrap_or(0) >> 10)
+    let status_file = format!("/proc/{}/status", child.id());
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut err = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut err);
+        err
+    });
+    let mut peak_kib = 0u64;
+    let status = loop {
+        if let Some(hwm) = std::fs::read_to_string(&status_file).ok().and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        }) {
+            peak_kib = peak_kib.max(hwm);
+        }
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    (status.code(), reader.join().unwrap(), peak_kib >> 10)
 }
 
 #[test]
@@ -873,7 +883,9 @@ fn a_frozen_log_filesystem_stalls_only_the_log() {
     }
     drop(guest);
     let m = scrape(port);
-    let health = get(port, "/healthz");
+    // Any status: a host whose backend never fires kvm:kvm_entry (this CI
+    // machine) is also blind (503); the log's state is a line of its own.
+    let health = support::http(port, "/healthz").map(|(_, body)| body);
     fs.freeze(false);
     eprintln!("frozen 7 s: {failed} of {scrapes} scrapes failed; healthz {health:?}");
     assert_eq!(

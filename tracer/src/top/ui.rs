@@ -112,13 +112,13 @@ fn draw_vms(f: &mut Frame, s: &TopState, visible: &[&VmRow], selected: Option<us
     };
     let header = Row::new(vec![
         head("VMM PID", "pid"),
-        "NAME".to_owned(),
         head("TYPE", "type"),
         head("VCPUS", "vcpus"),
         head("LOADS/S", "loads/s"),
         head("ZAPS/S", "zaps/s"),
         head("FINDINGS", "findings"),
         "KVM".to_owned(),
+        "NAME".to_owned(),
     ])
     .style(Style::default().add_modifier(Modifier::BOLD));
     let rows = visible.iter().map(|vm| {
@@ -131,13 +131,13 @@ fn draw_vms(f: &mut Frame, s: &TopState, visible: &[&VmRow], selected: Option<us
         };
         Row::new(vec![
             vm.userspace_pid.map_or("?".into(), |p| p.to_string()),
-            s.vm_name(vm).unwrap_or("-").to_owned(),
             vm.type_name().to_owned(),
             vm.vcpus.len().to_string(),
             format!("{:.1}", vm.loads_per_s),
             format!("{:.1}", vm.zaps_per_s),
             vm.findings.to_string(),
             format!("{:#x}", vm.kvm),
+            s.vm_name(vm).unwrap_or("-").to_owned(),
         ])
         .style(style)
     });
@@ -162,13 +162,13 @@ fn draw_vms(f: &mut Frame, s: &TopState, visible: &[&VmRow], selected: Option<us
         rows,
         [
             Constraint::Length(9),
-            Constraint::Length(16),
             Constraint::Length(9),
             Constraint::Length(6),
             Constraint::Length(9),
             Constraint::Length(9),
             Constraint::Length(9),
-            Constraint::Min(18),
+            Constraint::Length(19),
+            Constraint::Min(8),
         ],
     )
     .header(header)
