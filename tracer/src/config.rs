@@ -37,6 +37,8 @@ pub struct LogConfig {
     #[serde(deserialize_with = "de_fsync")]
     pub fsync: FsyncPolicy,
     pub compress: bool,
+    /// `zstd` or `gzip` (what common log shippers read).
+    pub compression: crate::log::writer::Compression,
     pub flight_events: usize,
 }
 
@@ -52,6 +54,7 @@ impl Default for LogConfig {
             min_free: r.min_free_bytes,
             fsync: r.fsync,
             compress: r.compress,
+            compression: r.compression,
             flight_events: 64,
         }
     }
@@ -67,6 +70,7 @@ impl LogConfig {
             min_free_bytes: self.min_free,
             fsync: self.fsync,
             compress: self.compress,
+            compression: self.compression,
         }
     }
 }
@@ -362,6 +366,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// `never`, `always`, or an interval.
+/// `zstd` or `gzip`.
+pub fn parse_compression(s: &str) -> Result<crate::log::writer::Compression, String> {
+    match s {
+        "zstd" => Ok(crate::log::writer::Compression::Zstd),
+        "gzip" => Ok(crate::log::writer::Compression::Gzip),
+        _ => Err(format!("{s:?} is not zstd or gzip")),
+    }
+}
+
 pub fn parse_fsync(s: &str) -> Result<FsyncPolicy, String> {
     match s {
         "never" => Ok(FsyncPolicy::Never),

@@ -14,6 +14,7 @@ pub mod log;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
+pub mod reload;
 pub mod replay;
 #[cfg(feature = "top")]
 pub mod top;

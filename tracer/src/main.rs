@@ -12,7 +12,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use clap::{Args, Parser, Subcommand};
 use tracer::{
     Failure,
-    config::{Config, parse_duration, parse_fsync, parse_size},
+    config::{Config, parse_compression, parse_duration, parse_fsync, parse_size},
     doctor,
     log::writer::{FsyncPolicy, RecordConfig, parse_time},
     replay::{Filter, ReplayOptions},
@@ -146,12 +146,18 @@ struct WatchArgs {
     log: LogArgs,
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct RunArgs {
     /// TOML config file (dist/config.toml documents every key and its
-    /// default); every key is also a flag below, and flags win.
+    /// default); every key is also a flag below, and flags win. SIGHUP
+    /// reads it again: [alertmanager], [findings] and the metrics web
+    /// config change live; other keys are named in a warning.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Check the config (and the files it names: web config, CA file,
+    /// secrets), print a summary and exit: 0 if it is valid, 2 if not.
+    #[arg(long)]
+    check_config: bool,
     /// Stop after this long (for tests); by default run until signalled.
     #[arg(long, value_name = "TIME", value_parser = parse_duration)]
     duration: Option<Duration>,
@@ -183,6 +189,9 @@ struct RunArgs {
     /// [log] compress = false.
     #[arg(long)]
     no_compress: bool,
+    /// [log] compression: zstd or gzip.
+    #[arg(long, value_name = "CODEC", value_parser = parse_compression)]
+    compression: Option<tracer::log::writer::Compression>,
     /// [log] flight_events.
     #[arg(long, value_name = "N")]
     flight_events: Option<usize>,
@@ -273,6 +282,7 @@ impl RunArgs {
         set!(c.alertmanager.queue, self.alertmanager_queue);
         set!(c.alertmanager.host, self.alert_host);
         set!(c.findings.output, self.findings_out);
+        set!(c.log.compression, self.compression);
         if self.no_compress {
             c.log.compress = false;
         }
@@ -283,6 +293,108 @@ impl RunArgs {
             .map_err(|e| Failure::from(anyhow::anyhow!("flags: {e}")))?;
         Ok(c)
     }
+}
+
+/// `tracer run`: the config (file, then flags), checked; then the daemon.
+fn run_daemon(args: &RunArgs, launched: std::time::Instant) -> Result<(), Failure> {
+    let c = args.config()?;
+    let (web, alertmanager) = services(&c)?;
+    if args.check_config {
+        println!("{}", check_summary(&c, web.as_ref(), alertmanager.as_ref()));
+        return Ok(());
+    }
+    let host = alert_host(&c);
+    let reload = args.config.is_some().then(|| {
+        let args = args.clone();
+        tracer::reload::Reloader(std::sync::Arc::new(move || {
+            let c = args.config().map_err(|f| format!("{:#}", f.error))?;
+            let (web, alertmanager) = services(&c).map_err(|f| format!("{:#}", f.error))?;
+            Ok(tracer::reload::Reloaded {
+                host: alert_host(&c),
+                config: c,
+                web,
+                alertmanager,
+            })
+        }))
+    });
+    watch::run(&watch::WatchOptions {
+        launched,
+        stdout: None,
+        duration: args.duration,
+        ringbuf_bytes: c.probes.ringbuf_size,
+        wakeup_bytes: c.probes.wakeup_bytes,
+        poll_interval: c.probes.poll_interval,
+        baseline: false,
+        entry_transitions: c.probes.entry_transitions,
+        record: Some(RecordOptions {
+            dir: c.log.dir.clone(),
+            config: c.log.record_config(),
+            flight_events: c.log.flight_events,
+        }),
+        service: watch::ServiceOptions {
+            metrics_listen: (!c.metrics.listen.is_empty())
+                .then(|| c.metrics.listen.parse().expect("validated")),
+            web,
+            alertmanager,
+            host,
+            findings_out: (!c.findings.output.is_empty()).then(|| c.findings.output.clone()),
+            inject: args.inject.clone(),
+            config: Some(c.clone()),
+            reload,
+        },
+    })
+}
+
+/// The `host` label: the config's, or this machine's hostname.
+fn alert_host(c: &Config) -> String {
+    if c.alertmanager.host.is_empty() {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_default()
+    } else {
+        c.alertmanager.host.clone()
+    }
+}
+
+/// What `tracer run --check-config` prints for a valid config.
+fn check_summary(
+    c: &Config,
+    web: Option<&tracer::web::WebServer>,
+    am: Option<&tracer::alerts::Prepared>,
+) -> String {
+    let metrics = if c.metrics.listen.is_empty() {
+        "off".to_owned()
+    } else {
+        format!(
+            "{}{}{}",
+            c.metrics.listen,
+            if web.is_some_and(|w| w.tls.is_some()) {
+                ", TLS"
+            } else {
+                ""
+            },
+            if web.is_some_and(|w| w.auth.is_some()) {
+                ", basic auth"
+            } else {
+                ""
+            },
+        )
+    };
+    let alerts = am.map_or("off".to_owned(), |a| {
+        a.targets
+            .iter()
+            .map(|t| t.url.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    });
+    format!(
+        "config ok: event log {} (segments of {} bytes, {} kept at most); metrics {metrics}; \
+         Alertmanager {alerts} (from {} up)",
+        c.log.dir.display(),
+        c.log.segment_size,
+        c.log.max_files,
+        c.alertmanager.min_severity.name()
+    )
 }
 
 /// The metrics web config and the Alertmanager senders, loaded (files read,
@@ -340,6 +452,9 @@ struct LogArgs {
     /// Keep closed segments uncompressed.
     #[arg(long)]
     no_compress: bool,
+    /// Compress closed segments with zstd, or gzip (what log shippers read).
+    #[arg(long, value_name = "CODEC", default_value = "zstd", value_parser = parse_compression)]
+    compression: tracer::log::writer::Compression,
     /// Events kept per VM for incident files written when a finding fires
     /// (0: no incident files).
     #[arg(long, value_name = "N", default_value_t = 64)]
@@ -358,6 +473,7 @@ impl LogArgs {
                 min_free_bytes: self.min_free,
                 fsync: self.fsync,
                 compress: !self.no_compress,
+                compression: self.compression,
             },
             flight_events: self.flight_events,
         }
@@ -487,41 +603,7 @@ fn main() -> ExitCode {
                 service: watch::ServiceOptions::default(),
             })
         }),
-        Command::Run(args) => args.config().and_then(|c| {
-            let (web, alertmanager) = services(&c)?;
-            let host = if c.alertmanager.host.is_empty() {
-                std::fs::read_to_string("/proc/sys/kernel/hostname")
-                    .map(|h| h.trim().to_owned())
-                    .unwrap_or_default()
-            } else {
-                c.alertmanager.host.clone()
-            };
-            watch::run(&watch::WatchOptions {
-                launched,
-                stdout: None,
-                duration: args.duration,
-                ringbuf_bytes: c.probes.ringbuf_size,
-                wakeup_bytes: c.probes.wakeup_bytes,
-                poll_interval: c.probes.poll_interval,
-                baseline: false,
-                entry_transitions: c.probes.entry_transitions,
-                record: Some(RecordOptions {
-                    dir: c.log.dir.clone(),
-                    config: c.log.record_config(),
-                    flight_events: c.log.flight_events,
-                }),
-                service: watch::ServiceOptions {
-                    metrics_listen: (!c.metrics.listen.is_empty())
-                        .then(|| c.metrics.listen.parse().expect("validated")),
-                    web,
-                    alertmanager,
-                    host,
-                    findings_out: (!c.findings.output.is_empty())
-                        .then(|| c.findings.output.clone()),
-                    inject: args.inject.clone(),
-                },
-            })
-        }),
+        Command::Run(args) => run_daemon(&args, launched),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -63,6 +63,10 @@ pub struct MetricsState {
 
 pub type SharedMetrics = Arc<Mutex<MetricsState>>;
 
+/// The metrics server's TLS and auth, swapped on a config reload (new
+/// certificates, new users) without closing the listener.
+pub type SharedWeb = Arc<std::sync::RwLock<crate::web::WebServer>>;
+
 fn counter_family(
     r: &mut Registry,
     name: &str,
@@ -422,11 +426,16 @@ pub const CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_m
 pub async fn serve_retrying(
     addr: std::net::SocketAddr,
     state: SharedMetrics,
-    web: crate::web::WebServer,
+    web: SharedWeb,
     retry: std::time::Duration,
 ) {
     let mut failures = 0u64;
-    let scheme = if web.tls.is_some() { "https" } else { "http" };
+    let tls = web
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .tls
+        .is_some();
+    let scheme = if tls { "https" } else { "http" };
     loop {
         match TcpListener::bind(addr).await {
             Ok(listener) => {
@@ -454,7 +463,7 @@ pub async fn serve_retrying(
 /// [`MAX_CONNECTIONS`] at once; handshakes and request heads have
 /// [`REQUEST_TIMEOUT`]; `accept` errors (out of file descriptors) back off
 /// instead of spinning.
-pub async fn serve(listener: TcpListener, state: SharedMetrics, web: crate::web::WebServer) {
+pub async fn serve(listener: TcpListener, state: SharedMetrics, web: SharedWeb) {
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok((sock, _)) = listener.accept().await else {
@@ -466,7 +475,11 @@ pub async fn serve(listener: TcpListener, state: SharedMetrics, web: crate::web:
             drop(sock);
             continue;
         };
-        let (state, web) = (state.clone(), web.clone());
+        let state = state.clone();
+        let web = web
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         tokio::spawn(async move {
             let _permit = permit;
             let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection(sock, state, web)).await;

@@ -32,7 +32,7 @@ use crate::{
         sink::LogSink,
         writer::{RecordConfig, Recorder},
     },
-    metrics::{MetricsState, SharedMetrics},
+    metrics::{MetricsState, SharedMetrics, SharedWeb},
     pipeline::{FlightRecorder, Output, Pipeline, Tally},
 };
 
@@ -58,6 +58,10 @@ pub struct ServiceOptions {
     /// `-` or a file: findings as JSON lines.
     pub findings_out: Option<String>,
     pub inject: Vec<PathBuf>,
+    /// The config the daemon started with, and how to read it again on
+    /// SIGHUP (`tracer run --config`).
+    pub config: Option<crate::config::Config>,
+    pub reload: Option<crate::reload::Reloader>,
 }
 
 pub struct WatchOptions {
@@ -93,7 +97,7 @@ pub fn run(opts: &WatchOptions) -> Result<(), Failure> {
         let metrics: SharedMetrics = Arc::new(Mutex::new(MetricsState::default()));
         // The endpoint is up before anything else, so that a host without
         // KVM yet is seen waiting (503), not silent.
-        start_metrics(&opts.service, &metrics);
+        let web = start_metrics(&opts.service, &metrics);
         let plan = match plan_live(opts) {
             Ok(plan) => plan,
             // The daemon waits for KVM; `watch` says what is missing.
@@ -115,7 +119,7 @@ pub fn run(opts: &WatchOptions) -> Result<(), Failure> {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .kernel_release
             .clone_from(&plan.kernel_release);
-        watch(&plan, opts, metrics).await
+        watch(&plan, opts, metrics, web).await
     })
 }
 
@@ -374,13 +378,14 @@ fn register(session: &mut Session) -> Result<(AsyncFd<RingBuf<MapData>>, Option<
 
 /// The metrics endpoint, when one is configured: never a reason to stop
 /// tracing (a taken port is retried).
-fn start_metrics(opts: &ServiceOptions, metrics: &SharedMetrics) {
+fn start_metrics(opts: &ServiceOptions, metrics: &SharedMetrics) -> SharedWeb {
     raise_nofile();
+    let web = opts.web.clone().unwrap_or(crate::web::WebServer {
+        tls: None,
+        auth: None,
+    });
+    let shared: SharedWeb = Arc::new(std::sync::RwLock::new(web.clone()));
     if let Some(addr) = opts.metrics_listen {
-        let web = opts.web.clone().unwrap_or(crate::web::WebServer {
-            tls: None,
-            auth: None,
-        });
         if !addr.ip().is_loopback() && (web.tls.is_none() || web.auth.is_none()) {
             eprintln!(
                 "tracer: warning: metrics on {addr} are served beyond this host{}{}: anyone \
@@ -403,9 +408,118 @@ fn start_metrics(opts: &ServiceOptions, metrics: &SharedMetrics) {
         tokio::spawn(crate::metrics::serve_retrying(
             addr,
             metrics.clone(),
-            web,
+            shared.clone(),
             std::time::Duration::from_secs(10),
         ));
+    }
+    shared
+}
+
+/// Opens `--findings-out`: `-` is stdout; a file is appended to, created
+/// 0640, never through a symlink.
+fn open_findings_out(out: &str) -> Result<Box<dyn io::Write + Send>, Failure> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    if out == "-" {
+        return Ok(Box::new(io::stdout()));
+    }
+    Ok(Box::new(
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o640)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(out)
+            .map_err(|e| anyhow!("can't open the findings output {out}: {e}"))?,
+    ))
+}
+
+/// The daemon's services while it runs: what SIGHUP reopens and reloads.
+struct Services {
+    findings_out: Option<String>,
+    config: Option<crate::config::Config>,
+    reload: Option<crate::reload::Reloader>,
+    alerts: Option<AlertTask>,
+    host: String,
+    clock: ClockPair,
+}
+
+impl Services {
+    /// SIGHUP: reopen `--findings-out` (logrotate moved it), then read the
+    /// config again and apply what can change live.
+    fn hangup(&mut self, p: &mut Pipeline, metrics: &SharedMetrics, web: &SharedWeb) {
+        if let Some(out) = self.findings_out.clone() {
+            Self::reopen_findings(p, &out);
+        }
+        let Some(reload) = self.reload.clone() else {
+            return;
+        };
+        let new = match (reload.0)() {
+            Ok(new) => new,
+            Err(e) => {
+                eprintln!("tracer: warning: config reload failed, the running config stays: {e}");
+                return;
+            }
+        };
+        if let Some(old) = &self.config {
+            let keys = crate::reload::needs_restart(old, &new.config);
+            if !keys.is_empty() {
+                eprintln!(
+                    "tracer: warning: config reload: {} changed; that takes a restart (the \
+                     running value stays)",
+                    keys.join(", ")
+                );
+            }
+        }
+        *web.write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            new.web.unwrap_or(crate::web::WebServer {
+                tls: None,
+                auth: None,
+            });
+        let out =
+            (!new.config.findings.output.is_empty()).then(|| new.config.findings.output.clone());
+        if out != self.findings_out {
+            match &out {
+                Some(o) => Self::reopen_findings(p, o),
+                None => p.findings_out = None,
+            }
+            self.findings_out = out;
+        }
+        // New Alertmanager senders; the old ones finish their queues.
+        p.alerts = None;
+        if let Some(old) = self.alerts.take() {
+            tokio::spawn(old.drain(Duration::from_secs(10)));
+        }
+        {
+            let mut m = metrics
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            m.alerts_sent.clear();
+            m.alerts_failed.clear();
+            m.alerts_dropped.clear();
+        }
+        self.host = new.host;
+        if let Some(am) = &new.alertmanager {
+            let (sink, task) =
+                crate::alerts::spawn(am, self.host.clone(), self.clock, metrics.clone());
+            p.alerts = Some(sink);
+            self.alerts = Some(task);
+        }
+        self.config = Some(new.config);
+        eprintln!("tracer: config reloaded");
+    }
+
+    fn reopen_findings(p: &mut Pipeline, out: &str) {
+        match open_findings_out(out) {
+            Ok(w) => p.findings_out = Some(w),
+            Err(e) => {
+                eprintln!(
+                    "tracer: warning: {}; findings output is off until the next SIGHUP",
+                    e.error
+                );
+                p.findings_out = None;
+            }
+        }
     }
 }
 
@@ -417,17 +531,7 @@ fn start_service(
     clock: ClockPair,
 ) -> Result<Option<AlertTask>, Failure> {
     if let Some(out) = &opts.findings_out {
-        p.findings_out = Some(if out == "-" {
-            Box::new(io::stdout())
-        } else {
-            Box::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(out)
-                    .map_err(|e| anyhow!("can't open the findings output {out}: {e}"))?,
-            )
-        });
+        p.findings_out = Some(open_findings_out(out)?);
     }
     Ok(match &opts.alertmanager {
         Some(am) => {
@@ -555,7 +659,7 @@ fn live_pipeline(
     plan: &kernel::AttachPlan,
     opts: &WatchOptions,
     metrics: &SharedMetrics,
-) -> Result<(Pipeline, Option<AlertTask>), Failure> {
+) -> Result<(Pipeline, Option<AlertTask>, ClockPair), Failure> {
     let header = Header::for_this_host(
         "live".into(),
         plan.kernel_release.clone(),
@@ -565,20 +669,29 @@ fn live_pipeline(
     let mut p = build_pipeline(opts.stdout, opts.record.as_ref(), header, true)?;
     p.names = Some(crate::vmid::VmNames::live());
     let alert_task = start_service(&mut p, &opts.service, metrics, clock)?;
-    Ok((p, alert_task))
+    Ok((p, alert_task, clock))
 }
 
 async fn watch(
     plan: &kernel::AttachPlan,
     opts: &WatchOptions,
     metrics: SharedMetrics,
+    web: SharedWeb,
 ) -> Result<(), Failure> {
     // Signals first: a SIGINT or SIGTERM that arrives once "attached" is
     // printed must detach cleanly, not kill the process.
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
-    let (mut p, alert_task) = live_pipeline(plan, opts, &metrics)?;
+    let (mut p, alert_task, clock) = live_pipeline(plan, opts, &metrics)?;
+    let mut services = Services {
+        findings_out: opts.service.findings_out.clone(),
+        config: opts.service.config.clone(),
+        reload: opts.service.reload.clone(),
+        alerts: alert_task,
+        host: opts.service.host.clone(),
+        clock,
+    };
     let mut session =
         Session::start(plan, opts.ringbuf_bytes, opts.baseline).map_err(Failure::from)?;
     report_attach(&session, plan, opts)?;
@@ -639,6 +752,7 @@ async fn watch(
                 if let Some(r) = p.recorder.as_mut() {
                     r.reopen();
                 }
+                services.hangup(&mut p, &metrics, &web);
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
@@ -656,7 +770,7 @@ async fn watch(
     update_metrics(&metrics, &p, &counters, &session);
     // Let queued alerts go out (bounded), then stop.
     p.alerts = None;
-    if let Some(task) = alert_task {
+    if let Some(task) = services.alerts.take() {
         task.drain(Duration::from_secs(10)).await;
     }
     let elapsed = started.elapsed();

@@ -492,3 +492,109 @@ fn every_example_in_the_schema_document_parses() {
     }
     assert_eq!(kinds, ["header", "event", "finding", "loss", "vm"]);
 }
+
+/// Every record line carries its wall-clock time (RFC 3339, from `ts_ns`
+/// and the segment's clocks) and the host, so a line shipped alone still
+/// says when and where; what that costs after compression is measured.
+#[test]
+fn records_carry_wall_time_and_host_and_what_it_costs_compressed() {
+    let dir = tempfile::tempdir().unwrap();
+    record(
+        dir.path(),
+        "mirror-freed-by-zap",
+        "fleet",
+        300,
+        &["--no-compress"],
+    );
+    let segs = segments(dir.path());
+    let text: String = segs
+        .iter()
+        .map(|s| std::fs::read_to_string(s).unwrap())
+        .collect();
+    let header: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    let (mono, real) = (
+        header["clock"]["monotonic_ns"].as_u64().unwrap(),
+        header["clock"]["realtime_ns"].as_u64().unwrap(),
+    );
+    let mut plain = String::new();
+    let mut records = 0;
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        if v["record"] == "header" {
+            plain.push_str(line);
+            plain.push('\n');
+            continue;
+        }
+        records += 1;
+        assert_eq!(v["host"], header["hostname"], "{line}");
+        let ts = v["ts_ns"].as_u64().or_else(|| v["to_ns"].as_u64()).unwrap();
+        let want = tracer::log::writer::utc_rfc3339_millis(real + ts - mono.min(ts));
+        assert_eq!(v["time"], want.as_str(), "{line}");
+        let cut = line.rfind(",\"time\":\"").unwrap();
+        plain.push_str(&line[..cut]);
+        plain.push_str("}\n");
+    }
+    assert!(records > 1000, "{records}");
+    let zstd_len = |s: &str| zstd::encode_all(s.as_bytes(), 3).unwrap().len();
+    let gzip_len = |s: &str| {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        std::io::Write::write_all(&mut e, s.as_bytes()).unwrap();
+        e.finish().unwrap().len()
+    };
+    let pct = |a: usize, b: usize| {
+        let f = |n: usize| f64::from(u32::try_from(n).unwrap());
+        (f(a) / f(b) - 1.0) * 100.0
+    };
+    let (raw, raw0) = (text.len(), plain.len());
+    let (z, z0) = (zstd_len(&text), zstd_len(&plain));
+    let (g, g0) = (gzip_len(&text), gzip_len(&plain));
+    eprintln!(
+        "time+host on {records} records: raw {raw0} → {raw} bytes (+{:.1}%), zstd -3 {z0} → {z} \
+         (+{:.1}%), gzip -6 {g0} → {g} (+{:.1}%)",
+        pct(raw, raw0),
+        pct(z, z0),
+        pct(g, g0)
+    );
+    assert!(pct(z, z0) < 15.0, "zstd cost {:.1}%", pct(z, z0));
+}
+
+/// `--compression gzip`: closed segments are `.jsonl.gz` (what Vector and
+/// Fluent Bit read), valid gzip, and replay reads them like zstd ones.
+#[test]
+fn gzip_segments_are_gzip_and_replay_alike() {
+    let gz = tempfile::tempdir().unwrap();
+    let zst = tempfile::tempdir().unwrap();
+    for (dir, codec) in [(&gz, "gzip"), (&zst, "zstd")] {
+        record(
+            dir.path(),
+            "mirror-freed-by-zap",
+            "fleet",
+            300,
+            &["--segment-size", "16K", "--compression", codec],
+        );
+    }
+    let closed: Vec<PathBuf> = segments(gz.path())
+        .into_iter()
+        .filter(|p| p.to_string_lossy().ends_with(".jsonl.gz"))
+        .collect();
+    assert!(closed.len() >= 2, "{:?}", segments(gz.path()));
+    for p in &closed {
+        let mut d = flate2::read::MultiGzDecoder::new(std::fs::File::open(p).unwrap());
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut d, &mut text).unwrap();
+        assert!(
+            text.starts_with("{\"record\":\"header\""),
+            "{}",
+            p.display()
+        );
+    }
+    let findings = |dir: &Path| {
+        let r = run(tracer().args(["replay", "--json"]).arg(dir));
+        assert_eq!(r.code, Some(1), "{}", r.stderr);
+        r.stdout
+            .lines()
+            .filter(|l| l.contains("\"record\":\"finding\""))
+            .count()
+    };
+    assert_eq!(findings(gz.path()), findings(zst.path()));
+}

@@ -1328,3 +1328,54 @@ fn the_grafana_dashboard_queries_real_metrics_with_valid_promql() {
         used.len()
     );
 }
+
+/// `tracer run --check-config`: 0 and a summary for a config that works,
+/// 2 and the reason for one that doesn't (files it names included); no
+/// root needed, nothing attached.
+#[test]
+fn check_config_exits_0_or_2_without_attaching() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        "[alertmanager]\nurls = [\"http://127.0.0.1:9093\", \"http://127.0.0.1:9094\"]\n\
+         [log]\ncompression = \"gzip\"\n",
+    )
+    .unwrap();
+    let out = tracer()
+        .args(["run", "--check-config", "--config"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(stdout.contains("config ok"), "{stdout}");
+    assert!(stdout.contains("http://127.0.0.1:9094"), "{stdout}");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("attached"));
+    for (text, reason) in [
+        ("[log]\ncompression = \"lz4\"\n", "compression"),
+        (
+            "[alertmanager]\nurls = [\"https://am:9093\"]\nca_file = \"/nonexistent/ca.pem\"\n",
+            "/nonexistent/ca.pem",
+        ),
+        (
+            "[alertmanager]\nurls = [\"http://am\"]\nbearer_token_file = \"/nonexistent/t\"\n",
+            "bearer_token_file",
+        ),
+        (
+            "[metrics]\nweb_config_file = \"/nonexistent/web.yml\"\n",
+            "web.yml",
+        ),
+    ] {
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, text).unwrap();
+        let out = tracer()
+            .args(["run", "--check-config", "--config"])
+            .arg(&bad)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{text}: {err}");
+        assert!(err.contains(reason), "{text}: {err}");
+    }
+}

@@ -388,3 +388,96 @@ fn replay_names_the_vm_of_a_finding_from_its_vm_record() {
         );
     }
 }
+
+/// SIGHUP, as logrotate and an operator send it: `--findings-out` is
+/// reopened (a moved file is made again), the config is read again —
+/// [alertmanager] changes live, a restart-only key is named in a warning —
+/// and a broken config keeps the running one.
+#[test]
+fn sighup_reopens_findings_and_reloads_the_config() {
+    if !live_or_skip("sighup_reopens_findings_and_reloads_the_config") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let findings = dir.path().join("findings.jsonl");
+    let config = dir.path().join("tracer.toml");
+    let port = free_port();
+    let (am1, am2) = (free_port(), free_port());
+    let write_config = |am: u16, segment: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "[metrics]\nlisten = \"127.0.0.1:{port}\"\n[findings]\noutput = \"{}\"\n\
+                 [alertmanager]\nurls = [\"http://127.0.0.1:{am}\"]\nattempts = 1\n\
+                 [log]\nsegment_size = \"{segment}\"\n",
+                findings.display()
+            ),
+        )
+        .unwrap();
+    };
+    write_config(am1, "64M");
+    let sim = support::model_log(
+        dir.path(),
+        "sim.jsonl",
+        ("mirror-freed-by-zap", "hotplug"),
+        (2, 5),
+    );
+    let err_file = dir.path().join("run.err");
+    let mut child = tracer()
+        .args(["run", "--duration", "60s", "--config"])
+        .arg(&config)
+        .arg("--log-dir")
+        .arg(dir.path().join("log"))
+        .arg("--inject")
+        .arg(&sim)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err_file).unwrap())
+        .spawn()
+        .unwrap();
+    let err = || std::fs::read_to_string(&err_file).unwrap_or_default();
+    poll(Duration::from_secs(30), || {
+        (std::fs::metadata(&findings).ok()?.len() > 0).then_some(())
+    })
+    .unwrap_or_else(|| panic!("no findings written: {}", err()));
+    let series = |am: u16| {
+        format!("kvm_root_tracer_alerts_sent_total{{alertmanager=\"http://127.0.0.1:{am}\"}}")
+    };
+    let (_, text) = http(port, "/metrics").unwrap();
+    assert!(text.contains(&series(am1)), "{text}");
+
+    // logrotate moves the file; the operator points alerts elsewhere and
+    // changes a key that needs a restart.
+    std::fs::rename(&findings, dir.path().join("findings.jsonl.1")).unwrap();
+    write_config(am2, "32M");
+    // SAFETY: kill sends a signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+    poll(Duration::from_secs(10), || {
+        err().contains("config reloaded").then_some(())
+    })
+    .unwrap_or_else(|| panic!("no reload: {}", err()));
+    assert!(findings.exists(), "the findings file was not made again");
+    assert!(
+        err().contains("log.segment_size changed; that takes a restart"),
+        "{}",
+        err()
+    );
+    let (_, text) = http(port, "/metrics").unwrap();
+    assert!(text.contains(&series(am2)), "{text}");
+    assert!(!text.contains(&series(am1)), "{text}");
+
+    // A broken config: a warning, and the running one stays.
+    std::fs::write(&config, "[alertmanager]\nurls = \"not a list\"\n").unwrap();
+    // SAFETY: as above.
+    unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+    poll(Duration::from_secs(10), || {
+        err()
+            .contains("config reload failed, the running config stays")
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("{}", err()));
+    let (_, text) = http(port, "/metrics").expect("still serving");
+    assert!(text.contains(&series(am2)), "{text}");
+    assert!(child.try_wait().unwrap().is_none(), "the daemon exited");
+    let _ = child.kill();
+    let _ = child.wait();
+}

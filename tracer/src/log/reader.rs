@@ -103,7 +103,9 @@ pub enum InputError {
     Missing(PathBuf),
     #[error("{0}: not a regular file or folder (a device, FIFO or socket); not read")]
     NotRegular(PathBuf),
-    #[error("{0}: no event logs in this folder (looked for events-*.jsonl and events-*.jsonl.zst)")]
+    #[error(
+        "{0}: no event logs in this folder (looked for events-*.jsonl, .jsonl.zst and .jsonl.gz)"
+    )]
     EmptyDir(PathBuf),
     #[error("{path}: {source}")]
     Io {
@@ -187,6 +189,9 @@ pub fn read_all(
             Box::new(io::stdin().lock())
         } else {
             match std::fs::File::open(path) {
+                Ok(f) if path.extension().is_some_and(|e| e == "gz") => {
+                    Box::new(flate2::read::MultiGzDecoder::new(f))
+                }
                 Ok(f) if path.extension().is_some_and(|e| e == "zst") => {
                     match zstd::Decoder::new(f) {
                         Ok(d) => Box::new(d),

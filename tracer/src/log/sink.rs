@@ -98,6 +98,11 @@ pub struct LogSink {
     batch: Vec<u8>,
     batch_records: u64,
     batch_first_ts: Option<u64>,
+    /// Time and host of each record; the clocks are read again for each
+    /// batch, so wall time follows NTP's steps.
+    stamp: crate::log::writer::Stamp,
+    /// Re-read the clocks (live); a simulation keeps its model clock.
+    live_clock: bool,
     /// Records the queue could not take, not yet in a loss record: (count,
     /// since).
     pending_loss: Option<(u64, u64)>,
@@ -113,6 +118,7 @@ impl LogSink {
     /// Moves `recorder` to a thread of its own. `block`: wait for room in
     /// the queue instead of dropping.
     pub fn spawn(recorder: Recorder, block: bool) -> io::Result<Self> {
+        let stamp = recorder.stamp();
         let (tx, rx) = mpsc::sync_channel(MAX_QUEUED_JOBS);
         let (done_tx, done) = mpsc::sync_channel(1);
         let (free_tx, free) = mpsc::sync_channel(FREE_BUFFERS);
@@ -148,6 +154,8 @@ impl LogSink {
             batch: Vec::with_capacity(64 * 1024),
             batch_records: 0,
             batch_first_ts: None,
+            stamp,
+            live_clock: !block,
             pending_loss: None,
             dropped: 0,
             incidents_lost: 0,
@@ -155,28 +163,40 @@ impl LogSink {
         })
     }
 
+    /// Before a record: a new batch reads the clocks again (live).
+    fn begin(&mut self) {
+        if self.live_clock && self.batch_records == 0 {
+            self.stamp.clock = crate::log::ClockPair::now();
+        }
+    }
+
     fn push(&mut self, ts_ns: u64) {
+        self.stamp.apply(&mut self.batch, ts_ns);
         self.batch.push(b'\n');
         self.batch_records += 1;
         self.batch_first_ts.get_or_insert(ts_ns);
     }
 
     pub fn event(&mut self, ev: &Event) {
+        self.begin();
         ev.write_json_record(&mut self.batch);
         self.push(ev.ts_ns);
     }
 
     pub fn finding(&mut self, f: &Finding) {
+        self.begin();
         self.batch.extend_from_slice(f.to_json_record().as_bytes());
         self.push(f.ts_ns);
     }
 
     pub fn vm(&mut self, v: &crate::vmid::VmRecord) {
+        self.begin();
         self.batch.extend_from_slice(v.to_json_record().as_bytes());
         self.push(v.ts_ns);
     }
 
     pub fn loss(&mut self, l: &Loss) {
+        self.begin();
         self.batch.extend_from_slice(l.to_json_record().as_bytes());
         self.push(l.to_ns);
     }
