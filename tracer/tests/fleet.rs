@@ -1445,3 +1445,104 @@ fn a_scrape_at_10000_tracked_vcpus_stays_small() {
     );
     assert!(bytes < 64 << 10, "{bytes} bytes");
 }
+
+/// The operator's path end to end: a fresh daemon, a real Prometheus with
+/// the shipped rules scraping it, the shipped Alertmanager routing. The
+/// first critical finding fires `KvmMirrorRootInvalid` and gives exactly one
+/// notification group; no label anywhere (scrape, Prometheus alert,
+/// Alertmanager group) carries a kernel address.
+#[test]
+fn the_first_critical_finding_fires_the_shipped_rule_as_one_group() {
+    if !needs(
+        "the_first_critical_finding_fires_the_shipped_rule_as_one_group",
+        true,
+        &["/usr/bin/prometheus", "/usr/bin/prometheus-alertmanager"],
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let shipped =
+        std::fs::read_to_string(repo().join("dist/alertmanager/kvm-root-tracer.yml")).unwrap();
+    let (_am, am_port) = alertmanager_with(dir.path(), &shipped);
+    // One faulty TDX VM of 4 vCPUs (churn: one VM at a time).
+    let log = model_log(
+        dir.path(),
+        "one.jsonl",
+        ("mirror-freed-by-zap", "churn"),
+        (4, 5),
+    );
+    let mport = free_port();
+    let _daemon = daemon(
+        dir.path(),
+        &[
+            "--metrics-listen",
+            &format!("127.0.0.1:{mport}"),
+            "--inject",
+            log.to_str().unwrap(),
+        ],
+    );
+    let pport = free_port();
+    let cfg = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\n\
+             alerting:\n  alertmanagers:\n    - static_configs:\n        - targets: ['127.0.0.1:{am_port}']\n\
+             scrape_configs:\n  - job_name: kvm-root-tracer\n    static_configs:\n      \
+             - targets: ['127.0.0.1:{mport}']\n",
+            repo()
+                .join("dist/prometheus/kvm-root-tracer.rules.yml")
+                .display()
+        ),
+    )
+    .unwrap();
+    let _prom = Guard(
+        Command::new("/usr/bin/prometheus")
+            .arg(format!("--config.file={}", cfg.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{pport}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start prometheus"),
+    );
+    let groups = wait_for(Duration::from_mins(2), || {
+        let body = http_get(am_port, "/api/v2/alerts/groups")?;
+        let groups: Vec<Value> = serde_json::from_str(&body).ok()?;
+        let ours: Vec<Value> = groups
+            .into_iter()
+            .filter(|g| {
+                g["alerts"].as_array().is_some_and(|a| {
+                    a.iter()
+                        .any(|a| a["labels"]["alertname"] == "KvmMirrorRootInvalid")
+                })
+            })
+            .collect();
+        (!ours.is_empty()).then_some(ours)
+    })
+    .expect("KvmMirrorRootInvalid reached Alertmanager through the shipped rule");
+    assert_eq!(groups.len(), 1, "one notification group: {groups:#?}");
+    assert_eq!(
+        groups[0]["receiver"]["name"], "hypervisor-pager",
+        "{}",
+        groups[0]
+    );
+    let scrape = http_get(mport, "/metrics").unwrap();
+    let rules = http_get(pport, "/api/v1/alerts").unwrap();
+    for (what, text) in [
+        ("scrape", scrape.as_str()),
+        ("Prometheus alerts", rules.as_str()),
+        (
+            "Alertmanager groups",
+            &serde_json::to_string(&groups).unwrap(),
+        ),
+    ] {
+        assert!(
+            !text.contains("0xffff") && !text.contains("ffff88"),
+            "a kernel address in the {what}: {text}"
+        );
+    }
+}
