@@ -123,6 +123,26 @@ fn alertmanager_with(dir: &Path, config: &str) -> (Guard, u16) {
     (guard, port)
 }
 
+/// A Prometheus on loopback with `config` (its data in `dir/tsdb`); (guard,
+/// port).
+fn prometheus(dir: &Path, config: &str) -> (Guard, u16) {
+    let port = free_port();
+    let cfg = dir.join("prometheus.yml");
+    std::fs::write(&cfg, config).unwrap();
+    let child = Command::new("/usr/bin/prometheus")
+        .arg(format!("--config.file={}", cfg.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("tsdb").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start prometheus");
+    (Guard(child), port)
+}
+
 /// A simulated log with mirror-root findings, for `--inject`.
 fn faulty_log(dir: &Path) -> PathBuf {
     model_log(dir, "sim.jsonl", ("mirror-freed-by-zap", "hotplug"), (2, 5))
@@ -542,28 +562,12 @@ fn prometheus_scrapes_the_daemon() {
     let mport = free_port();
     let _daemon = metrics_daemon(dir.path(), mport);
     wait_for(Duration::from_secs(30), || http_get(mport, "/metrics")).expect("metrics served");
-    let pport = free_port();
-    let cfg = dir.path().join("prometheus.yml");
-    std::fs::write(
-        &cfg,
-        format!(
+    let (_prom, pport) = prometheus(
+        dir.path(),
+        &format!(
             "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: kvm-root-tracer\n    \
              static_configs:\n      - targets: ['127.0.0.1:{mport}']\n"
         ),
-    )
-    .unwrap();
-    let _prom = Guard(
-        Command::new("/usr/bin/prometheus")
-            .arg(format!("--config.file={}", cfg.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("tsdb").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{pport}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start prometheus"),
     );
     let query = |q: &str| -> Option<Vec<Value>> {
         let body = http_get(pport, &format!("/api/v1/query?query={q}"))?;
@@ -963,31 +967,15 @@ fn metrics_over_tls_with_basic_auth_as_the_web_config_says() {
         200
     );
 
-    let pport = free_port();
-    let cfg = dir.path().join("prometheus.yml");
-    std::fs::write(
-        &cfg,
-        format!(
+    let (_prom, pport) = prometheus(
+        dir.path(),
+        &format!(
             "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: kvm-root-tracer\n    \
              scheme: https\n    tls_config:\n      ca_file: {}\n    basic_auth:\n      \
              username: prom\n      password: scrape-secret\n    static_configs:\n      \
              - targets: ['127.0.0.1:{mport}']\n",
             ca.display()
         ),
-    )
-    .unwrap();
-    let _prom = Guard(
-        Command::new("/usr/bin/prometheus")
-            .arg(format!("--config.file={}", cfg.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("tsdb").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{pport}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start prometheus"),
     );
     let up = wait_for(Duration::from_mins(1), || {
         let body = http_get(pport, "/api/v1/query?query=up")?;
@@ -1481,11 +1469,9 @@ fn the_first_critical_finding_fires_the_shipped_rule_as_one_group() {
             log.to_str().unwrap(),
         ],
     );
-    let pport = free_port();
-    let cfg = dir.path().join("prometheus.yml");
-    std::fs::write(
-        &cfg,
-        format!(
+    let (_prom, pport) = prometheus(
+        dir.path(),
+        &format!(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\n\
              alerting:\n  alertmanagers:\n    - static_configs:\n        - targets: ['127.0.0.1:{am_port}']\n\
              scrape_configs:\n  - job_name: kvm-root-tracer\n    static_configs:\n      \
@@ -1494,20 +1480,6 @@ fn the_first_critical_finding_fires_the_shipped_rule_as_one_group() {
                 .join("dist/prometheus/kvm-root-tracer.rules.yml")
                 .display()
         ),
-    )
-    .unwrap();
-    let _prom = Guard(
-        Command::new("/usr/bin/prometheus")
-            .arg(format!("--config.file={}", cfg.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("tsdb").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{pport}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start prometheus"),
     );
     let groups = wait_for(Duration::from_mins(2), || {
         let body = http_get(am_port, "/api/v2/alerts/groups")?;

@@ -798,14 +798,26 @@ pub fn utc_compact(secs: u64) -> String {
 
 /// RFC 3339 UTC with microseconds for nanoseconds since the epoch.
 /// What every record line of the log carries besides its own fields: its
-/// wall-clock time (RFC 3339, UTC, from `ts_ns` and the clock pair) and the
-/// host, so that a line shipped alone (Vector, Fluent Bit) still says when
-/// and where.
+/// wall-clock time (RFC 3339, UTC, to the millisecond, from `ts_ns` and the
+/// clock pair) and the host, so that a line shipped alone (Vector, Fluent
+/// Bit) still says when and where. Allocation-free: the date and time of
+/// the current second are formatted once per second.
 #[derive(Clone, Debug)]
 pub struct Stamp {
     pub clock: super::ClockPair,
     /// The hostname as a JSON string, quotes included.
     host: String,
+    /// `YYYY-MM-DDTHH:MM:SS` of `second`.
+    prefix: [u8; 19],
+    second: Option<u64>,
+}
+
+/// Writes `n` as `buf.len()` decimal digits.
+fn digits(buf: &mut [u8], mut n: u64) {
+    for b in buf.iter_mut().rev() {
+        *b = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
 }
 
 impl Stamp {
@@ -813,18 +825,36 @@ impl Stamp {
         Self {
             clock,
             host: serde_json::to_string(host).expect("a string serializes"),
+            prefix: *b"0000-00-00T00:00:00",
+            second: None,
         }
     }
 
     /// Adds `"time"` and `"host"` to the JSON object that ends `line`.
-    pub fn apply(&self, line: &mut Vec<u8>, ts_ns: u64) {
+    pub fn apply(&mut self, line: &mut Vec<u8>, ts_ns: u64) {
         if line.last() != Some(&b'}') {
             return;
         }
         line.pop();
+        let ns = self.clock.to_realtime(ts_ns);
+        let second = ns / 1_000_000_000;
+        if self.second != Some(second) {
+            let (year, month, day, hour, minute, sec) = civil(second);
+            let p = &mut self.prefix;
+            digits(&mut p[0..4], year as u64);
+            digits(&mut p[5..7], u64::from(month));
+            digits(&mut p[8..10], u64::from(day));
+            digits(&mut p[11..13], u64::from(hour));
+            digits(&mut p[14..16], u64::from(minute));
+            digits(&mut p[17..19], u64::from(sec));
+            self.second = Some(second);
+        }
+        let mut ms = *b".000Z\"";
+        digits(&mut ms[1..4], (ns % 1_000_000_000) / 1_000_000);
         line.extend_from_slice(b",\"time\":\"");
-        line.extend_from_slice(utc_rfc3339_millis(self.clock.to_realtime(ts_ns)).as_bytes());
-        line.extend_from_slice(b"\",\"host\":");
+        line.extend_from_slice(&self.prefix);
+        line.extend_from_slice(&ms);
+        line.extend_from_slice(b",\"host\":");
         line.extend_from_slice(self.host.as_bytes());
         line.push(b'}');
     }
@@ -933,6 +963,23 @@ fn civil(secs: u64) -> (i64, u32, u32, u32, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stamps_match_the_rfc3339_formatter_across_seconds() {
+        let clock = crate::log::ClockPair {
+            monotonic_ns: 1_000,
+            realtime_ns: 1_795_894_160_999_000_000,
+        };
+        let mut stamp = Stamp::new(clock, "hv\"1");
+        for ts in [1_000, 1_500_000, 2_000_000, 86_400_000_000_000, 1_000] {
+            let mut line = b"{\"a\":1}".to_vec();
+            stamp.apply(&mut line, ts);
+            let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+            assert_eq!(v["time"], utc_rfc3339_millis(clock.to_realtime(ts)), "{ts}");
+            assert_eq!(v["host"], "hv\"1");
+            assert_eq!(v["a"], 1);
+        }
+    }
 
     #[test]
     fn utc_formatting() {
