@@ -102,9 +102,12 @@ impl FindingKind {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Severity {
+    #[default]
     Info,
     Warning,
     Error,
@@ -112,6 +115,17 @@ pub enum Severity {
 }
 
 impl Severity {
+    /// `info`, `warning`, `error` or `critical`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "info" => Ok(Self::Info),
+            "warning" => Ok(Self::Warning),
+            "error" => Ok(Self::Error),
+            "critical" => Ok(Self::Critical),
+            _ => Err(format!("{s:?} is not info, warning, error or critical")),
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Self::Info => "info",

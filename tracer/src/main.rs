@@ -140,6 +140,10 @@ struct WatchArgs {
     /// Also record the event log in this folder.
     #[arg(long, value_name = "DIR")]
     record: Option<PathBuf>,
+    /// Print only findings of at least this severity (info, warning, error,
+    /// critical); the log records every one.
+    #[arg(long, value_name = "LEVEL", default_value = "info", value_parser = tracer::detector::Severity::parse)]
+    min_severity: tracer::detector::Severity,
     #[command(flatten)]
     probes: ProbeArgs,
     #[command(flatten)]
@@ -326,6 +330,7 @@ fn run_daemon(args: &RunArgs, launched: std::time::Instant) -> Result<(), Failur
         poll_interval: c.probes.poll_interval,
         baseline: false,
         entry_transitions: c.probes.entry_transitions,
+        min_severity: tracer::detector::Severity::Info,
         record: Some(RecordOptions {
             dir: c.log.dir.clone(),
             config: c.log.record_config(),
@@ -483,8 +488,8 @@ impl LogArgs {
 #[derive(Args)]
 struct ReplayArgs {
     /// Event logs to read, in order: folders (their segments, oldest
-    /// first), segment files (`.jsonl` or `.jsonl.zst`), or `-` for stdin
-    /// (the default).
+    /// first), segment files (`.jsonl`, `.jsonl.zst`, `.jsonl.gz`), or `-`
+    /// for stdin (the default when stdin is a pipe).
     #[arg(value_name = "FILE|DIR")]
     inputs: Vec<PathBuf>,
     /// Print findings (or the timeline) as JSON lines.
@@ -508,6 +513,12 @@ struct ReplayArgs {
     /// Until this time (same forms).
     #[arg(long, value_name = "TIME", value_parser = parse_time)]
     until: Option<u64>,
+    /// Show and count only findings of at least this severity (info,
+    /// warning, error, critical); exit 1 only for those. Default: info
+    /// (every finding), so a script that pages on exit 1 should say
+    /// `--min-severity warning` to skip a memslot loop's zap_storm.
+    #[arg(long, value_name = "LEVEL", default_value = "info", value_parser = tracer::detector::Severity::parse)]
+    min_severity: tracer::detector::Severity,
 }
 
 #[derive(Args)]
@@ -559,6 +570,16 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Doctor(args) => doctor::run(args.root.as_deref(), args.json, args.verify),
         Command::Replay(args) => {
+            use std::io::IsTerminal as _;
+            if args.inputs.is_empty() && std::io::stdin().is_terminal() {
+                eprintln!(
+                    "tracer: replay: no input: name a log folder or segment files, or pipe \
+                     records in (`tracer simulate | tracer replay -`)\n\n\
+                     Usage: tracer replay [OPTIONS] [FILE|DIR]...\n\n\
+                     For more information, try 'tracer replay --help'."
+                );
+                return ExitCode::from(2);
+            }
             let opts = ReplayOptions {
                 inputs: args.inputs,
                 json: args.json,
@@ -569,6 +590,7 @@ fn main() -> ExitCode {
                     vcpu_id: args.vcpu,
                     since_ns: args.since,
                     until_ns: args.until,
+                    min_severity: args.min_severity,
                 },
             };
             match tracer::replay::run(&opts) {
@@ -599,6 +621,7 @@ fn main() -> ExitCode {
                 poll_interval: args.probes.poll_interval,
                 baseline: args.probes.baseline,
                 entry_transitions: !args.probes.no_entry_transitions,
+                min_severity: args.min_severity,
                 record: args.record.map(|dir| args.log.options(dir)),
                 service: watch::ServiceOptions::default(),
             })

@@ -38,6 +38,9 @@ pub struct Output {
     line: Vec<u8>,
     /// stdout was closed (e.g. `| head`): stop writing, keep counting.
     pub closed: bool,
+    /// Findings below this are not printed (they are still counted,
+    /// recorded and alerted on as configured).
+    pub min_severity: crate::detector::Severity,
 }
 
 impl Output {
@@ -47,6 +50,15 @@ impl Output {
             json,
             line: Vec::with_capacity(1024),
             closed: false,
+            min_severity: crate::detector::Severity::Info,
+        }
+    }
+
+    /// JSON output begins with the log's header record, so that it
+    /// replays like a log segment.
+    pub fn header(&mut self, h: &crate::log::Header) {
+        if self.json {
+            self.write(&(h.to_json_record() + "\n"));
         }
     }
 
@@ -77,6 +89,9 @@ impl Output {
     }
 
     fn finding(&mut self, f: &Finding) {
+        if f.severity < self.min_severity {
+            return;
+        }
         if self.json {
             self.write(&(f.to_json_record() + "\n"));
         } else {

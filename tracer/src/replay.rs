@@ -43,6 +43,8 @@ pub struct Filter {
     /// Wall-clock bounds, ns since the epoch.
     pub since_ns: Option<u64>,
     pub until_ns: Option<u64>,
+    /// Findings below this are neither shown nor counted (nor exit 1).
+    pub min_severity: crate::detector::Severity,
 }
 
 impl Filter {
@@ -57,8 +59,39 @@ impl Filter {
         self.kvm.is_none_or(|k| kvm == Some(k)) && self.pid.is_none_or(|p| pid == Some(p))
     }
 
+    /// Whether any event filter is set (not `--min-severity`).
+    pub fn selects_events(&self) -> bool {
+        self.pid.is_some()
+            || self.kvm.is_some()
+            || self.vcpu_id.is_some()
+            || self.since_ns.is_some()
+            || self.until_ns.is_some()
+    }
+
+    /// The event filters, as flags.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(p) = self.pid {
+            parts.push(format!("--pid {p}"));
+        }
+        if let Some(k) = self.kvm {
+            parts.push(format!("--kvm {k:#x}"));
+        }
+        if let Some(v) = self.vcpu_id {
+            parts.push(format!("--vcpu {v}"));
+        }
+        if let Some(s) = self.since_ns {
+            parts.push(format!("--since {}", crate::log::writer::utc_rfc3339(s)));
+        }
+        if let Some(u) = self.until_ns {
+            parts.push(format!("--until {}", crate::log::writer::utc_rfc3339(u)));
+        }
+        parts.join(" ")
+    }
+
     pub fn finding(&self, f: &Finding, clock: Option<ClockPair>) -> bool {
-        self.vm_ok(Some(f.kvm), f.userspace_pid)
+        f.severity >= self.min_severity
+            && self.vm_ok(Some(f.kvm), f.userspace_pid)
             && self.vcpu_id.is_none_or(|v| f.vcpu_id == Some(v))
             && self.time_ok(clock.map(|c| c.to_realtime(f.ts_ns)))
     }
@@ -95,6 +128,9 @@ pub struct Replayed {
     /// Events more than the reorder window out of order.
     pub late_events: u64,
     pub stats: ReadStats,
+    /// Events read, and those the event filters let through.
+    pub events: u64,
+    pub events_matched: u64,
 }
 
 /// Findings a replay keeps in memory at most; the rest are only counted
@@ -135,6 +171,10 @@ pub fn replay_with(
     let late = read_ordered(&files, &mut stats, window_ns, |read| match read {
         Read::Step(Step::Boundary(b)) => detector.boundary(b),
         Read::Step(Step::Event(ev, clock)) => {
+            out.events += 1;
+            if filter.event(ev, clock) {
+                out.events_matched += 1;
+            }
             on_event(ev, clock);
             detector.observe(ev, &mut found);
             for mut f in found.drain(..) {
@@ -436,6 +476,15 @@ pub fn run(opts: &ReplayOptions) -> Result<u8, Failure> {
         return Err(anyhow!("writing output: {e}").into());
     }
     report(&replayed);
+    // A filter that matches nothing says so, rather than a silent exit 0.
+    if opts.filter.selects_events() && replayed.events > 0 && replayed.events_matched == 0 {
+        eprintln!(
+            "tracer: no event of the {} read matches {}: check the pid, kvm, vCPU or times \
+             (`tracer replay --timeline` without filters lists what the log holds)",
+            replayed.events,
+            opts.filter.describe()
+        );
+    }
     Ok(if replayed.findings_total == 0 {
         0
     } else {

@@ -78,6 +78,8 @@ pub struct WatchOptions {
     /// Attach an empty program beside each probe and report the cost ratio.
     pub baseline: bool,
     pub entry_transitions: bool,
+    /// Findings printed at least this severe.
+    pub min_severity: crate::detector::Severity,
     pub record: Option<RecordOptions>,
     pub service: ServiceOptions,
 }
@@ -666,7 +668,11 @@ fn live_pipeline(
         plan_entries(plan),
     );
     let clock = header.clock;
-    let mut p = build_pipeline(opts.stdout, opts.record.as_ref(), header, true)?;
+    let mut p = build_pipeline(opts.stdout, opts.record.as_ref(), header.clone(), true)?;
+    if let Some(o) = p.out.as_mut() {
+        o.min_severity = opts.min_severity;
+        o.header(&header);
+    }
     p.names = Some(crate::vmid::VmNames::live());
     let alert_task = start_service(&mut p, &opts.service, metrics, clock)?;
     Ok((p, alert_task, clock))

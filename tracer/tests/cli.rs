@@ -312,3 +312,65 @@ fn top_rejects_bad_logs_speeds_and_a_missing_terminal() {
     assert_eq!(r.code, Some(2), "{}", r.stderr);
     assert!(r.stderr.contains("needs a terminal"), "{}", r.stderr);
 }
+
+/// `--min-severity` sets what replay shows and what makes it exit 1: a
+/// memslot loop's `info` zap_storm is exit 1 by default (every finding, as
+/// documented) and exit 0 with `--min-severity warning`.
+#[test]
+fn replay_min_severity_sets_what_is_shown_and_the_exit_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = support::model_log(
+        dir.path(),
+        "storm.jsonl",
+        ("mainline", "zap-storm"),
+        (4, 50),
+    );
+    let all = run(tracer().arg("replay").arg(&log));
+    assert_eq!(all.code, Some(1), "{}", all.stderr);
+    assert!(all.stdout.contains("zap_storm"), "{}", all.stdout);
+    let paging = run(tracer()
+        .args(["replay", "--min-severity", "warning"])
+        .arg(&log));
+    assert_eq!(paging.code, Some(0), "{}", paging.stderr);
+    assert!(!paging.stdout.contains("zap_storm"), "{}", paging.stdout);
+    let bad = run(tracer()
+        .args(["replay", "--min-severity", "loud"])
+        .arg(&log));
+    assert_eq!(bad.code, Some(2), "{}", bad.stderr);
+    assert!(
+        bad.stderr.contains("info, warning, error or critical"),
+        "{}",
+        bad.stderr
+    );
+}
+
+/// A filter that matches nothing says so instead of a silent exit 0; a
+/// replay with no input at a terminal prints usage and exits 2 instead of
+/// waiting on the keyboard.
+#[test]
+fn replay_is_never_silent() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = support::model_log(
+        dir.path(),
+        "faults.jsonl",
+        ("mirror-freed-by-zap", "hotplug"),
+        (2, 5),
+    );
+    let r = run(tracer().args(["replay", "--pid", "99999"]).arg(&log));
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(r.stderr.contains("matches --pid 99999"), "{}", r.stderr);
+    // A pseudo-terminal on stdin (script(1) from util-linux).
+    let out = Command::new("script")
+        .args(["-qec"])
+        .arg(format!("{} replay", env!("CARGO_BIN_EXE_tracer")))
+        .arg("/dev/null")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("script(1)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("no input") && text.contains("Usage: tracer replay"),
+        "{text}"
+    );
+}

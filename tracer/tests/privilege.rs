@@ -481,3 +481,28 @@ fn sighup_reopens_findings_and_reloads_the_config() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// `watch --json` begins with the log's header record, so its output
+/// replays like a segment, without a "not a header" warning.
+#[test]
+fn watch_json_begins_with_a_header_and_replays_cleanly() {
+    if !live_or_skip("watch_json_begins_with_a_header_and_replays_cleanly") {
+        return;
+    }
+    let out = tracer()
+        .args(["watch", "--json", "--duration", "1s"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let first: serde_json::Value =
+        serde_json::from_str(stdout.lines().next().unwrap_or("")).unwrap();
+    assert_eq!(first["record"], "header", "{stdout}");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("watch.jsonl");
+    std::fs::write(&file, stdout.as_bytes()).unwrap();
+    let r = tracer().arg("replay").arg(&file).output().unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(0), "{err}");
+    assert!(!err.contains("not a header"), "{err}");
+}
