@@ -507,18 +507,55 @@ struct ReplayArgs {
     /// Only this vCPU id.
     #[arg(long)]
     vcpu: Option<i32>,
-    /// From this time: RFC 3339 UTC (2026-11-28T04:14:21Z) or epoch seconds.
-    #[arg(long, value_name = "TIME", value_parser = parse_time)]
-    since: Option<u64>,
+    /// From this time: RFC 3339 (2026-11-28T04:14:21Z,
+    /// 2026-11-28T05:14:21+01:00), a date (2026-11-28), epoch seconds, or a
+    /// duration back from the log's last event (10m, 2h).
+    #[arg(long, value_name = "TIME", value_parser = parse_when)]
+    since: Option<When>,
     /// Until this time (same forms).
-    #[arg(long, value_name = "TIME", value_parser = parse_time)]
-    until: Option<u64>,
+    #[arg(long, value_name = "TIME", value_parser = parse_when)]
+    until: Option<When>,
     /// Show and count only findings of at least this severity (info,
     /// warning, error, critical); exit 1 only for those. Default: info
     /// (every finding), so a script that pages on exit 1 should say
     /// `--min-severity warning` to skip a memslot loop's zap_storm.
     #[arg(long, value_name = "LEVEL", default_value = "info", value_parser = tracer::detector::Severity::parse)]
     min_severity: tracer::detector::Severity,
+}
+
+/// A `--since`/`--until` value: a wall-clock time, or a duration back from
+/// the log's end.
+#[derive(Clone, Copy, Debug)]
+enum When {
+    At(u64),
+    Ago(Duration),
+}
+
+impl When {
+    fn at(self) -> Option<u64> {
+        match self {
+            Self::At(t) => Some(t),
+            Self::Ago(_) => None,
+        }
+    }
+
+    fn ago(self) -> Option<Duration> {
+        match self {
+            Self::Ago(d) => Some(d),
+            Self::At(_) => None,
+        }
+    }
+}
+
+fn parse_when(s: &str) -> Result<When, String> {
+    // "10m", "2h", "90s": a duration; a bare number stays epoch seconds.
+    if s.ends_with(|c: char| c.is_ascii_alphabetic())
+        && !s.ends_with('Z')
+        && let Ok(d) = parse_duration(s)
+    {
+        return Ok(When::Ago(d));
+    }
+    parse_time(s).map(When::At)
 }
 
 #[derive(Args)]
@@ -588,8 +625,10 @@ fn main() -> ExitCode {
                     pid: args.pid,
                     kvm: args.kvm,
                     vcpu_id: args.vcpu,
-                    since_ns: args.since,
-                    until_ns: args.until,
+                    since_ns: args.since.and_then(When::at),
+                    until_ns: args.until.and_then(When::at),
+                    since_ago: args.since.and_then(When::ago),
+                    until_ago: args.until.and_then(When::ago),
                     min_severity: args.min_severity,
                 },
             };

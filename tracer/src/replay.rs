@@ -12,7 +12,7 @@ use std::{
     collections::BinaryHeap,
     fmt::Write as _,
     io::{self, Write as _},
-    path::PathBuf,
+    path::{Path, PathBuf},
 };
 
 use anyhow::anyhow;
@@ -45,6 +45,10 @@ pub struct Filter {
     pub until_ns: Option<u64>,
     /// Findings below this are neither shown nor counted (nor exit 1).
     pub min_severity: crate::detector::Severity,
+    /// `--since 10m`, `--until 2h`: counted back from the log's end;
+    /// resolved into `since_ns`/`until_ns` before the replay.
+    pub since_ago: Option<std::time::Duration>,
+    pub until_ago: Option<std::time::Duration>,
 }
 
 impl Filter {
@@ -432,6 +436,20 @@ pub fn run(opts: &ReplayOptions) -> Result<u8, Failure> {
     } else {
         opts.inputs.clone()
     };
+    let mut opts = opts.clone();
+    if opts.filter.since_ago.is_some() || opts.filter.until_ago.is_some() {
+        let end = log_end_ns(&inputs).map_err(|e| Failure::from(anyhow!(e)))?;
+        let back = |d: std::time::Duration| {
+            end.saturating_sub(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        };
+        if let Some(d) = opts.filter.since_ago {
+            opts.filter.since_ns = Some(back(d));
+        }
+        if let Some(d) = opts.filter.until_ago {
+            opts.filter.until_ns = Some(back(d));
+        }
+    }
+    let opts = &opts;
     let mut out = Output {
         w: io::BufWriter::new(io::stdout().lock()),
         failed: None,
@@ -490,6 +508,38 @@ pub fn run(opts: &ReplayOptions) -> Result<u8, Failure> {
     } else {
         EXIT_FINDINGS
     })
+}
+
+/// The wall-clock time of the newest event in the inputs (the newest
+/// segment is read): what `--since 10m` counts back from.
+pub fn log_end_ns(inputs: &[PathBuf]) -> Result<u64, String> {
+    if inputs.iter().any(|p| p == Path::new("-")) {
+        return Err(
+            "a relative --since/--until counts back from the log's end: give log \
+                    files or folders, not stdin"
+                .into(),
+        );
+    }
+    let files = reader::expand_inputs(inputs).map_err(|e| e.to_string())?;
+    let mut newest = None;
+    for file in files.iter().rev() {
+        let mut stats = ReadStats::default();
+        let mut clock = None;
+        reader::read_all(std::slice::from_ref(file), &mut stats, |_, r| match r {
+            Record::Header(h) => clock = Some(h.clock),
+            Record::Event(ev) => {
+                if let Some(c) = clock {
+                    let t = c.to_realtime(ev.ts_ns);
+                    newest = Some(newest.map_or(t, |n: u64| n.max(t)));
+                }
+            }
+            _ => {}
+        });
+        if newest.is_some() {
+            break;
+        }
+    }
+    newest.ok_or_else(|| "no timed event in the inputs to count --since/--until back from".into())
 }
 
 /// stdout, which stops being written after its first error.

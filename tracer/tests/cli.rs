@@ -374,3 +374,35 @@ fn replay_is_never_silent() {
         "{text}"
     );
 }
+
+/// `--since` takes offsets and relative durations counted back from the
+/// log's last event: `--since 100000h` keeps everything, `--since 1ms`
+/// almost nothing, and a relative time on stdin is a clear error.
+#[test]
+fn replay_since_takes_offsets_and_durations_back_from_the_log_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = support::model_log(
+        dir.path(),
+        "faults.jsonl",
+        ("mirror-freed-by-zap", "hotplug"),
+        (2, 5),
+    );
+    let count = |args: &[&str]| {
+        let r = run(tracer().arg("replay").args(args).arg("--json").arg(&log));
+        assert!(r.code == Some(0) || r.code == Some(1), "{}", r.stderr);
+        r.stdout
+            .lines()
+            .filter(|l| l.contains("\"record\":\"finding\""))
+            .count()
+    };
+    let all = count(&[]);
+    assert!(all > 0);
+    assert_eq!(count(&["--since", "100000h"]), all);
+    assert!(count(&["--since", "1ms"]) < all);
+    assert_eq!(count(&["--since", "1970-01-01T01:00:00+01:00"]), all);
+    let r = run(tracer()
+        .args(["replay", "--since", "10m", "-"])
+        .stdin(std::fs::File::open(&log).unwrap()));
+    assert_eq!(r.code, Some(2), "{}", r.stderr);
+    assert!(r.stderr.contains("not stdin"), "{}", r.stderr);
+}

@@ -887,12 +887,36 @@ pub fn parse_time(text: &str) -> Result<u64, String> {
     {
         return Ok((secs * 1e9) as u64);
     }
-    let err =
-        || format!("{text:?} is not a time like 2026-11-28T04:14:21Z or seconds since the epoch");
-    let utc = text
-        .strip_suffix('Z')
-        .or_else(|| text.strip_suffix("+00:00"))
-        .ok_or_else(err)?;
+    let err = || {
+        format!(
+            "{text:?} is not a time like 2026-11-28T04:14:21Z, 2026-11-28T05:14:21+01:00, \
+             2026-11-28 or seconds since the epoch"
+        )
+    };
+    // A plain date: its midnight, UTC.
+    if text.len() == 10 && !text.contains(['T', ' ']) {
+        return parse_time(&format!("{text}T00:00:00Z"));
+    }
+    // The zone: Z, or an offset ±HH:MM (±HHMM) east of UTC.
+    let (utc, offset_s): (&str, i64) = if let Some(t) = text.strip_suffix('Z') {
+        (t, 0)
+    } else {
+        let at = text.rfind(['+', '-']).filter(|&i| i > 10).ok_or_else(err)?;
+        let (t, zone) = text.split_at(at);
+        let sign = if zone.starts_with('-') { -1 } else { 1 };
+        let hm = zone[1..].replace(':', "");
+        if hm.len() != 4 || !hm.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(err());
+        }
+        let (h, m): (i64, i64) = (
+            hm[..2].parse().map_err(|_| err())?,
+            hm[2..].parse().map_err(|_| err())?,
+        );
+        if h > 23 || m > 59 {
+            return Err(err());
+        }
+        (t, sign * (h * 3600 + m * 60))
+    };
     let (date, clock) = utc.split_once(['T', ' ']).ok_or_else(err)?;
     let mut parts = date.split('-').map(str::parse::<i64>);
     let (Some(Ok(year)), Some(Ok(month)), Some(Ok(day)), None) =
@@ -922,8 +946,10 @@ pub fn parse_time(text: &str) -> Result<u64, String> {
         let value: u64 = digits.parse().map_err(|_| err())?;
         value * 10u64.pow(9 - digits.len() as u32)
     };
-    let days = u64::try_from(days_from_civil(year, month, day)).map_err(|_| err())?;
-    Ok((days * 86_400 + hour * 3600 + minute * 60 + second) * 1_000_000_000 + nanos)
+    let days = days_from_civil(year, month, day);
+    let secs = days * 86_400 + (hour * 3600 + minute * 60 + second) as i64 - offset_s;
+    let secs = u64::try_from(secs).map_err(|_| err())?;
+    Ok(secs * 1_000_000_000 + nanos)
 }
 
 /// Days since 1970-01-01 of a date (Howard Hinnant's days_from_civil).
@@ -963,6 +989,30 @@ fn civil(secs: u64) -> (i64, u32, u32, u32, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_with_offsets_and_plain_dates() {
+        let z = parse_time("2026-11-28T04:14:21Z").unwrap();
+        assert_eq!(parse_time("2026-11-28T05:14:21+01:00").unwrap(), z);
+        assert_eq!(parse_time("2026-11-27T23:14:21-05:00").unwrap(), z);
+        assert_eq!(parse_time("2026-11-28T04:14:21+0000").unwrap(), z);
+        assert_eq!(
+            parse_time("2026-11-28").unwrap(),
+            parse_time("2026-11-28T00:00:00Z").unwrap()
+        );
+        assert_eq!(
+            parse_time("2026-11-28T04:14:21.5Z").unwrap(),
+            z + 500_000_000
+        );
+        for bad in [
+            "2026-11-28T04:14:21",
+            "2026-11-28T04:14:21+25:00",
+            "yesterday",
+            "2026-13-01",
+        ] {
+            assert!(parse_time(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn stamps_match_the_rfc3339_formatter_across_seconds() {
