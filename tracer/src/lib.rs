@@ -8,6 +8,7 @@ pub mod detector;
 pub mod doctor;
 pub mod event;
 pub mod hexfmt;
+pub mod human;
 pub mod kernel;
 pub mod loader;
 pub mod log;

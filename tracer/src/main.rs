@@ -145,6 +145,8 @@ struct WatchArgs {
     #[arg(long, value_name = "LEVEL", default_value = "info", value_parser = tracer::detector::Severity::parse)]
     min_severity: tracer::detector::Severity,
     #[command(flatten)]
+    human: HumanArgs,
+    #[command(flatten)]
     probes: ProbeArgs,
     #[command(flatten)]
     log: LogArgs,
@@ -331,6 +333,7 @@ fn run_daemon(args: &RunArgs, launched: std::time::Instant) -> Result<(), Failur
         baseline: false,
         entry_transitions: c.probes.entry_transitions,
         min_severity: tracer::detector::Severity::Info,
+        style: tracer::human::Style::default(),
         record: Some(RecordOptions {
             dir: c.log.dir.clone(),
             config: c.log.record_config(),
@@ -521,6 +524,43 @@ struct ReplayArgs {
     /// `--min-severity warning` to skip a memslot loop's zap_storm.
     #[arg(long, value_name = "LEVEL", default_value = "info", value_parser = tracer::detector::Severity::parse)]
     min_severity: tracer::detector::Severity,
+    #[command(flatten)]
+    human: HumanArgs,
+}
+
+/// How readable output looks.
+#[derive(Args, Clone, Copy)]
+#[command(next_help_heading = "Output")]
+struct HumanArgs {
+    /// Times in UTC (RFC 3339) instead of the local time zone.
+    #[arg(long, conflicts_with = "mono")]
+    utc: bool,
+    /// Times as monotonic seconds since boot, as the kernel stamps them.
+    #[arg(long)]
+    mono: bool,
+    /// Every field of each event (task, kvm pointer, roles, arguments).
+    #[arg(long)]
+    wide: bool,
+    /// Colour: auto (a terminal, unless NO_COLOR is set), always, never.
+    #[arg(long, value_name = "WHEN", value_enum, default_value = "auto")]
+    color: tracer::human::ColorChoice,
+}
+
+impl HumanArgs {
+    fn style(self) -> tracer::human::Style {
+        use tracer::human::TimeStyle;
+        tracer::human::Style {
+            time: if self.mono {
+                TimeStyle::Mono
+            } else if self.utc {
+                TimeStyle::Utc
+            } else {
+                TimeStyle::Local
+            },
+            wide: self.wide,
+            color: self.color.enabled(),
+        }
+    }
 }
 
 /// A `--since`/`--until` value: a wall-clock time, or a duration back from
@@ -621,6 +661,7 @@ fn main() -> ExitCode {
                 inputs: args.inputs,
                 json: args.json,
                 timeline: args.timeline,
+                style: args.human.style(),
                 filter: Filter {
                     pid: args.pid,
                     kvm: args.kvm,
@@ -661,6 +702,7 @@ fn main() -> ExitCode {
                 baseline: args.probes.baseline,
                 entry_transitions: !args.probes.no_entry_transitions,
                 min_severity: args.min_severity,
+                style: args.human.style(),
                 record: args.record.map(|dir| args.log.options(dir)),
                 service: watch::ServiceOptions::default(),
             })

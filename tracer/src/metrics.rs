@@ -420,16 +420,28 @@ pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 /// answer a byte a second can't hold a connection slot forever).
 pub const CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_mins(1);
 
-/// Binds `addr` and serves it, retrying every `retry` while it can't be
-/// bound (another process holds the port): a metrics endpoint that can't
-/// bind is a loud warning, never a reason to stop tracing.
-pub async fn serve_retrying(
+/// Binds `addr` at once, before the runtime runs anything else (the
+/// endpoint answers while the kernel is still being inspected); `None`
+/// when it can't be bound now.
+pub fn bind_now(addr: std::net::SocketAddr) -> Option<std::net::TcpListener> {
+    let l = std::net::TcpListener::bind(addr).ok()?;
+    l.set_nonblocking(true).ok()?;
+    Some(l)
+}
+
+/// Serves `bound` (from [`bind_now`]), or binds `addr` and serves it,
+/// retrying every `retry` while it can't be bound (another process holds
+/// the port): a metrics endpoint that can't bind is a loud warning, never a
+/// reason to stop tracing.
+pub async fn serve_bound(
     addr: std::net::SocketAddr,
+    bound: Option<std::net::TcpListener>,
     state: SharedMetrics,
     web: SharedWeb,
     retry: std::time::Duration,
 ) {
     let mut failures = 0u64;
+    let mut bound = bound.and_then(|l| TcpListener::from_std(l).ok());
     let tls = web
         .read()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -437,7 +449,11 @@ pub async fn serve_retrying(
         .is_some();
     let scheme = if tls { "https" } else { "http" };
     loop {
-        match TcpListener::bind(addr).await {
+        let attempt = match bound.take() {
+            Some(l) => Ok(l),
+            None => TcpListener::bind(addr).await,
+        };
+        match attempt {
             Ok(listener) => {
                 eprintln!("tracer: metrics on {scheme}://{addr}/metrics");
                 serve(listener, state, web).await;

@@ -41,6 +41,10 @@ pub struct Output {
     /// Findings below this are not printed (they are still counted,
     /// recorded and alerted on as configured).
     pub min_severity: crate::detector::Severity,
+    /// How a person sees it (readable lines only).
+    pub style: crate::human::Style,
+    /// The clock pair that maps event times to wall time.
+    pub clock: Option<crate::log::ClockPair>,
 }
 
 impl Output {
@@ -51,14 +55,20 @@ impl Output {
             line: Vec::with_capacity(1024),
             closed: false,
             min_severity: crate::detector::Severity::Info,
+            style: crate::human::Style::default(),
+            clock: None,
         }
     }
 
     /// JSON output begins with the log's header record, so that it
-    /// replays like a log segment.
+    /// replays like a log segment; readable output with a column header.
     pub fn header(&mut self, h: &crate::log::Header) {
+        self.clock = Some(h.clock);
         if self.json {
             self.write(&(h.to_json_record() + "\n"));
+        } else {
+            let line = self.style.header() + "\n";
+            self.write(&line);
         }
     }
 
@@ -82,7 +92,7 @@ impl Output {
             }
             self.line = line;
         } else {
-            let line = ev.to_line();
+            let line = self.style.event_row(ev, self.clock);
             self.write(&line);
             self.write("\n");
         }
@@ -95,7 +105,8 @@ impl Output {
         if self.json {
             self.write(&(f.to_json_record() + "\n"));
         } else {
-            self.write(&f.to_text());
+            let text = self.style.finding(f, self.clock);
+            self.write(&text);
         }
     }
 

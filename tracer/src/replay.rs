@@ -116,6 +116,8 @@ pub struct ReplayOptions {
     pub json: bool,
     pub timeline: bool,
     pub filter: Filter,
+    /// Times, width and colour of the human output.
+    pub style: crate::human::Style,
 }
 
 /// The outcome of a replay, for the CLI and tests.
@@ -150,7 +152,7 @@ pub fn replay(
     filter: &Filter,
     on_event: impl FnMut(&Event, Option<ClockPair>),
 ) -> Result<Replayed, reader::InputError> {
-    replay_with(inputs, filter, REORDER_WINDOW_NS, on_event, |_| {})
+    replay_with(inputs, filter, REORDER_WINDOW_NS, on_event, |_, _| {})
 }
 
 /// [`replay`] with a reorder window of `window_ns`, handing every finding
@@ -161,7 +163,7 @@ pub fn replay_with(
     filter: &Filter,
     window_ns: u64,
     mut on_event: impl FnMut(&Event, Option<ClockPair>),
-    mut on_finding: impl FnMut(&Finding),
+    mut on_finding: impl FnMut(&Finding, Option<ClockPair>),
 ) -> Result<Replayed, reader::InputError> {
     let files = reader::expand_inputs(inputs)?;
     let mut detector = Detector::new(DetectorConfig::default());
@@ -184,7 +186,7 @@ pub fn replay_with(
             for mut f in found.drain(..) {
                 f.vm = names.get(f.userspace_pid).cloned();
                 if filter.finding(&f, clock) {
-                    on_finding(&f);
+                    on_finding(&f, clock);
                     out.findings_total += 1;
                     if out.findings.len() < FINDINGS_KEPT {
                         out.findings.push(f);
@@ -471,13 +473,13 @@ pub fn run(opts: &ReplayOptions) -> Result<u8, Failure> {
                     out.borrow_mut().write(&row);
                 }
             },
-            |f| {
+            |f, clock| {
                 let text = if opts.timeline {
                     timeline_finding(f, json)
                 } else if json {
                     f.to_json_record() + "\n"
                 } else {
-                    f.to_text() + "\n"
+                    opts.style.finding(f, clock) + "\n"
                 };
                 out.borrow_mut().write(&text);
             },

@@ -80,6 +80,8 @@ pub struct WatchOptions {
     pub entry_transitions: bool,
     /// Findings printed at least this severe.
     pub min_severity: crate::detector::Severity,
+    /// Times, width and colour of the readable output.
+    pub style: crate::human::Style,
     pub record: Option<RecordOptions>,
     pub service: ServiceOptions,
 }
@@ -407,8 +409,9 @@ fn start_metrics(opts: &ServiceOptions, metrics: &SharedMetrics) -> SharedWeb {
         }
         // A port another process holds is a warning and a retry: tracing
         // never waits for the metrics endpoint.
-        tokio::spawn(crate::metrics::serve_retrying(
+        tokio::spawn(crate::metrics::serve_bound(
             addr,
+            crate::metrics::bind_now(addr),
             metrics.clone(),
             shared.clone(),
             std::time::Duration::from_secs(10),
@@ -671,6 +674,7 @@ fn live_pipeline(
     let mut p = build_pipeline(opts.stdout, opts.record.as_ref(), header.clone(), true)?;
     if let Some(o) = p.out.as_mut() {
         o.min_severity = opts.min_severity;
+        o.style = opts.style;
         o.header(&header);
     }
     p.names = Some(crate::vmid::VmNames::live());

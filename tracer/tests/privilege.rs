@@ -442,7 +442,7 @@ fn sighup_reopens_findings_and_reloads_the_config() {
     let series = |am: u16| {
         format!("kvm_root_tracer_alerts_sent_total{{alertmanager=\"http://127.0.0.1:{am}\"}}")
     };
-    let (_, text) = http(port, "/metrics").unwrap();
+    let (_, text) = poll(Duration::from_secs(10), || http(port, "/metrics")).expect("metrics");
     assert!(text.contains(&series(am1)), "{text}");
 
     // logrotate moves the file; the operator points alerts elsewhere and
