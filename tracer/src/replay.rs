@@ -24,7 +24,6 @@ use crate::{
     log::{
         ClockPair, Header,
         reader::{self, ReadStats, Record},
-        writer::utc_rfc3339,
     },
 };
 
@@ -456,7 +455,7 @@ pub fn run(opts: &ReplayOptions) -> Result<u8, Failure> {
         w: io::BufWriter::new(io::stdout().lock()),
         failed: None,
     };
-    let mut timeline = Timeline::default();
+    let timeline = std::cell::RefCell::new(Timeline::default());
     let json = opts.json;
     // Streamed as found, in judging order: nothing is held for the end.
     let replayed = {
@@ -468,24 +467,30 @@ pub fn run(opts: &ReplayOptions) -> Result<u8, Failure> {
             |ev, clock| {
                 if opts.timeline
                     && opts.filter.event(ev, clock)
-                    && let Some(row) = timeline.row(ev, clock, json)
+                    && let Some(row) = timeline.borrow_mut().row(ev, clock, json, opts.style)
                 {
                     out.borrow_mut().write(&row);
                 }
             },
             |f, clock| {
                 let text = if opts.timeline {
-                    timeline_finding(f, json)
+                    timeline.borrow_mut().finding(f, json)
                 } else if json {
-                    f.to_json_record() + "\n"
+                    Some(f.to_json_record() + "\n")
                 } else {
-                    opts.style.finding(f, clock) + "\n"
+                    Some(opts.style.finding(f, clock) + "\n")
                 };
-                out.borrow_mut().write(&text);
+                if let Some(text) = text {
+                    out.borrow_mut().write(&text);
+                }
             },
         )
     }
     .map_err(|e| Failure::from(anyhow!(e)))?;
+    let timeline = timeline.into_inner();
+    if opts.timeline && !json {
+        out.write(&timeline.render());
+    }
     if opts.timeline && timeline.rows == 0 {
         out.write("(no events match the filters)\n");
     }
@@ -600,42 +605,83 @@ fn report(r: &Replayed) {
     }
 }
 
-/// One vCPU's root history, a row per event as it is judged.
+/// Rows a text timeline holds at most before it is printed; beyond them
+/// rows are counted and the output says so (narrow with filters).
+const TIMELINE_ROWS_KEPT: u64 = 1_000_000;
+
+/// One VM's part of the timeline.
+struct VmGroup {
+    head: String,
+    /// (vCPU id, time) → row; `None` is the VM's own events (zaps,
+    /// invalidations), shown in each vCPU's history at their time.
+    rows: Vec<(Option<i32>, u64, String)>,
+}
+
+/// The root history: JSON rows stream as judged; text rows are grouped by
+/// VM (named at the group's head) and by vCPU, each row compared with the
+/// same vCPU's previous roots.
 #[derive(Default)]
 struct Timeline {
-    /// The roots of the last vCPU row, to mark changes.
-    last: Option<(Option<u64>, Option<u64>)>,
+    /// The roots each vCPU (kvm, vCPU id) had at its last row.
+    last: std::collections::HashMap<(u64, i32), (Option<u64>, Option<u64>)>,
+    vms: Vec<VmGroup>,
+    index: std::collections::HashMap<u64, usize>,
     rows: u64,
+    not_kept: u64,
 }
 
 impl Timeline {
-    /// The row for `ev`, if it makes one (vCPU events, zaps, invalidations).
-    fn row(&mut self, ev: &Event, clock: Option<ClockPair>, json: bool) -> Option<String> {
+    fn group(&mut self, kvm: u64, pid: Option<i32>, vm_type: Option<u8>) -> &mut VmGroup {
+        let i = *self.index.entry(kvm).or_insert_with(|| {
+            self.vms.push(VmGroup {
+                head: format!(
+                    "VM vmm={} type={} kvm={kvm:#x}",
+                    pid.map_or_else(|| "?".into(), |p| p.to_string()),
+                    vm_type.map_or("?", crate::event::vm_type_name),
+                ),
+                rows: Vec::new(),
+            });
+            self.vms.len() - 1
+        });
+        &mut self.vms[i]
+    }
+
+    fn keep(&mut self) -> bool {
+        self.rows += 1;
+        if self.rows > TIMELINE_ROWS_KEPT {
+            self.not_kept += 1;
+            return false;
+        }
+        true
+    }
+
+    /// The row for `ev`, if it makes one (vCPU events, zaps, invalidations):
+    /// returned at once in JSON, held for grouping in text.
+    fn row(
+        &mut self,
+        ev: &Event,
+        clock: Option<ClockPair>,
+        json: bool,
+        style: crate::human::Style,
+    ) -> Option<String> {
         if ev.vcpu.is_none() && !matches!(ev.kind, Kind::ZapAllFast | Kind::InvalidateRoots) {
             return None;
         }
-        self.rows += 1;
         if json {
+            self.rows += 1;
             return Some(ev.to_json_record() + "\n");
         }
-        let when = clock.map_or_else(
-            || {
-                format!(
-                    "{:>8}.{:06}s",
-                    ev.ts_ns / 1_000_000_000,
-                    (ev.ts_ns % 1_000_000_000) / 1000
-                )
-            },
-            |c| utc_rfc3339(c.to_realtime(ev.ts_ns)),
-        );
+        let kvm = ev.kvm.unwrap_or(0);
         let roots = (ev.root_hpa, ev.mirror_root_hpa);
-        let change = match self.last {
-            Some(prev) if prev != roots && ev.vcpu.is_some() => "  <- roots changed",
+        let vcpu = ev.vcpu.and(ev.vcpu_id);
+        let change = match vcpu.and_then(|v| self.last.insert((kvm, v), roots)) {
+            Some(prev) if prev != roots => "  <- roots changed",
             _ => "",
         };
-        if ev.vcpu.is_some() {
-            self.last = Some(roots);
+        if !self.keep() {
+            return None;
         }
+        let when = style.time(ev.ts_ns, clock);
         let fmt = |v: Option<u64>| v.map_or_else(|| "-".into(), hpa);
         let what = match ev.kind {
             Kind::LoadReturn => format!("load_return ret={}", ev.ret.unwrap_or(0)),
@@ -650,31 +696,80 @@ impl Timeline {
             Kind::ZapAllFast => format!("zap_all_fast gen={}", ev.mmu_valid_gen.unwrap_or(0)),
             k => k.name().to_owned(),
         };
-        let mut s = String::new();
-        if ev.vcpu.is_some() {
+        let text = if ev.vcpu.is_some() {
             let line = format!(
-                "{when}  vcpu {:<4} {what:<34} root={:<18} mirror={:<18}{change}",
+                "    {when}  vcpu {:<4} {what:<34} root={:<18} mirror={:<18}{change}",
                 ev.vcpu_id.map_or_else(|| "?".into(), |v| v.to_string()),
                 fmt(ev.root_hpa),
                 fmt(ev.mirror_root_hpa)
             );
-            let _ = writeln!(s, "{}", line.trim_end());
+            line.trim_end().to_owned()
         } else {
-            let _ = writeln!(s, "{when}  vm        {what}");
-        }
-        Some(s)
+            format!("    {when}  vm        {what}")
+        };
+        self.group(kvm, ev.userspace_pid, ev.vm_type)
+            .rows
+            .push((vcpu, ev.ts_ns, text));
+        None
     }
-}
 
-fn timeline_finding(f: &Finding, json: bool) -> String {
-    if json {
-        f.to_json_record() + "\n"
-    } else {
-        format!(
-            "{:>27}  !! {} {}\n",
+    /// A finding, under its VM and vCPU (text), or at once (JSON).
+    fn finding(&mut self, f: &Finding, json: bool) -> Option<String> {
+        if json {
+            return Some(f.to_json_record() + "\n");
+        }
+        if !self.keep() {
+            return None;
+        }
+        let text = format!(
+            "    {:>27}  !! {} {}",
             "",
             f.severity.name().to_uppercase(),
             f.kind.name()
-        )
+        );
+        let name =
+            f.vm.as_ref()
+                .and_then(|v| v.display_name())
+                .map(str::to_owned);
+        let g = self.group(f.kvm, f.userspace_pid, None);
+        if let Some(n) = name
+            && !g.head.contains(" name=")
+        {
+            g.head = format!("{} name={n}", g.head);
+        }
+        g.rows.push((f.vcpu_id, f.ts_ns, text));
+        None
+    }
+
+    /// The grouped text: each VM's head, then each vCPU's history (with
+    /// the VM's own events at their time), in the order they were judged.
+    fn render(&self) -> String {
+        let mut s = String::new();
+        for g in &self.vms {
+            let _ = writeln!(s, "{}", g.head);
+            let mut vcpus: Vec<i32> = g.rows.iter().filter_map(|r| r.0).collect();
+            vcpus.sort_unstable();
+            vcpus.dedup();
+            if vcpus.is_empty() {
+                for (_, _, row) in &g.rows {
+                    let _ = writeln!(s, "{row}");
+                }
+            }
+            for v in vcpus {
+                let _ = writeln!(s, "  vCPU {v}");
+                for (_, _, row) in g.rows.iter().filter(|r| r.0.is_none_or(|x| x == v)) {
+                    let _ = writeln!(s, "{row}");
+                }
+            }
+        }
+        if self.not_kept > 0 {
+            let _ = writeln!(
+                s,
+                "(timeline: {} row(s) beyond the first {TIMELINE_ROWS_KEPT} not shown; narrow it \
+                 with --pid, --vcpu or --since)",
+                self.not_kept
+            );
+        }
+        s
     }
 }

@@ -406,3 +406,56 @@ fn replay_since_takes_offsets_and_durations_back_from_the_log_end() {
     assert_eq!(r.code, Some(2), "{}", r.stderr);
     assert!(r.stderr.contains("not stdin"), "{}", r.stderr);
 }
+
+/// `--timeline` without `--vcpu`: grouped by VM (each named at its head)
+/// and vCPU, each row compared with the same vCPU's previous roots, so
+/// "roots changed" marks real changes, not the interleaving of vCPUs.
+#[test]
+fn timeline_groups_by_vm_and_vcpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = support::model_log(dir.path(), "steady.jsonl", ("mainline", "steady"), (4, 20));
+    let r = run(tracer().args(["replay", "--timeline"]).arg(&log));
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let heads: Vec<&str> = r
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("VM vmm="))
+        .collect();
+    assert_eq!(heads.len(), 3, "{}", r.stdout);
+    assert!(
+        heads.iter().filter(|h| h.contains("type=tdx")).count() == 2,
+        "{heads:?}"
+    );
+    // Within each vCPU's history, a row says "roots changed" exactly when
+    // its roots differ from that vCPU's previous row.
+    let mut prev: Option<String> = None;
+    let mut rows = 0;
+    for line in r.stdout.lines() {
+        if line.starts_with("VM ") || line.starts_with("  vCPU ") {
+            prev = None;
+            continue;
+        }
+        let Some(at) = line.find("root=").filter(|_| line.contains("  vcpu ")) else {
+            continue;
+        };
+        rows += 1;
+        let roots = line[at..]
+            .trim_end_matches("<- roots changed")
+            .trim()
+            .to_owned();
+        let changed = line.ends_with("<- roots changed");
+        assert_eq!(
+            changed,
+            prev.as_ref().is_some_and(|p| *p != roots),
+            "{line}\n{}",
+            r.stdout
+        );
+        prev = Some(roots);
+    }
+    assert!(rows > 100, "{rows}");
+    // VM groups are contiguous: a VM's head appears once.
+    let mut seen = std::collections::BTreeSet::new();
+    for h in &heads {
+        assert!(seen.insert(*h), "{h} twice");
+    }
+}

@@ -435,12 +435,23 @@ fn filters_and_the_timeline() {
     );
 
     let r = run(tracer()
-        .args(["replay", "--timeline", "--pid", "7001", "--vcpu", "1"])
+        .args([
+            "replay",
+            "--utc",
+            "--timeline",
+            "--pid",
+            "7001",
+            "--vcpu",
+            "1",
+        ])
         .arg(&all[0]));
     assert_eq!(r.code, Some(1), "{}", r.stderr);
     let lines: Vec<&str> = r.stdout.lines().collect();
+    // Grouped: the VM named at its head, then the vCPU's history.
+    assert!(lines[0].starts_with("VM vmm=7001 type=tdx"), "{}", r.stdout);
+    assert_eq!(lines[1], "  vCPU 1", "{}", r.stdout);
     assert!(
-        lines[0].starts_with("2026-11-28T04:14:22.000000Z  vcpu 1"),
+        lines[2].starts_with("    2026-11-28T04:14:22.000000Z  vcpu 1"),
         "{}",
         r.stdout
     );
