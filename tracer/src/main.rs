@@ -24,8 +24,11 @@ use tracer::{
     name = "tracer",
     version,
     about = "Trace KVM MMU root lifecycles with eBPF and catch vCPUs running with an invalid TDX mirror root",
-    after_help = "Exit codes: 0 ok; 1 findings (replay); 2 usage or runtime error; \
-                  3 unsupported environment (not root, no BTF, no KVM)."
+    term_width = 80,
+    max_term_width = 80,
+    after_help = "Example:\n  sudo tracer doctor && sudo tracer watch --utc\n\n\
+                  Exit codes:\n  0 ok\n  1 findings (replay)\n  2 usage or runtime error\n  \
+                  3 unsupported environment (missing CAP_BPF/CAP_PERFMON, no BTF, no KVM)"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -37,28 +40,45 @@ enum Command {
     /// Inspect this kernel and print the attach plan: probes, attach kinds,
     /// struct offsets, and which features are on or off and why. Loads
     /// nothing.
+    #[command(after_help = "Example:\n  tracer doctor --json | jq '.features'")]
     Doctor(DoctorArgs),
     /// Attach the probes and stream root events and findings until Ctrl-C
     /// or --duration, then detach and print a summary with drop counts
     /// (needs root). --record also writes the event log.
+    #[command(
+        after_help = "Example:\n  sudo tracer watch --utc --min-severity warning --record /tmp/log"
+    )]
     Watch(WatchArgs),
     /// The daemon: attach, detect, and record the event log until SIGTERM
-    /// or SIGINT; SIGHUP reopens the log (needs root).
+    /// or SIGINT; SIGHUP reopens the log and reloads the config (needs
+    /// CAP_BPF and CAP_PERFMON).
+    #[command(
+        after_help = "Example:\n  tracer run --check-config --config /etc/kvm-root-tracer/config.toml"
+    )]
     Run(Box<RunArgs>),
     /// Run the detector over recorded events (log folders, segment files,
     /// or `-` for stdin) and print the findings. Exits 1 when there are
     /// findings, 0 when there are none.
+    #[command(
+        after_help = "Example:\n  tracer replay --since 10m --min-severity warning /var/lib/kvm-root-tracer/log"
+    )]
     Replay(ReplayArgs),
     /// Generate the events of a model of KVM's root lifecycle, with a
     /// chosen kernel behaviour, as an event log on stdout (or --record
     /// DIR). Pipe it into `tracer replay -` to see what the detector finds,
     /// or into your alert routing, without a TDX host.
+    #[command(
+        after_help = "Example:\n  tracer simulate --kernel mirror-freed-by-zap --scenario churn \\\n    | tracer replay -"
+    )]
     Simulate(SimulateArgs),
     #[cfg(feature = "top")]
     /// A full-screen live view: VMs (type, vCPUs, load and zap rates,
     /// findings), the selected VM's vCPUs with their direct and mirror roots,
     /// and the latest findings. Keys: q quit, arrows select, s sort, r
     /// reverse, / filter; with --replay, space pauses and +/- change speed.
+    #[command(
+        after_help = "Example:\n  tracer top --replay /var/lib/kvm-root-tracer/log --speed 100"
+    )]
     Top(TopArgs),
 }
 

@@ -459,3 +459,28 @@ fn timeline_groups_by_vm_and_vcpu() {
         assert!(seen.insert(*h), "{h} twice");
     }
 }
+
+/// `tracer --help` and every subcommand's help fit in 80 columns and give
+/// an example.
+#[test]
+fn every_help_fits_80_columns_with_an_example() {
+    for sub in [
+        &[][..],
+        &["doctor"],
+        &["watch"],
+        &["run"],
+        &["replay"],
+        &["simulate"],
+        &["top"],
+    ] {
+        let r = run(tracer().args(sub).arg("--help"));
+        assert_eq!(r.code, Some(0), "{sub:?}: {}", r.stderr);
+        let widest = r.stdout.lines().map(|l| l.chars().count()).max().unwrap();
+        assert!(widest <= 80, "{sub:?}: {widest} columns\n{}", r.stdout);
+        assert!(
+            r.stdout.contains("\nExample:\n  "),
+            "{sub:?}:\n{}",
+            r.stdout
+        );
+    }
+}
