@@ -630,7 +630,7 @@ struct SimulateArgs {
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=4096))]
     vcpus: u16,
     /// Rounds of the workload.
-    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     rounds: u32,
     /// Seed: the same seed gives the same events.
     #[arg(long, default_value_t = 1)]
