@@ -8,10 +8,7 @@
 //! counted eviction (least recently seen first) protect against unbounded
 //! growth when teardown events are missed (kernels without kprobes).
 
-use std::{
-    collections::{HashMap, VecDeque},
-    fmt::Write as _,
-};
+use std::collections::{HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
@@ -170,38 +167,9 @@ impl Finding {
         let body = serde_json::to_string(self).expect("findings always serialize");
         format!("{{\"record\":\"finding\",{}", &body[1..])
     }
-
-    /// A readable block: a headline, the explanation, the evidence.
-    pub fn to_text(&self) -> String {
-        let mut s = format!(
-            "FINDING {} {} at {}.{:06}: vmm={} kvm={:#x}",
-            self.severity.name().to_uppercase(),
-            self.kind.name(),
-            self.ts_ns / 1_000_000_000,
-            (self.ts_ns % 1_000_000_000) / 1000,
-            self.userspace_pid
-                .map_or_else(|| "?".into(), |p| p.to_string()),
-            self.kvm
-        );
-        if let Some(v) = self.vcpu_id {
-            let _ = write!(s, " vcpu={v}");
-        }
-        s.push('\n');
-        for line in wrap(&self.explanation, 96) {
-            s.push_str("    ");
-            s.push_str(&line);
-            s.push('\n');
-        }
-        s.push_str("    evidence:\n");
-        for ev in &self.evidence {
-            s.push_str("      ");
-            s.push_str(ev.to_line().trim_start());
-            s.push('\n');
-        }
-        s
-    }
 }
 
+/// `text` in lines of at most `width` characters (words kept whole).
 pub(crate) fn wrap(text: &str, width: usize) -> Vec<String> {
     let mut lines = Vec::new();
     let mut cur = String::new();
