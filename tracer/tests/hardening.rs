@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use support::{model_log, run, tracer};
+use support::{free_port, model_log, run, tracer};
 use tracer::log::{
     Header,
     writer::{RecordConfig, Recorder, compress_segment, list_segments, utc_compact},
@@ -372,15 +372,6 @@ fn get(port: u16, path: &str) -> Option<String> {
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     out.starts_with("HTTP/1.1 200").then_some(out)
-}
-
-/// A loopback port nothing listens on (now).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// CPU seconds the process used (utime + stime).
