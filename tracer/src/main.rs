@@ -96,6 +96,18 @@ struct TopArgs {
     /// least 4096.
     #[arg(long, value_name = "BYTES", default_value = "4194304", value_parser = parse_ringbuf)]
     ringbuf_size: u32,
+    /// With --replay: print the screen of this size (COLSxROWS) at the log's
+    /// end as text, without a terminal (for bug reports and docs).
+    #[arg(long, value_name = "COLSxROWS", requires = "replay", value_parser = parse_screen)]
+    snapshot: Option<(u16, u16)>,
+}
+
+#[cfg(feature = "top")]
+fn parse_screen(s: &str) -> Result<(u16, u16), String> {
+    let parse = |v: &str| v.parse::<u16>().ok().filter(|n| (16..=1000).contains(n));
+    s.split_once('x')
+        .and_then(|(w, h)| Some((parse(w)?, parse(h)?)))
+        .ok_or_else(|| format!("`{s}` is not COLSxROWS with each from 16 to 1000, e.g. 110x34"))
 }
 
 #[cfg(feature = "top")]
@@ -704,6 +716,7 @@ fn main() -> ExitCode {
             replay: args.replay,
             speed: args.speed,
             ringbuf_bytes: args.ringbuf_size,
+            snapshot: args.snapshot,
         }),
         Command::Watch(args) => tracer::config::check_batching(
             args.probes.ringbuf_size,

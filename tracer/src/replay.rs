@@ -136,6 +136,8 @@ pub struct Replayed {
     /// Events read, and those the event filters let through.
     pub events: u64,
     pub events_matched: u64,
+    /// The VMMs' names from the log's `vm` records.
+    pub names: crate::vmid::VmNames,
 }
 
 /// Findings a replay keeps in memory at most; the rest are only counted
@@ -212,6 +214,7 @@ pub fn replay_with(
     out.losses = losses;
     out.late_events = late;
     out.stats = stats;
+    out.names = names;
     Ok(out)
 }
 
@@ -489,7 +492,7 @@ pub fn run(opts: &ReplayOptions) -> Result<u8, Failure> {
     .map_err(|e| Failure::from(anyhow!(e)))?;
     let timeline = timeline.into_inner();
     if opts.timeline && !json {
-        out.write(&timeline.render());
+        out.write(&timeline.render(&replayed.names));
     }
     if opts.timeline && timeline.rows == 0 {
         out.write("(no events match the filters)\n");
@@ -612,6 +615,8 @@ const TIMELINE_ROWS_KEPT: u64 = 1_000_000;
 /// One VM's part of the timeline.
 struct VmGroup {
     head: String,
+    /// The VMM's pid, to name the VM from the log's `vm` records.
+    pid: Option<i32>,
     /// (vCPU id, time) → row; `None` is the VM's own events (zaps,
     /// invalidations), shown in each vCPU's history at their time.
     rows: Vec<(Option<i32>, u64, String)>,
@@ -639,6 +644,7 @@ impl Timeline {
                     pid.map_or_else(|| "?".into(), |p| p.to_string()),
                     vm_type.map_or("?", crate::event::vm_type_name),
                 ),
+                pid,
                 rows: Vec::new(),
             });
             self.vms.len() - 1
@@ -743,10 +749,17 @@ impl Timeline {
 
     /// The grouped text: each VM's head, then each vCPU's history (with
     /// the VM's own events at their time), in the order they were judged.
-    fn render(&self) -> String {
+    fn render(&self, names: &crate::vmid::VmNames) -> String {
         let mut s = String::new();
         for g in &self.vms {
-            let _ = writeln!(s, "{}", g.head);
+            match names.get(g.pid).and_then(|v| v.display_name()) {
+                Some(n) if !g.head.contains(" name=") => {
+                    let _ = writeln!(s, "{} name={n}", g.head);
+                }
+                _ => {
+                    let _ = writeln!(s, "{}", g.head);
+                }
+            }
             let mut vcpus: Vec<i32> = g.rows.iter().filter_map(|r| r.0).collect();
             vcpus.sort_unstable();
             vcpus.dedup();

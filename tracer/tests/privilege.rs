@@ -333,6 +333,19 @@ fn a_vmms_name_and_uuid_reach_the_event_log_and_replay() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The timeline names the VM at its group's head from the `vm` record,
+    // though no finding carries the name (a default VM raises none).
+    let out = tracer()
+        .args(["replay", "--timeline", "--pid", &vmm.id().to_string()])
+        .arg(&log)
+        .output()
+        .unwrap();
+    let timeline = String::from_utf8_lossy(&out.stdout);
+    let head = timeline
+        .lines()
+        .find(|l| l.starts_with(&format!("VM vmm={} ", vmm.id())))
+        .unwrap_or_else(|| panic!("no group for the VMM:\n{timeline}"));
+    assert!(head.ends_with(" name=td-named"), "{head}");
 }
 
 /// Replay names the VM of a finding from the log's `vm` record, after the

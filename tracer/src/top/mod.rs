@@ -47,6 +47,9 @@ pub struct TopOptions {
     /// Replay speed: log seconds per wall second.
     pub speed: f64,
     pub ringbuf_bytes: u32,
+    /// With `replay`: print the screen of this size (columns, rows) at the
+    /// log's end as text, without a terminal.
+    pub snapshot: Option<(u16, u16)>,
 }
 
 static QUIT: AtomicBool = AtomicBool::new(false);
@@ -77,6 +80,11 @@ pub fn run(opts: &TopOptions) -> Result<(), Failure> {
     };
     // Bad input is reported before the terminal check, and the terminal
     // before anything attaches.
+    if let Some((w, h)) = opts.snapshot {
+        let replay = Replay::load(opts)?;
+        print!("{}", snapshot(replay, w, h)?);
+        return Ok(());
+    }
     let mut source = if opts.replay.is_empty() {
         need_terminal()?;
         Source::Live(Box::new(Live::start(opts)?))
@@ -130,6 +138,51 @@ fn ui_loop(
         }
     }
     Ok(())
+}
+
+/// Plays the whole log on its own clock, ticking the rates once per wall
+/// second of the replay speed (as the live loop does) and at the log's last
+/// event, and renders that frame as text: the same screen on any machine.
+fn snapshot(mut replay: Replay, w: u16, h: u16) -> anyhow::Result<String> {
+    let mut state = replay.state();
+    replay.paused = true;
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "the speed is clamped to at most 2^20: a tick of at most 2^20 s"
+    )]
+    let tick_ns = (replay.speed * 1e9) as u64;
+    let mut next_tick = replay.first_ns;
+    let mut last_ns = replay.first_ns;
+    while let Some(ev) = replay.next_event_blocking() {
+        last_ns = last_ns.max(ev.ts_ns);
+        while ev.ts_ns >= next_tick {
+            state.tick(next_tick);
+            next_tick = next_tick.saturating_add(tick_ns);
+        }
+        for v in replay.names.drain(..) {
+            state.names.insert(&v);
+        }
+        state.event(&ev);
+        replay.fed += 1;
+    }
+    // The last rates are over the time since the last tick, ending at the
+    // log's last event.
+    state.tick(last_ns);
+    state.drops = replay.lost;
+    if let Some(end) = &replay.end {
+        state.status.clone_from(end);
+    }
+    let mut term = ratatui::Terminal::new(ratatui::backend::TestBackend::new(w, h))?;
+    term.draw(|f| ui::draw(f, &state))?;
+    let buf = term.backend().buffer();
+    let mut out = String::new();
+    for row in buf.content().chunks(usize::from(w)) {
+        let line: String = row.iter().map(ratatui::buffer::Cell::symbol).collect();
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    Ok(out)
 }
 
 /// The terminal keys come from: stdin when it is one, else /dev/tty
@@ -518,6 +571,19 @@ impl Replay {
             }
         }
         None
+    }
+
+    /// The next event, waiting for the reader; `None` at the log's end.
+    fn next_event_blocking(&mut self) -> Option<Event> {
+        loop {
+            if let Some(ev) = self.next_event() {
+                return Some(ev);
+            }
+            if self.end.is_some() {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     fn pump(&mut self, s: &mut TopState) {
