@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use support::{free_port, model_log, run, tracer};
+use support::{free_port, live_or_skip, model_log, run, tracer};
 use tracer::log::{
     Header,
     writer::{RecordConfig, Recorder, compress_segment, list_segments, utc_compact},
@@ -288,19 +288,6 @@ fn a_symlinked_or_shared_log_folder_is_refused_with_exit_2() {
 }
 
 /// Root and /dev/kvm, or an explicit skip (TRACER_SKIP_LIVE=1) that says so.
-fn live_or_skip(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if root && Path::new("/dev/kvm").exists() {
-        return true;
-    }
-    if std::env::var_os("TRACER_SKIP_LIVE").is_some_and(|v| v == "1") {
-        eprintln!("SKIPPED {test}: needs root and /dev/kvm (TRACER_SKIP_LIVE=1)");
-        return false;
-    }
-    panic!("{test} needs root and /dev/kvm, or TRACER_SKIP_LIVE=1 to skip explicitly");
-}
-
 /// `tracer run` with its stderr in a file; killed when dropped.
 struct Daemon {
     child: std::process::Child,

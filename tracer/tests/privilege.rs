@@ -24,19 +24,7 @@ use std::{
     time::Duration,
 };
 
-use support::{free_port, http, poll, tracer};
-
-fn live_or_skip(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 && Path::new("/dev/kvm").exists() {
-        return true;
-    }
-    if std::env::var_os("TRACER_SKIP_LIVE").is_some_and(|v| v == "1") {
-        eprintln!("SKIPPED {test}: needs root and /dev/kvm (TRACER_SKIP_LIVE=1)");
-        return false;
-    }
-    panic!("{test} needs root and /dev/kvm, or TRACER_SKIP_LIVE=1 to skip explicitly");
-}
+use support::{free_port, http, live_or_skip, poll, tracer};
 
 /// A gauge's value (the sum over its series matching `prefix`).
 fn gauge(text: &str, prefix: &str) -> Option<f64> {

@@ -66,6 +66,10 @@ enum Task {
         #[arg(long)]
         no_vm: bool,
     },
+    /// Regenerate the README's captures (the `top` screen, the `watch`
+    /// sample) from their commands; the tests then check them (the `watch`
+    /// sample needs root and /dev/kvm).
+    Readme,
     /// Fuzz the event-log reader with cargo-fuzz (installed into .tools/
     /// on first use) for a while.
     Fuzz {
@@ -97,6 +101,18 @@ fn main() -> Result<()> {
             setup(&root)?;
             build_release(&root)?;
             bench::bench(&root, &bench::Options { churns, no_vm })
+        }
+        Task::Readme => {
+            setup(&root)?;
+            let status = Command::new(env!("CARGO"))
+                .current_dir(&root)
+                .args(["test", "--package", "tracer", "--test", "readme"])
+                .env("TRACER_UPDATE_README", "1")
+                .status()
+                .context("failed to run cargo test")?;
+            anyhow::ensure!(status.success(), "regenerating the README failed");
+            println!("README.md regenerated; review it with `git diff README.md`");
+            Ok(())
         }
         Task::Fuzz { seconds } => {
             setup(&root)?;

@@ -86,3 +86,18 @@ pub fn poll<T>(limit: std::time::Duration, mut f: impl FnMut() -> Option<T>) -> 
     }
     None
 }
+
+/// True when the live tests can run (root and /dev/kvm); else false after
+/// printing SKIPPED when TRACER_SKIP_LIVE=1 asks for that, and a panic
+/// naming what is missing otherwise: a live test never skips silently.
+pub fn live_or_skip(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 && std::path::Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    if std::env::var_os("TRACER_SKIP_LIVE").is_some_and(|v| v == "1") {
+        eprintln!("SKIPPED {test}: needs root and /dev/kvm (TRACER_SKIP_LIVE=1)");
+        return false;
+    }
+    panic!("{test} needs root and /dev/kvm, or TRACER_SKIP_LIVE=1 to skip explicitly");
+}
