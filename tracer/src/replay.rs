@@ -244,7 +244,7 @@ pub fn read_ordered(
     mut on: impl FnMut(Read<'_>),
 ) -> u64 {
     let mut seq = Sequencer::new(window_ns);
-    reader::read_all(files, stats, |_, record| match record {
+    reader::read_all_pipelined(files, stats, |record| match record {
         Record::Finding(f) => on(Read::Finding(f, seq.clock())),
         Record::Vm(v) => on(Read::Vm(v)),
         Record::Header(ref h) => {
@@ -311,6 +311,10 @@ impl Ord for Held {
 /// seen mid-run.
 pub struct Sequencer {
     window_ns: u64,
+    /// Held items that arrived in order (the common case), oldest first:
+    /// pushed and popped in O(1).
+    in_order: std::collections::VecDeque<Held>,
+    /// Held items that arrived out of order.
     heap: BinaryHeap<Reverse<Held>>,
     seq: u64,
     header: Option<Box<Header>>,
@@ -326,6 +330,7 @@ impl Sequencer {
     pub fn new(window_ns: u64) -> Self {
         Self {
             window_ns,
+            in_order: std::collections::VecDeque::new(),
             heap: BinaryHeap::new(),
             seq: 0,
             header: None,
@@ -378,34 +383,58 @@ impl Sequencer {
             return;
         }
         self.seq += 1;
-        self.heap.push(Reverse(Held {
+        let held = Held {
             ts,
             seq: self.seq,
             clock,
             item,
-        }));
+        };
+        // Arrival numbers only grow: a timestamp no older than the newest
+        // in order keeps that queue sorted by (timestamp, arrival).
+        if self.in_order.back().is_none_or(|b| b.ts <= ts) {
+            self.in_order.push_back(held);
+        } else {
+            self.heap.push(Reverse(held));
+        }
         self.newest = self.newest.max(ts);
         if let Some(horizon) = self.newest.checked_sub(self.window_ns) {
             self.drain(Some(horizon), judge);
         }
-        while self.heap.len() > REORDER_CAP {
+        while self.in_order.len() + self.heap.len() > REORDER_CAP {
             self.pop(judge);
+        }
+    }
+
+    /// The (timestamp, arrival) of the oldest held item, and whether it is
+    /// in the heap.
+    fn oldest(&self) -> Option<(u64, bool)> {
+        let q = self.in_order.front().map(|h| (h.ts, h.seq));
+        let h = self.heap.peek().map(|Reverse(h)| (h.ts, h.seq));
+        match (q, h) {
+            (Some(q), Some(h)) if h < q => Some((h.0, true)),
+            (Some(q), _) => Some((q.0, false)),
+            (None, Some(h)) => Some((h.0, true)),
+            (None, None) => None,
         }
     }
 
     /// Judges everything older than `horizon` (`None`: everything).
     fn drain(&mut self, horizon: Option<u64>, judge: &mut impl FnMut(Step<'_>)) {
         while self
-            .heap
-            .peek()
-            .is_some_and(|Reverse(h)| horizon.is_none_or(|t| h.ts < t))
+            .oldest()
+            .is_some_and(|(ts, _)| horizon.is_none_or(|t| ts < t))
         {
             self.pop(judge);
         }
     }
 
     fn pop(&mut self, judge: &mut impl FnMut(Step<'_>)) {
-        if let Some(Reverse(h)) = self.heap.pop() {
+        let held = match self.oldest() {
+            Some((_, true)) => self.heap.pop().map(|Reverse(h)| h),
+            Some((_, false)) => self.in_order.pop_front(),
+            None => None,
+        };
+        if let Some(h) = held {
             self.judged = self.judged.max(h.ts);
             Self::judge_one(h.clock, h.item, judge);
         }

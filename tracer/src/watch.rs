@@ -144,7 +144,8 @@ fn plan_live(opts: &WatchOptions) -> Result<kernel::AttachPlan, kernel::KernelEr
             wakeup_bytes: opts.wakeup_bytes,
         },
     );
-    // The parsed BTF is tens of MB: the plan holds everything needed now.
+    // The plan holds everything needed now: BTF and kallsyms (a few MB)
+    // go back.
     drop(info);
     // SAFETY: malloc_trim only returns free heap pages to the kernel.
     unsafe { libc::malloc_trim(0) };

@@ -249,3 +249,38 @@ fn a_kvm_pvm_host_reports_the_entry_check_as_unable_to_work() {
         );
     }
 }
+
+/// Every field, offset, absence reason and probe decision of each fixture
+/// kernel is what `plan.golden.json` beside it records: the golden files
+/// were written by the code that parsed all of BTF with btf-rs, so the lazy
+/// reader that replaced it must resolve exactly the same
+/// (TRACER_UPDATE_GOLDEN=1 rewrites them).
+#[test]
+fn every_fixture_plans_exactly_as_recorded() {
+    for name in [
+        "host-6.18.44-kvm-builtin",
+        "debian-6.18.15-kvm-module",
+        "debian-6.12.117-kvm-module",
+    ] {
+        let p = plan_for(name);
+        let mut got = serde_json::to_value(&p).unwrap();
+        // Paths of this checkout aside.
+        got.as_object_mut().unwrap().remove("btf_sources");
+        got["offsets"] = serde_json::Value::String(format!("{:?}", p.offsets));
+        got["config"] = serde_json::Value::String(format!("{:?}", p.config));
+        let golden = fixture(name).join("plan.golden.json");
+        let text = serde_json::to_string_pretty(&got).unwrap() + "\n";
+        if std::env::var_os("TRACER_UPDATE_GOLDEN").is_some_and(|v| v == "1") {
+            std::fs::write(&golden, &text).unwrap();
+            continue;
+        }
+        let want = std::fs::read_to_string(&golden)
+            .unwrap_or_else(|e| panic!("{}: {e}", golden.display()));
+        assert_eq!(
+            text,
+            want,
+            "{name}: the plan differs from {}",
+            golden.display()
+        );
+    }
+}

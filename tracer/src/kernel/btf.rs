@@ -2,8 +2,9 @@
 //! (vmlinux, plus KVM's split BTF when KVM is a module). Nothing here is
 //! hard-coded: a field the kernel lacks is reported absent, with the reason.
 
-use btf_rs::{Btf, Type};
 use serde::Serialize;
+
+use super::btf_reader::{Btf, Type, kind};
 
 use common::{KernelOffsets, OFFSET_ABSENT};
 
@@ -308,7 +309,7 @@ pub fn resolve_offsets(btf: &Btf) -> ResolvedOffsets {
         }
     }
     let page_size = find_struct(btf, "page")
-        .map(|s| s.size() as u32)
+        .map(|s| s.size())
         .ok_or_else(|| "no struct page in BTF".to_owned());
     let invalid_bit = member_bit(btf, "kvm_mmu_page_role", "invalid");
     for (name, r, set) in [
@@ -346,14 +347,8 @@ pub fn resolve_offsets(btf: &Btf) -> ResolvedOffsets {
 /// `outer`.
 fn member_bit(btf: &Btf, outer: &str, name: &str) -> Result<u32, String> {
     let s = btf
-        .resolve_types_by_name(outer)
-        .ok()
-        .and_then(|ts| {
-            ts.into_iter().find_map(|t| match t {
-                Type::Struct(s) | Type::Union(s) if !s.members.is_empty() => Some(s),
-                _ => None,
-            })
-        })
+        .by_name(outer, &[kind::STRUCT, kind::UNION])
+        .find(|t| t.vlen() > 0)
         .ok_or_else(|| format!("no union {outer} in BTF"))?;
     find_member(btf, &s, name)
         .map(|(bits, _)| bits)
@@ -367,38 +362,24 @@ pub fn has_struct(btf: &Btf, name: &str) -> bool {
 
 /// Number of parameters of the function `name`, from its BTF prototype.
 pub fn func_param_count(btf: &Btf, name: &str) -> Option<usize> {
-    let types = btf.resolve_types_by_name(name).ok()?;
-    types.iter().find_map(|t| match t {
-        Type::Func(f) => match btf.resolve_chained_type(f).ok()? {
-            Type::FuncProto(p) => Some(p.parameters.len()),
-            _ => None,
-        },
-        _ => None,
+    btf.by_name(name, &[kind::FUNC]).find_map(|f| {
+        let proto = btf.get(f.target())?;
+        (proto.kind == kind::FUNC_PROTO).then(|| proto.vlen())
     })
 }
 
-fn find_struct(btf: &Btf, name: &str) -> Option<btf_rs::Struct> {
-    btf.resolve_types_by_name(name)
-        .ok()?
-        .into_iter()
-        .find_map(|t| match t {
-            Type::Struct(s) if !s.members.is_empty() => Some(s),
-            _ => None,
-        })
+fn find_struct<'a>(btf: &'a Btf, name: &'a str) -> Option<Type<'a>> {
+    btf.by_name(name, &[kind::STRUCT]).find(|t| t.vlen() > 0)
 }
 
 /// Strips typedefs and qualifiers.
-fn strip(btf: &Btf, mut t: Type) -> Result<Type, String> {
+fn strip<'a>(btf: &'a Btf, mut t: Type<'a>) -> Result<Type<'a>, String> {
     for _ in 0..32 {
-        match &t {
-            Type::Typedef(_)
-            | Type::Volatile(_)
-            | Type::Const(_)
-            | Type::Restrict(_)
-            | Type::TypeTag(_) => {
+        match t.kind {
+            kind::TYPEDEF | kind::VOLATILE | kind::CONST | kind::RESTRICT | kind::TYPE_TAG => {
                 t = btf
-                    .resolve_chained_type(t.as_btf_type().ok_or("untyped qualifier")?)
-                    .map_err(|e| format!("broken BTF type chain: {e}"))?;
+                    .get(t.target())
+                    .ok_or_else(|| format!("broken BTF type chain at type {}", t.id))?;
             }
             _ => return Ok(t),
         }
@@ -408,18 +389,18 @@ fn strip(btf: &Btf, mut t: Type) -> Result<Type, String> {
 
 /// Finds `name` among the members of `s`, looking through anonymous
 /// structs and unions. Returns the bit offset and the member's type.
-fn find_member(btf: &Btf, s: &btf_rs::Struct, name: &str) -> Option<(u32, Type)> {
-    for m in &s.members {
-        let mname = btf.resolve_name(m).unwrap_or_default();
-        let mtype = btf.resolve_chained_type(m).ok()?;
-        if mname == name {
-            return Some((m.bit_offset(), mtype));
+fn find_member<'a>(btf: &'a Btf, s: &Type<'a>, name: &str) -> Option<(u32, Type<'a>)> {
+    for m in btf.members(s) {
+        let mtype = btf.get(m.type_id)?;
+        if m.name == name.as_bytes() {
+            return Some((m.bit_offset, mtype));
         }
-        if mname.is_empty()
-            && let Ok(Type::Struct(inner) | Type::Union(inner)) = strip(btf, mtype)
+        if m.name.is_empty()
+            && let Ok(inner) = strip(btf, mtype)
+            && matches!(inner.kind, kind::STRUCT | kind::UNION)
             && let Some((off, t)) = find_member(btf, &inner, name)
         {
-            return Some((m.bit_offset() + off, t));
+            return Some((m.bit_offset + off, t));
         }
     }
     None
@@ -435,15 +416,14 @@ fn field_offset(btf: &Btf, strukt: &str, path: &str, shape: Shape) -> Result<u32
         bits += off;
         let t = strip(btf, t)?;
         if i + 1 < parts.len() {
-            match t {
-                Type::Struct(s) | Type::Union(s) => cur = s,
-                other => {
-                    return Err(format!(
-                        "{strukt}.{} is a {}, not a struct",
-                        parts[..=i].join("."),
-                        other.name()
-                    ));
-                }
+            if matches!(t.kind, kind::STRUCT | kind::UNION) {
+                cur = t;
+            } else {
+                return Err(format!(
+                    "{strukt}.{} is a {}, not a struct",
+                    parts[..=i].join("."),
+                    kind_name(t.kind)
+                ));
             }
         } else {
             check_shape(btf, &t, shape).map_err(|e| format!("{strukt}.{path}: {e}"))?;
@@ -455,18 +435,18 @@ fn field_offset(btf: &Btf, strukt: &str, path: &str, shape: Shape) -> Result<u32
     Ok(bits / 8)
 }
 
-fn check_shape(btf: &Btf, t: &Type, shape: Shape) -> Result<(), String> {
-    let ok = match (shape, t) {
-        (Shape::Ptr, Type::Ptr(_)) | (Shape::Struct, Type::Struct(_)) => true,
-        (Shape::Int(n), Type::Int(i)) => i.size() == n,
-        (Shape::Int(n), Type::Enum(e)) => e.size() == n,
-        (Shape::Word4, Type::Int(i)) => i.size() == 4,
-        (Shape::Word4, Type::Union(s) | Type::Struct(s)) => s.size() == 4,
-        (Shape::PtrArray, Type::Array(a)) => {
-            let elem = btf
-                .resolve_chained_type(a)
-                .map_err(|e| format!("array element: {e}"))?;
-            matches!(strip(btf, elem)?, Type::Ptr(_))
+fn check_shape(btf: &Btf, t: &Type<'_>, shape: Shape) -> Result<(), String> {
+    let size = t.size() as usize;
+    let ok = match (shape, t.kind) {
+        (Shape::Ptr, kind::PTR) | (Shape::Struct, kind::STRUCT) => true,
+        (Shape::Int(n), kind::INT | kind::ENUM) => size == n,
+        (Shape::Word4, kind::INT | kind::UNION | kind::STRUCT) => size == 4,
+        (Shape::PtrArray, kind::ARRAY) => {
+            let elem = t
+                .array_elem()
+                .and_then(|id| btf.get(id))
+                .ok_or("array element: no such type")?;
+            strip(btf, elem)?.kind == kind::PTR
         }
         _ => false,
     };
@@ -480,10 +460,36 @@ fn check_shape(btf: &Btf, t: &Type, shape: Shape) -> Result<(), String> {
     }
 }
 
-fn describe(t: &Type) -> String {
-    match t {
-        Type::Int(i) => format!("int of {} bytes", i.size()),
-        Type::Struct(s) | Type::Union(s) => format!("{} of {} bytes", t.name(), s.size()),
-        other => other.name().to_owned(),
+/// The kind's name, as btf_rs and bpftool spell it.
+fn kind_name(k: u8) -> &'static str {
+    match k {
+        kind::INT => "int",
+        kind::PTR => "ptr",
+        kind::ARRAY => "array",
+        kind::STRUCT => "struct",
+        kind::UNION => "union",
+        kind::ENUM => "enum",
+        kind::FWD => "fwd",
+        kind::TYPEDEF => "typedef",
+        kind::VOLATILE => "volatile",
+        kind::CONST => "const",
+        kind::RESTRICT => "restrict",
+        kind::FUNC => "func",
+        kind::FUNC_PROTO => "func-proto",
+        kind::VAR => "var",
+        kind::DATASEC => "datasec",
+        kind::FLOAT => "float",
+        kind::DECL_TAG => "decl-tag",
+        kind::TYPE_TAG => "type-tag",
+        kind::ENUM64 => "enum64",
+        _ => "unknown",
+    }
+}
+
+fn describe(t: &Type<'_>) -> String {
+    match t.kind {
+        kind::INT => format!("int of {} bytes", t.size()),
+        kind::STRUCT | kind::UNION => format!("{} of {} bytes", kind_name(t.kind), t.size()),
+        k => kind_name(k).to_owned(),
     }
 }

@@ -6,6 +6,7 @@
 //! (`tests/data/kernels/`). A file `X` may also be stored as `X.zst`.
 
 pub mod btf;
+pub mod btf_reader;
 pub mod plan;
 pub mod symbols;
 
@@ -15,7 +16,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use ::btf_rs::Btf;
+use btf_reader::Btf;
 use serde::Serialize;
 use thiserror::Error;
 
@@ -35,7 +36,7 @@ pub enum KernelError {
     BadBtf {
         path: PathBuf,
         #[source]
-        source: ::btf_rs::Error,
+        source: btf_reader::BtfError,
     },
     #[error(
         "KVM is not loaded: no KVM types in BTF and no kvm module ({detail}); \
@@ -94,31 +95,8 @@ impl KernelInfo {
     /// Inspects the kernel whose files are below `root`.
     pub fn inspect(root: &Path) -> Result<Self, KernelError> {
         let vmlinux_path = root.join("sys/kernel/btf/vmlinux");
-        let vmlinux = read_maybe_zst(&vmlinux_path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => KernelError::NoBtf {
-                path: vmlinux_path.clone(),
-            },
-            _ => KernelError::Io {
-                path: vmlinux_path.clone(),
-                source: e,
-            },
-        })?;
-        let base = Btf::from_bytes(&vmlinux).map_err(|source| KernelError::BadBtf {
-            path: vmlinux_path.clone(),
-            source,
-        })?;
-
         let symbols_path = root.join("proc/kallsyms");
-        let symbols = match read_maybe_zst(&symbols_path) {
-            Ok(bytes) => Symbols::parse(&String::from_utf8_lossy(&bytes)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Symbols::default(),
-            Err(source) => {
-                return Err(KernelError::Io {
-                    path: symbols_path,
-                    source,
-                });
-            }
-        };
+        let (base, symbols) = read_btf_and_symbols(&vmlinux_path, &symbols_path)?;
 
         // KVM's own BTF wins: a kernel with KVM as a module may still carry
         // copies of KVM's structs in vmlinux BTF, but the module's split BTF
@@ -127,11 +105,10 @@ impl KernelInfo {
         let config = read_config(root);
         let (btf, kvm, btf_sources) = match read_maybe_zst(&module_path) {
             Ok(split) => {
-                let btf =
-                    Btf::from_split_bytes(&split, &base).map_err(|source| KernelError::BadBtf {
-                        path: module_path.clone(),
-                        source,
-                    })?;
+                let btf = Btf::parse_split(split, base).map_err(|source| KernelError::BadBtf {
+                    path: module_path.clone(),
+                    source,
+                })?;
                 (
                     btf,
                     KvmLocation::Module,
@@ -212,6 +189,45 @@ impl KernelInfo {
     pub fn config(&self, key: &str) -> Option<&str> {
         self.config.get(key).map(String::as_str)
     }
+}
+
+/// vmlinux's BTF and kallsyms, read at once: kallsyms takes the kernel tens
+/// of ms to print, so it is read on a thread of its own while BTF is read
+/// and indexed.
+fn read_btf_and_symbols(
+    vmlinux_path: &Path,
+    symbols_path: &Path,
+) -> Result<(Btf, Symbols), KernelError> {
+    std::thread::scope(|scope| {
+        let symbols = scope.spawn(|| match read_maybe_zst(symbols_path) {
+            Ok(bytes) => Ok(Symbols::parse(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Symbols::default()),
+            Err(source) => Err(KernelError::Io {
+                path: symbols_path.to_path_buf(),
+                source,
+            }),
+        });
+        let base = read_maybe_zst(vmlinux_path)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => KernelError::NoBtf {
+                    path: vmlinux_path.to_path_buf(),
+                },
+                _ => KernelError::Io {
+                    path: vmlinux_path.to_path_buf(),
+                    source: e,
+                },
+            })
+            .and_then(|vmlinux| {
+                Btf::parse(vmlinux).map_err(|source| KernelError::BadBtf {
+                    path: vmlinux_path.to_path_buf(),
+                    source,
+                })
+            });
+        let symbols = symbols
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        Ok::<_, KernelError>((base?, symbols?))
+    })
 }
 
 /// Reads `path`, or `path.zst` decompressed.

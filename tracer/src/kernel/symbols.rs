@@ -4,7 +4,10 @@
 //! take a kprobe. A raw tracepoint `X` exists where the kernel or a module
 //! defines `__bpf_trace_X`, the BPF trampoline that raw tracepoints run.
 
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    hash::{BuildHasher, BuildHasherDefault, DefaultHasher},
+};
 
 /// Where a symbol lives.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -17,57 +20,135 @@ pub struct Symbol {
     pub module: Option<String>,
 }
 
-/// Parsed kallsyms.
+/// Parsed kallsyms: the text as read, and where each name's first line
+/// starts, keyed by the name's hash (no string per symbol: kallsyms has
+/// over 100,000 of them, and the tool looks up a few dozen).
 #[derive(Clone, Debug, Default)]
 pub struct Symbols {
-    by_name: HashMap<String, Symbol>,
+    text: Vec<u8>,
+    /// Name hash → start of the first line with a name of that hash; a
+    /// name whose hash another name took first is found by a scan.
+    by_hash: HashMap<u64, u32, BuildHasherDefault<IdHasher>>,
+}
+
+/// The map's keys are hashes already.
+#[derive(Default)]
+pub struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+fn name_hash(name: &[u8]) -> u64 {
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(name)
+}
+
+/// One kallsyms line: `address type name [module]`.
+struct Line<'a> {
+    addr: &'a [u8],
+    kind: u8,
+    name: &'a [u8],
+    module: Option<&'a [u8]>,
+}
+
+fn fields(line: &[u8]) -> Option<Line<'_>> {
+    let mut it = line
+        .split(u8::is_ascii_whitespace)
+        .filter(|w| !w.is_empty());
+    let (addr, kind, name) = (it.next()?, it.next()?, it.next()?);
+    let module = it.next().map(|m| {
+        let m = m.strip_prefix(b"[").unwrap_or(m);
+        m.strip_suffix(b"]").unwrap_or(m)
+    });
+    Some(Line {
+        addr,
+        kind: *kind.first()?,
+        name,
+        module,
+    })
 }
 
 impl Symbols {
-    /// Parses kallsyms text: `address type name [module]` per line.
-    /// Lines that don't fit are skipped.
-    pub fn parse(text: &str) -> Self {
-        let mut by_name = HashMap::new();
-        for line in text.lines() {
-            let mut it = line.split_ascii_whitespace();
-            let (Some(addr), Some(kind), Some(name)) = (it.next(), it.next(), it.next()) else {
+    /// Indexes kallsyms text: `address type name [module]` per line.
+    /// Lines that don't fit are skipped; a name's first line counts.
+    pub fn parse(text: Vec<u8>) -> Self {
+        let mut by_hash = HashMap::with_capacity_and_hasher(
+            text.len() / 40,
+            BuildHasherDefault::<IdHasher>::default(),
+        );
+        let mut start = 0usize;
+        for line in text.split(|&b| b == b'\n') {
+            let at = start;
+            start += line.len() + 1;
+            let Some(Line { name, .. }) = fields(line) else {
                 continue;
             };
-            let Some(kind) = kind.chars().next() else {
-                continue;
+            let Ok(at) = u32::try_from(at) else {
+                break;
             };
-            let module = it
-                .next()
-                .map(|m| m.trim_start_matches('[').trim_end_matches(']').to_owned());
-            by_name.entry(name.to_owned()).or_insert(Symbol {
-                kind,
-                addr: u64::from_str_radix(addr, 16).unwrap_or(0),
-                module,
-            });
+            by_hash.entry(name_hash(name)).or_insert(at);
         }
-        Self { by_name }
+        Self { text, by_hash }
     }
 
+    /// Distinct symbol names.
     pub fn len(&self) -> usize {
-        self.by_name.len()
+        self.by_hash.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_name.is_empty()
+        self.by_hash.is_empty()
+    }
+
+    /// The first line naming `name`.
+    fn get(&self, name: &str) -> Option<Symbol> {
+        let want = name.as_bytes();
+        let at = *self.by_hash.get(&name_hash(want))? as usize;
+        let line_at = |at: usize| {
+            let rest = &self.text[at..];
+            &rest[..rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len())]
+        };
+        let symbol = |line| {
+            let Line {
+                addr,
+                kind,
+                name: n,
+                module,
+            } = fields(line)?;
+            (n == want).then(|| Symbol {
+                kind: char::from(kind),
+                addr: std::str::from_utf8(addr)
+                    .ok()
+                    .and_then(|a| u64::from_str_radix(a, 16).ok())
+                    .unwrap_or(0),
+                module: module.map(|m| String::from_utf8_lossy(m).into_owned()),
+            })
+        };
+        // Another name with the same hash came first: scan for this one.
+        symbol(line_at(at)).or_else(|| self.text.split(|&b| b == b'\n').find_map(symbol))
     }
 
     /// A function symbol (text, local or global), where kprobes can attach.
-    pub fn function(&self, name: &str) -> Option<&Symbol> {
-        self.by_name
-            .get(name)
-            .filter(|s| matches!(s.kind, 't' | 'T'))
+    pub fn function(&self, name: &str) -> Option<Symbol> {
+        self.get(name).filter(|s| matches!(s.kind, 't' | 'T'))
     }
 
     /// The address of a data symbol of vmlinux (a kernel variable), when
     /// kallsyms shows it.
     pub fn variable(&self, name: &str) -> Option<u64> {
-        self.by_name
-            .get(name)
+        self.get(name)
             .filter(|s| matches!(s.kind, 'd' | 'D' | 'b' | 'B' | 'r' | 'R') && s.module.is_none())
             .map(|s| s.addr)
             .filter(|&a| a != 0)
@@ -80,9 +161,9 @@ impl Symbols {
 
     /// Whether any symbol belongs to `module`.
     pub fn has_module(&self, module: &str) -> bool {
-        self.by_name
-            .values()
-            .any(|s| s.module.as_deref() == Some(module))
+        self.text
+            .split(|&b| b == b'\n')
+            .any(|l| fields(l).and_then(|f| f.module) == Some(module.as_bytes()))
     }
 }
 
@@ -93,11 +174,13 @@ mod tests {
     #[test]
     fn parses_vmlinux_and_module_symbols() {
         let s = Symbols::parse(
-            "ffffffff812e1bf0 T kvm_mmu_load\n\
+            b"ffffffff812e1bf0 T kvm_mmu_load\n\
              0000000000000000 t kvm_mmu_zap_all_fast\t[kvm]\n\
              ffffffff81295ac0 t __bpf_trace_kvm_entry\n\
              ffffffff81000000 D some_data\n\
-             garbage\n",
+             ffffffff81000001 D some_data\n\
+             garbage\n"
+                .to_vec(),
         );
         assert_eq!(s.len(), 4);
         assert_eq!(s.function("kvm_mmu_load").unwrap().module, None);
