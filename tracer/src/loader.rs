@@ -74,12 +74,46 @@ fn raise_memlock() {
 
 type Logger = EbpfLogger<&'static dyn log::Log>;
 
+/// A loader made ahead of time (see [`prepare`]).
+static PREPARED: std::sync::Mutex<Option<std::thread::JoinHandle<EbpfLoader<'static>>>> =
+    std::sync::Mutex::new(None);
+
+/// Starts making the eBPF loader on a thread of its own, while the caller
+/// inspects the kernel: aya's `EbpfLoader::new` parses all of vmlinux's BTF
+/// (tens of ms) though the tool gives it none (`btf(None)`: no CO-RE
+/// relocations, the offsets come from the tool's own BTF pass), and probes
+/// the kernel's BPF features on first use.
+pub fn prepare() {
+    let handle = std::thread::spawn(|| {
+        let mut loader = EbpfLoader::new();
+        loader.btf(None);
+        let _ = aya::features();
+        loader
+    });
+    *PREPARED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(handle);
+}
+
+/// The prepared loader, or a new one.
+fn loader() -> EbpfLoader<'static> {
+    let prepared = PREPARED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    prepared.and_then(|h| h.join().ok()).unwrap_or_else(|| {
+        let mut loader = EbpfLoader::new();
+        loader.btf(None);
+        loader
+    })
+}
+
 /// Creates the maps and sets the plan's globals; loads no program yet.
 fn open(plan: &AttachPlan, ringbuf_bytes: u32) -> Result<(Ebpf, Option<Logger>)> {
     raise_memlock();
     // No CO-RE relocations: every offset comes from our own BTF pass, so
     // aya need not parse the kernel's BTF a second time.
-    let mut ebpf = EbpfLoader::new()
+    let mut ebpf = loader()
         .btf(None)
         .override_global("OFFSETS", &plan.offsets, true)
         .override_global("PROBE_CONFIG", &plan.config, true)

@@ -93,6 +93,7 @@ pub fn run(opts: &WatchOptions) -> Result<(), Failure> {
              `setpriv --ambient-caps=+bpf,+perfmon`); `tracer doctor` works without them"
         )));
     }
+    crate::loader::prepare();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -199,7 +199,7 @@ fn read_btf_and_symbols(
     symbols_path: &Path,
 ) -> Result<(Btf, Symbols), KernelError> {
     std::thread::scope(|scope| {
-        let symbols = scope.spawn(|| match read_maybe_zst(symbols_path) {
+        let symbols = scope.spawn(|| match read_proc(symbols_path) {
             Ok(bytes) => Ok(Symbols::parse(bytes)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Symbols::default()),
             Err(source) => Err(KernelError::Io {
@@ -228,6 +228,22 @@ fn read_btf_and_symbols(
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         Ok::<_, KernelError>((base?, symbols?))
     })
+}
+
+/// Reads a procfs file (it reports no size: growing a buffer by doubling
+/// would copy it and hold twice its size at the peak), or a fixture's
+/// `path`/`path.zst`.
+fn read_proc(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    match std::fs::File::open(path) {
+        Ok(mut f) if f.metadata().is_ok_and(|m| m.len() == 0) => {
+            // kallsyms is 5-8 MB on distribution kernels.
+            let mut buf = Vec::with_capacity(16 << 20);
+            f.read_to_end(&mut buf)?;
+            Ok(buf)
+        }
+        _ => read_maybe_zst(path),
+    }
 }
 
 /// Reads `path`, or `path.zst` decompressed.
