@@ -7,6 +7,7 @@ pub mod config;
 pub mod detector;
 pub mod doctor;
 pub mod event;
+pub mod event_json;
 pub mod hexfmt;
 pub mod human;
 pub mod kernel;

@@ -438,11 +438,20 @@ pub fn parse(text: &str) -> Result<Record, String> {
             .as_deref()
             .ok_or_else(|| "no \"record\" field".to_owned())?
     };
-    let bad = |what: &str, e: serde_json::Error| format!("bad {what} record ({e})");
+    // A line that is not JSON at all reads as such, whichever way its type
+    // was found (the full tag parse stops at the same place).
+    let bad = |what: &str, e: serde_json::Error| {
+        if e.is_syntax() || e.is_eof() {
+            format!("not a JSON record ({e})")
+        } else {
+            format!("bad {what} record ({e})")
+        }
+    };
     Ok(match kind {
-        "event" => Record::Event(Box::new(
-            serde_json::from_str(text).map_err(|e| bad("event", e))?,
-        )),
+        "event" => Record::Event(Box::new(match crate::event_json::parse_event(text) {
+            Some(ev) => ev,
+            None => serde_json::from_str(text).map_err(|e| bad("event", e))?,
+        })),
         "finding" => Record::Finding(Box::new(
             serde_json::from_str(text).map_err(|e| bad("finding", e))?,
         )),
