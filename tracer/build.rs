@@ -19,6 +19,7 @@ fn main() -> anyhow::Result<()> {
     let root = manifest
         .parent()
         .context("tracer has no parent directory")?;
+    stamp_build(root);
     let tools_bin = root.join(".tools").join("bin");
     let linker = tools_bin.join("bpf-linker");
     println!("cargo:rerun-if-changed={}", linker.display());
@@ -64,6 +65,60 @@ fn main() -> anyhow::Result<()> {
     .with_context(|| {
         format!("building the eBPF probes failed; if the toolchain is the cause, {FIX}")
     })
+}
+
+/// The git revision and the build date, for `--version` and the
+/// `build_info` metric: `TRACER_GIT_REV` / `SOURCE_DATE_EPOCH` when set (a
+/// build from a tarball, a reproducible build), else git and the clock.
+fn stamp_build(root: &Path) {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .arg("-C")
+            .arg(root)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    let rev = env::var("TRACER_GIT_REV")
+        .ok()
+        .or_else(|| git(&["rev-parse", "--short=12", "HEAD"]))
+        .unwrap_or_else(|| "unknown".into());
+    let date_args = match env::var("SOURCE_DATE_EPOCH") {
+        Ok(epoch) => vec![
+            "-u".to_owned(),
+            "-d".to_owned(),
+            format!("@{epoch}"),
+            "+%F".to_owned(),
+        ],
+        Err(_) => vec!["-u".to_owned(), "+%F".to_owned()],
+    };
+    let date = Command::new("date")
+        .args(&date_args)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map_or_else(
+            || "unknown".into(),
+            |o| String::from_utf8_lossy(&o.stdout).trim().to_owned(),
+        );
+    println!("cargo:rustc-env=TRACER_GIT_REV={rev}");
+    println!("cargo:rustc-env=TRACER_BUILD_DATE={date}");
+    println!("cargo:rerun-if-env-changed=TRACER_GIT_REV");
+    println!("cargo:rerun-if-env-changed=SOURCE_DATE_EPOCH");
+    // A new commit (HEAD moves, or the branch it names does).
+    if let Some(dir) = git(&["rev-parse", "--absolute-git-dir"]) {
+        let dir = PathBuf::from(dir);
+        println!("cargo:rerun-if-changed={}", dir.join("HEAD").display());
+        if let Some(head) = git(&["symbolic-ref", "-q", "HEAD"]) {
+            println!("cargo:rerun-if-changed={}", dir.join(head).display());
+        }
+        println!(
+            "cargo:rerun-if-changed={}",
+            dir.join("packed-refs").display()
+        );
+    }
 }
 
 fn check_rust_src() -> anyhow::Result<()> {

@@ -24,6 +24,20 @@ pub mod vmid;
 pub mod watch;
 pub mod web;
 
+/// The tracer's version, the git revision it was built from, and the build
+/// date: `tracer --version` and the `build_info` metric.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub const GIT_REVISION: &str = env!("TRACER_GIT_REV");
+pub const BUILD_DATE: &str = env!("TRACER_BUILD_DATE");
+pub const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (git ",
+    env!("TRACER_GIT_REV"),
+    ", built ",
+    env!("TRACER_BUILD_DATE"),
+    ")"
+);
+
 /// Exit code for a usage or runtime error.
 pub const EXIT_ERROR: u8 = 2;
 /// Exit code for an environment the tracer can't run in.

@@ -22,7 +22,7 @@ use tracer::{
 #[derive(Parser)]
 #[command(
     name = "tracer",
-    version,
+    version = tracer::LONG_VERSION,
     about = "Trace KVM MMU root lifecycles with eBPF and catch vCPUs running with an invalid TDX mirror root",
     term_width = 80,
     max_term_width = 80,

@@ -105,7 +105,9 @@ pub fn render(s: &MetricsState) -> String {
         "build",
         "Version of the tracer and the kernel it runs on",
         Info::new(vec![
-            ("version".to_owned(), env!("CARGO_PKG_VERSION").to_owned()),
+            ("version".to_owned(), crate::VERSION.to_owned()),
+            ("revision".to_owned(), crate::GIT_REVISION.to_owned()),
+            ("build_date".to_owned(), crate::BUILD_DATE.to_owned()),
             ("kernel_release".to_owned(), s.kernel_release.clone()),
         ]),
     );
@@ -723,9 +725,11 @@ mod tests {
         s.tracked_vcpus = 7;
         let text = render(&s);
         assert!(
-            text.contains(
-                r#"kvm_root_tracer_build_info{version="0.1.0",kernel_release="6.18.0"} 1"#
-            ),
+            text.contains(&format!(
+                "kvm_root_tracer_build_info{{version=\"0.1.0\",revision=\"{}\",build_date=\"{}\",kernel_release=\"6.18.0\"}} 1",
+                crate::GIT_REVISION,
+                crate::BUILD_DATE
+            )),
             "{text}"
         );
         assert!(text.contains(r#"kvm_root_tracer_events_total{probe="kvm_mmu_zap_all_fast_tp",kind="zap_all_fast"} 3"#), "{text}");

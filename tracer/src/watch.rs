@@ -93,6 +93,7 @@ pub fn run(opts: &WatchOptions) -> Result<(), Failure> {
              `setpriv --ambient-caps=+bpf,+perfmon`); `tracer doctor` works without them"
         )));
     }
+    one_heap();
     crate::loader::prepare();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -148,9 +149,31 @@ fn plan_live(opts: &WatchOptions) -> Result<kernel::AttachPlan, kernel::KernelEr
     // The plan holds everything needed now: BTF and kallsyms (a few MB)
     // go back.
     drop(info);
-    // SAFETY: malloc_trim only returns free heap pages to the kernel.
-    unsafe { libc::malloc_trim(0) };
+    trim_heap();
     Ok(plan)
+}
+
+/// One malloc arena for the long-running process: start-up's scratch
+/// (BTF, kallsyms, the loader made on a thread) is freed in one heap that
+/// [`trim_heap`] can give back, instead of per-thread arenas that keep it
+/// (measured: 22 MiB idle with them, 15.5 MiB with one).
+fn one_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets an allocator parameter; called before the
+    // process starts its other threads.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
+/// Gives free heap pages back to the kernel after start-up's scratch
+/// (glibc keeps them; musl's allocator returns them by itself).
+fn trim_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// How often a daemon without KVM looks again.
@@ -708,8 +731,7 @@ async fn watch(
         Session::start(plan, opts.ringbuf_bytes, opts.baseline).map_err(Failure::from)?;
     report_attach(&session, plan, opts)?;
     // Loading parsed and relocated the object: give the scratch back.
-    // SAFETY: malloc_trim only returns free heap pages to the kernel.
-    unsafe { libc::malloc_trim(0) };
+    trim_heap();
     count_attached(&metrics, plan, &session);
     inject(&mut p, &opts.service.inject)?;
 

@@ -484,3 +484,37 @@ fn every_help_fits_80_columns_with_an_example() {
         );
     }
 }
+
+/// `--version` names the git revision the binary was built from and the
+/// build date, as the `build_info` metric does.
+#[test]
+fn version_names_the_revision_and_the_build_date() {
+    let r = run(tracer().arg("--version"));
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let line = r.stdout.trim();
+    let rest = line
+        .strip_prefix(concat!("tracer ", env!("CARGO_PKG_VERSION"), " (git "))
+        .unwrap_or_else(|| panic!("{line}"));
+    let (rev, date) = rest
+        .strip_suffix(')')
+        .and_then(|r| r.split_once(", built "))
+        .unwrap_or_else(|| panic!("{line}"));
+    assert_eq!(rev, tracer::GIT_REVISION, "{line}");
+    assert!(
+        rev.len() == 12 && rev.bytes().all(|b| b.is_ascii_hexdigit()),
+        "a 12-digit revision from this checkout: {line}"
+    );
+    let head = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    // The build script runs again when HEAD moves: the binary under test
+    // names the commit checked out.
+    assert_eq!(rev, String::from_utf8_lossy(&head.stdout).trim(), "{line}");
+    let d = date.as_bytes();
+    assert!(
+        d.len() == 10 && d[4] == b'-' && d[7] == b'-' && date.starts_with("20"),
+        "a YYYY-MM-DD build date: {line}"
+    );
+}

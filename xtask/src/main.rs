@@ -6,6 +6,7 @@
 //! - `cargo xtask test`: fmt, clippy, and every test.
 
 mod bench;
+mod dist;
 mod inject;
 mod vmtest;
 
@@ -66,6 +67,16 @@ enum Task {
         #[arg(long)]
         no_vm: bool,
     },
+    /// Build the release artifacts into target/dist/: the static (musl)
+    /// binary and SHA256SUMS. Adds the musl target with rustup and Debian's
+    /// musl-tools (as root) when missing.
+    Dist {
+        /// Then run the static binary in a minimal Debian bullseye root
+        /// (glibc 2.31; made with mmdebstrap, root only): --version and a
+        /// simulate | replay round trip.
+        #[arg(long)]
+        check: bool,
+    },
     /// Regenerate the README's captures (the `top` screen, the `watch`
     /// sample) from their commands; the tests then check them (the `watch`
     /// sample needs root and /dev/kvm).
@@ -101,6 +112,14 @@ fn main() -> Result<()> {
             setup(&root)?;
             build_release(&root)?;
             bench::bench(&root, &bench::Options { churns, no_vm })
+        }
+        Task::Dist { check } => {
+            setup(&root)?;
+            let artifacts = dist::dist(&root)?;
+            if check {
+                dist::check(&root, &artifacts)?;
+            }
+            Ok(())
         }
         Task::Readme => {
             setup(&root)?;
@@ -302,10 +321,16 @@ fn build_release(root: &Path) -> Result<()> {
 
 /// Runs cargo (the toolchain that runs xtask) in the repository.
 fn cargo(root: &Path, args: &[&str]) -> Result<()> {
+    cargo_with_env(root, args, &[])
+}
+
+/// [`cargo`] with these environment variables set.
+fn cargo_with_env(root: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     eprintln!("xtask: cargo {}", args.join(" "));
     let status = Command::new(cargo)
         .args(args)
+        .envs(env.iter().copied())
         .current_dir(root)
         .status()
         .context("failed to start cargo")?;

@@ -532,7 +532,10 @@ fn build_initramfs(
         c.file(&format!("lib/modules/{name}.ko"), 0o644, bytes);
     }
     let mut shipped = std::collections::BTreeSet::new();
-    for bin in [tracer, workload] {
+    c.file("usr/bin/tracer", 0o755, &std::fs::read(tracer)?);
+    // The test workload is an ordinary (dynamic) program: its libraries go
+    // in with it.
+    for bin in [workload] {
         let name = bin.file_name().unwrap().to_string_lossy().into_owned();
         c.file(&format!("usr/bin/{name}"), 0o755, &std::fs::read(bin)?);
         for lib in libs(bin)? {
@@ -1026,7 +1029,8 @@ fn boot(
     ));
     std::fs::create_dir_all(&work)?;
     let modules = kvm_modules(&kernel_dir, release)?;
-    let tracer = root.join("target/release/tracer");
+    // The static binary, as shipped: no library copied for it.
+    let tracer = crate::dist::build_static(root)?;
     let workload = root.join("target/release/examples/kvm_workload");
     let initrd = work.join("initramfs.cpio");
     build_initramfs(&initrd, &modules, &tracer, &workload, w)?;
