@@ -229,6 +229,11 @@ impl Style {
 /// `2026-11-28 20:18:30.123456` in the local time zone (libc's, from
 /// `TZ` or /etc/localtime).
 pub fn local_time(ns: u64) -> String {
+    #[allow(
+        deprecated,
+        reason = "the libc crate marks time_t deprecated on musl (it changed to 64 bits in musl \
+                  1.2, which the static build uses); it is what localtime_r takes"
+    )]
     let secs = (ns / 1_000_000_000) as libc::time_t;
     // SAFETY: an all-zero `tm` is a valid out-parameter.
     let mut tm: libc::tm = unsafe { std::mem::zeroed() };

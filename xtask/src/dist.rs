@@ -71,9 +71,9 @@ pub fn dist(root: &Path) -> Result<Artifacts> {
     std::fs::write(dist.join("SHA256SUMS"), format!("{sums}\n"))?;
     let size = std::fs::metadata(&out)?.len();
     println!(
-        "dist: {} ({:.1} MiB, static) and SHA256SUMS in {} s",
+        "dist: {} ({} KiB, static) and SHA256SUMS in {} s",
         out.display(),
-        size as f64 / (1024.0 * 1024.0),
+        size / 1024,
         started.elapsed().as_secs()
     );
     Ok(Artifacts { static_binary: out })
