@@ -338,6 +338,20 @@ impl Btf {
 mod tests {
     use super::*;
 
+    /// A BTF blob of these type records and strings, behind its header.
+    fn with_header(types: &[u8], strs: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&MAGIC.to_le_bytes());
+        out.extend_from_slice(&[1, 0]);
+        let (t, s) = (types.len() as u32, strs.len() as u32);
+        for w in [24u32, 0, t, t, s] {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+        out.extend_from_slice(types);
+        out.extend_from_slice(strs);
+        out
+    }
+
     /// A tiny BTF blob: `int` (4 bytes), `struct s { int a; int *b; }`,
     /// `typedef struct s s_t`.
     fn blob() -> Vec<u8> {
@@ -358,21 +372,7 @@ mod tests {
         rec(&[9, 2, 64]); // b: int * at bit 64
         // [4] typedef s_t -> [3]
         rec(&[11, u32::from(kind::TYPEDEF) << 24, 3]);
-        let mut out = Vec::new();
-        out.extend_from_slice(&MAGIC.to_le_bytes());
-        out.extend_from_slice(&[1, 0]);
-        for w in [
-            24u32,
-            0,
-            types.len() as u32,
-            types.len() as u32,
-            strs.len() as u32,
-        ] {
-            out.extend_from_slice(&w.to_le_bytes());
-        }
-        out.extend_from_slice(&types);
-        out.extend_from_slice(&strs);
-        out
+        with_header(&types, &strs)
     }
 
     #[test]
@@ -421,21 +421,7 @@ mod tests {
         ] {
             types.extend_from_slice(&w.to_le_bytes());
         }
-        let mut out = Vec::new();
-        out.extend_from_slice(&MAGIC.to_le_bytes());
-        out.extend_from_slice(&[1, 0]);
-        for w in [
-            24u32,
-            0,
-            types.len() as u32,
-            types.len() as u32,
-            strs.len() as u32,
-        ] {
-            out.extend_from_slice(&w.to_le_bytes());
-        }
-        out.extend_from_slice(&types);
-        out.extend_from_slice(&strs);
-        let btf = Btf::parse_split(out, base).unwrap();
+        let btf = Btf::parse_split(with_header(&types, &strs), base).unwrap();
         let m = btf.by_name("m", &[kind::STRUCT]).next().unwrap();
         assert_eq!(m.id, 5);
         let x = btf.members(&m).next().unwrap();

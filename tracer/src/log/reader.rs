@@ -231,16 +231,24 @@ pub fn read_all_pipelined(
     stats: &mut ReadStats,
     mut on_record: impl FnMut(Record),
 ) {
-    /// Records per hand-over, and hand-overs in flight at most.
+    /// Events per hand-over (a finding counts its evidence), and
+    /// hand-overs in flight at most: what the reader runs ahead by stays
+    /// bounded even when each line is a finding with thousands of events.
     const BATCH: usize = 1024;
-    const IN_FLIGHT: usize = 8;
+    const IN_FLIGHT: usize = 4;
     std::thread::scope(|scope| {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Record>>(IN_FLIGHT);
         let reader = scope.spawn(move || {
             let mut batch = Vec::with_capacity(BATCH);
+            let mut weight = 0;
             read_all(inputs, stats, |_, record| {
+                weight += match &record {
+                    Record::Finding(f) => 1 + f.evidence.len(),
+                    _ => 1,
+                };
                 batch.push(record);
-                if batch.len() == BATCH {
+                if weight >= BATCH {
+                    weight = 0;
                     // The receiver only goes away if it panicked.
                     let _ = tx.send(std::mem::replace(&mut batch, Vec::with_capacity(BATCH)));
                 }
