@@ -85,8 +85,7 @@ static PREPARED: std::sync::Mutex<Option<std::thread::JoinHandle<EbpfLoader<'sta
 /// the kernel's BPF features on first use.
 pub fn prepare() {
     let handle = std::thread::spawn(|| {
-        let mut loader = EbpfLoader::new();
-        loader.btf(None);
+        let loader = new_loader();
         let _ = aya::features();
         loader
     });
@@ -101,20 +100,24 @@ fn loader() -> EbpfLoader<'static> {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .take();
-    prepared.and_then(|h| h.join().ok()).unwrap_or_else(|| {
-        let mut loader = EbpfLoader::new();
-        loader.btf(None);
-        loader
-    })
+    prepared
+        .and_then(|h| h.join().ok())
+        .unwrap_or_else(new_loader)
+}
+
+/// A loader without the kernel's BTF: no CO-RE relocations, every offset
+/// comes from the tool's own BTF pass (`EbpfLoader::new` parsed it anyway;
+/// this drops it).
+fn new_loader() -> EbpfLoader<'static> {
+    let mut loader = EbpfLoader::new();
+    loader.btf(None);
+    loader
 }
 
 /// Creates the maps and sets the plan's globals; loads no program yet.
 fn open(plan: &AttachPlan, ringbuf_bytes: u32) -> Result<(Ebpf, Option<Logger>)> {
     raise_memlock();
-    // No CO-RE relocations: every offset comes from our own BTF pass, so
-    // aya need not parse the kernel's BTF a second time.
     let mut ebpf = loader()
-        .btf(None)
         .override_global("OFFSETS", &plan.offsets, true)
         .override_global("PROBE_CONFIG", &plan.config, true)
         .map_max_entries("EVENTS", ringbuf_bytes)

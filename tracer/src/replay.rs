@@ -646,6 +646,8 @@ struct VmGroup {
     head: String,
     /// The VMM's pid, to name the VM from the log's `vm` records.
     pid: Option<i32>,
+    /// The guest's name, from a finding that carries it.
+    name: Option<String>,
     /// (vCPU id, time) → row; `None` is the VM's own events (zaps,
     /// invalidations), shown in each vCPU's history at their time.
     rows: Vec<(Option<i32>, u64, String)>,
@@ -674,6 +676,7 @@ impl Timeline {
                     vm_type.map_or("?", crate::event::vm_type_name),
                 ),
                 pid,
+                name: None,
                 rows: Vec::new(),
             });
             self.vms.len() - 1
@@ -762,15 +765,10 @@ impl Timeline {
             f.severity.name().to_uppercase(),
             f.kind.name()
         );
-        let name =
-            f.vm.as_ref()
-                .and_then(|v| v.display_name())
-                .map(str::to_owned);
+        let name = f.vm.as_ref().and_then(|v| v.display_name());
         let g = self.group(f.kvm, f.userspace_pid, None);
-        if let Some(n) = name
-            && !g.head.contains(" name=")
-        {
-            g.head = format!("{} name={n}", g.head);
+        if g.name.is_none() {
+            g.name = name.map(str::to_owned);
         }
         g.rows.push((f.vcpu_id, f.ts_ns, text));
         None
@@ -781,14 +779,14 @@ impl Timeline {
     fn render(&self, names: &crate::vmid::VmNames) -> String {
         let mut s = String::new();
         for g in &self.vms {
-            match names.get(g.pid).and_then(|v| v.display_name()) {
-                Some(n) if !g.head.contains(" name=") => {
-                    let _ = writeln!(s, "{} name={n}", g.head);
-                }
-                _ => {
-                    let _ = writeln!(s, "{}", g.head);
-                }
-            }
+            let name = g
+                .name
+                .as_deref()
+                .or_else(|| names.get(g.pid)?.display_name());
+            let _ = match name {
+                Some(n) => writeln!(s, "{} name={n}", g.head),
+                None => writeln!(s, "{}", g.head),
+            };
             let mut vcpus: Vec<i32> = g.rows.iter().filter_map(|r| r.0).collect();
             vcpus.sort_unstable();
             vcpus.dedup();

@@ -64,6 +64,37 @@ struct Blob {
     offsets: Vec<u32>,
 }
 
+/// The kind in a type's `info` word (bits 24-28).
+fn info_kind(info: u32) -> u8 {
+    ((info >> 24) & 0x1f) as u8
+}
+
+/// The member, parameter or value count in a type's `info` word.
+fn info_vlen(info: u32) -> usize {
+    (info & 0xffff) as usize
+}
+
+/// Bytes a record of kind `k` carries after its `struct btf_type`; `None`
+/// for a kind this reader does not know (the record's size is unknown).
+fn extra_len(k: u8, vlen: usize) -> Option<usize> {
+    Some(match k {
+        kind::INT | kind::VAR | kind::DECL_TAG => 4,
+        kind::ARRAY => 12,
+        kind::STRUCT | kind::UNION | kind::DATASEC | kind::ENUM64 => 12 * vlen,
+        kind::ENUM | kind::FUNC_PROTO => 8 * vlen,
+        kind::PTR
+        | kind::FWD
+        | kind::TYPEDEF
+        | kind::VOLATILE
+        | kind::CONST
+        | kind::RESTRICT
+        | kind::FUNC
+        | kind::FLOAT
+        | kind::TYPE_TAG => 0,
+        _ => return None,
+    })
+}
+
 fn u32_at(b: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
 }
@@ -101,23 +132,9 @@ impl Blob {
             let Some(info) = u32_at(&data, at + 4) else {
                 return err(format!("a type record is cut at byte {at}"));
             };
-            let vlen = (info & 0xffff) as usize;
-            let k = ((info >> 24) & 0x1f) as u8;
-            let extra = match k {
-                kind::INT | kind::VAR | kind::DECL_TAG => 4,
-                kind::ARRAY => 12,
-                kind::STRUCT | kind::UNION | kind::DATASEC | kind::ENUM64 => 12 * vlen,
-                kind::ENUM | kind::FUNC_PROTO => 8 * vlen,
-                kind::PTR
-                | kind::FWD
-                | kind::TYPEDEF
-                | kind::VOLATILE
-                | kind::CONST
-                | kind::RESTRICT
-                | kind::FUNC
-                | kind::FLOAT
-                | kind::TYPE_TAG => 0,
-                other => return err(format!("unknown BTF kind {other} at byte {at}")),
+            let (k, vlen) = (info_kind(info), info_vlen(info));
+            let Some(extra) = extra_len(k, vlen) else {
+                return err(format!("unknown BTF kind {k} at byte {at}"));
             };
             let Ok(off) = u32::try_from(at) else {
                 return err("BTF larger than 4 GiB");
@@ -265,16 +282,9 @@ impl Btf {
         let name_off = u32_at(d, at)?;
         let info = u32_at(d, at + 4)?;
         let word = u32_at(d, at + 8)?;
-        let vlen = (info & 0xffff) as usize;
-        let k = ((info >> 24) & 0x1f) as u8;
-        let extra_len = match k {
-            kind::INT | kind::VAR | kind::DECL_TAG => 4,
-            kind::ARRAY => 12,
-            kind::STRUCT | kind::UNION | kind::DATASEC | kind::ENUM64 => 12 * vlen,
-            kind::ENUM | kind::FUNC_PROTO => 8 * vlen,
-            _ => 0,
-        };
-        let extra = d.get(at + TYPE_LEN..at + TYPE_LEN + extra_len)?;
+        let (k, vlen) = (info_kind(info), info_vlen(info));
+        // Every record's kind was checked when the blob was indexed.
+        let extra = d.get(at + TYPE_LEN..at + TYPE_LEN + extra_len(k, vlen)?)?;
         Some(Type {
             id,
             kind: k,
@@ -303,7 +313,7 @@ impl Btf {
             .filter(move |&(_, &at)| {
                 let at = at as usize;
                 let info = u32_at(d, at + 4).unwrap_or(0);
-                kinds.contains(&(((info >> 24) & 0x1f) as u8))
+                kinds.contains(&info_kind(info))
                     && u32_at(d, at).is_some_and(|off| self.name(off) == want)
             })
             .filter_map(move |(i, _)| self.get(self.first_id + i as u32));

@@ -28,27 +28,7 @@ pub struct Symbols {
     text: Vec<u8>,
     /// Name hash → start of the first line with a name of that hash; a
     /// name whose hash another name took first is found by a scan.
-    by_hash: HashMap<u64, u32, BuildHasherDefault<IdHasher>>,
-}
-
-/// The map's keys are hashes already.
-#[derive(Default)]
-pub struct IdHasher(u64);
-
-impl std::hash::Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 << 8) | u64::from(b);
-        }
-    }
-
-    fn write_u64(&mut self, v: u64) {
-        self.0 = v;
-    }
+    by_hash: HashMap<u64, u32>,
 }
 
 fn name_hash(name: &[u8]) -> u64 {
@@ -84,10 +64,7 @@ impl Symbols {
     /// Indexes kallsyms text: `address type name [module]` per line.
     /// Lines that don't fit are skipped; a name's first line counts.
     pub fn parse(text: Vec<u8>) -> Self {
-        let mut by_hash = HashMap::with_capacity_and_hasher(
-            text.len() / 40,
-            BuildHasherDefault::<IdHasher>::default(),
-        );
+        let mut by_hash = HashMap::with_capacity(text.len() / 40);
         let mut start = 0usize;
         for line in text.split(|&b| b == b'\n') {
             let at = start;

@@ -539,11 +539,24 @@ impl Replay {
 
     /// The next event the reader has, if it has one now.
     fn next_event(&mut self) -> Option<Event> {
+        self.next_from(Receiver::try_recv)
+    }
+
+    /// The next event, waiting for the reader; `None` at the log's end.
+    fn next_event_blocking(&mut self) -> Option<Event> {
+        self.next_from(|rx| rx.recv().map_err(|_| TryRecvError::Disconnected))
+    }
+
+    /// The next event `recv` hands over, taking in what comes before it.
+    fn next_from(
+        &mut self,
+        recv: impl Fn(&Receiver<Fed>) -> Result<Fed, TryRecvError>,
+    ) -> Option<Event> {
         if let Some(ev) = self.pending.take() {
             return Some(ev);
         }
         while self.end.is_none() {
-            match self.rx.try_recv() {
+            match recv(&self.rx) {
                 Ok(Fed::Event(ev)) => return Some(*ev),
                 Ok(Fed::Lost(n)) => self.lost += n,
                 Ok(Fed::Vm(v)) => self.names.push(*v),
@@ -571,19 +584,6 @@ impl Replay {
             }
         }
         None
-    }
-
-    /// The next event, waiting for the reader; `None` at the log's end.
-    fn next_event_blocking(&mut self) -> Option<Event> {
-        loop {
-            if let Some(ev) = self.next_event() {
-                return Some(ev);
-            }
-            if self.end.is_some() {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
     }
 
     fn pump(&mut self, s: &mut TopState) {
