@@ -107,17 +107,25 @@ fn stamp_build(root: &Path) {
     println!("cargo:rustc-env=TRACER_BUILD_DATE={date}");
     println!("cargo:rerun-if-env-changed=TRACER_GIT_REV");
     println!("cargo:rerun-if-env-changed=SOURCE_DATE_EPOCH");
-    // A new commit (HEAD moves, or the branch it names does).
+    // A new commit (HEAD moves, or the branch it names does). Only files
+    // that exist: cargo counts a missing one as changed, every build.
     if let Some(dir) = git(&["rev-parse", "--absolute-git-dir"]) {
         let dir = PathBuf::from(dir);
-        println!("cargo:rerun-if-changed={}", dir.join("HEAD").display());
-        if let Some(head) = git(&["symbolic-ref", "-q", "HEAD"]) {
-            println!("cargo:rerun-if-changed={}", dir.join(head).display());
+        let head = git(&["symbolic-ref", "-q", "HEAD"]);
+        for file in [
+            Some("HEAD"),
+            head.as_deref(),
+            Some("refs/heads"),
+            Some("packed-refs"),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let path = dir.join(file);
+            if path.exists() {
+                println!("cargo:rerun-if-changed={}", path.display());
+            }
         }
-        println!(
-            "cargo:rerun-if-changed={}",
-            dir.join("packed-refs").display()
-        );
     }
 }
 

@@ -13,6 +13,7 @@ pub mod human;
 pub mod kernel;
 pub mod loader;
 pub mod log;
+pub mod manual;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;

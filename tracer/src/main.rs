@@ -80,6 +80,24 @@ enum Command {
         after_help = "Example:\n  tracer top --replay /var/lib/kvm-root-tracer/log --speed 100"
     )]
     Top(TopArgs),
+    /// Man pages and shell completions, from this CLI's definition (used
+    /// by `cargo xtask dist` for the Debian package).
+    #[command(hide = true, subcommand)]
+    Generate(Generate),
+}
+
+#[derive(Subcommand)]
+enum Generate {
+    /// Write tracer.1 and tracer-COMMAND.1 into DIR.
+    Man {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
+    /// Print the completion script for SHELL.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[cfg(feature = "top")]
@@ -741,6 +759,7 @@ fn main() -> ExitCode {
             })
         }),
         Command::Run(args) => run_daemon(&args, launched),
+        Command::Generate(what) => generate(what),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -749,6 +768,21 @@ fn main() -> ExitCode {
             ExitCode::from(code)
         }
     }
+}
+
+fn generate(what: Generate) -> Result<(), Failure> {
+    use clap::CommandFactory as _;
+    match what {
+        Generate::Man { dir } => {
+            for page in tracer::manual::man_pages(Cli::command(), &dir)? {
+                println!("{}", dir.join(page).display());
+            }
+        }
+        Generate::Completion { shell } => {
+            tracer::manual::completion(Cli::command(), shell, &mut std::io::stdout().lock());
+        }
+    }
+    Ok(())
 }
 
 fn simulate(args: &SimulateArgs) -> Result<(), Failure> {
