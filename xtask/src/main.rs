@@ -68,14 +68,21 @@ enum Task {
         no_vm: bool,
     },
     /// Build the release artifacts into target/dist/: the static (musl)
-    /// binary and SHA256SUMS. Adds the musl target with rustup and Debian's
+    /// binary, the Debian package, the OCI image (root only: buildah) and
+    /// SHA256SUMS. Adds the musl target with rustup and Debian's
     /// musl-tools (as root) when missing.
     Dist {
-        /// Then run the static binary in a minimal Debian bullseye root
-        /// (glibc 2.31; made with mmdebstrap, root only): --version and a
-        /// simulate | replay round trip.
+        /// Then use each artifact on clean Debian roots made with
+        /// mmdebstrap (root only): the static binary in bullseye (glibc
+        /// 2.31); lintian, then install, upgrade, remove and purge of the
+        /// .deb in bookworm and trixie; the image's layers as a root.
         #[arg(long)]
         check: bool,
+        /// Only make (or keep) the clean roots --check uses, in
+        /// target/dist-check/, and stop: `.ci/run` makes them in the
+        /// background while the tests run.
+        #[arg(long, conflicts_with = "check")]
+        prepare_roots: bool,
     },
     /// Regenerate the README's captures (the `top` screen, the `watch`
     /// sample) from their commands; the tests then check them (the `watch`
@@ -113,7 +120,11 @@ fn main() -> Result<()> {
             build_release(&root)?;
             bench::bench(&root, &bench::Options { churns, no_vm })
         }
-        Task::Dist { check } => {
+        Task::Dist {
+            prepare_roots: true,
+            ..
+        } => dist::prepare_roots(&root),
+        Task::Dist { check, .. } => {
             setup(&root)?;
             let artifacts = dist::dist(&root)?;
             if check {
@@ -236,6 +247,27 @@ pub fn apt_install(wanted: &[(&str, &str)]) -> Result<()> {
         );
         return Ok(());
     }
+    // One xtask at a time installs (`.ci/run` makes the Debian roots in the
+    // background while the tests run): the policy-rc.d below is shared.
+    let lock = std::fs::File::create("/run/lock/kvm-root-tracer-xtask-apt.lock")
+        .context("creating the xtask apt lock")?;
+    // SAFETY: flock on a file this function owns; it is released when the
+    // file is closed, at the end of this function.
+    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
+        bail!(
+            "locking the xtask apt lock: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    // Another xtask may have installed them meanwhile.
+    pkgs.retain(|pkg| {
+        wanted
+            .iter()
+            .any(|(file, p)| p == pkg && !Path::new(file).exists())
+    });
+    if pkgs.is_empty() {
+        return Ok(());
+    }
     eprintln!("xtask: installing {} from Debian", pkgs.join(" "));
     // Keep package scripts from starting services (they would listen
     // beyond loopback).
@@ -247,6 +279,7 @@ pub fn apt_install(wanted: &[(&str, &str)]) -> Result<()> {
     }
     let result = run(Command::new("apt-get")
         .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(["-o", "DPkg::Lock::Timeout=300"])
         .args(&pkgs)
         .env("DEBIAN_FRONTEND", "noninteractive"));
     if made_policy {

@@ -27,32 +27,55 @@ use super::{Artifacts, deb};
 use crate::{apt_install, run};
 
 const MIRROR: &str = "http://deb.debian.org/debian";
+/// The roots, and the packages each needs beyond minbase.
+const BULLSEYE: (&str, &str) = ("bullseye", "libc-bin");
+const DEB_ROOTS: [(&str, &str); 2] = [
+    ("bookworm", "systemd,bash-completion,man-db"),
+    ("trixie", "systemd,bash-completion,man-db"),
+];
 
 /// A Debian root under `target/dist-check/`.
 struct Root {
     path: PathBuf,
 }
 
+/// The pristine `suite` root with `include`d packages, made once with
+/// mmdebstrap and reused; returns its path.
+fn pristine(root: &Path, (suite, include): (&str, &str)) -> Result<PathBuf> {
+    let base = root.join("target/dist-check");
+    let pristine = base.join(format!("{suite}.pristine"));
+    let done = base.join(format!("{suite}.pristine.ok"));
+    if std::fs::read_to_string(&done).is_ok_and(|made| made == include) {
+        return Ok(pristine);
+    }
+    if pristine.exists() {
+        std::fs::remove_dir_all(&pristine)?;
+    }
+    std::fs::create_dir_all(&base)?;
+    run(Command::new("mmdebstrap")
+        .args(["--variant=minbase", &format!("--include={include}"), suite])
+        .arg(&pristine)
+        .arg(MIRROR))
+    .with_context(|| format!("mmdebstrap {suite} (a minimal Debian root)"))?;
+    std::fs::write(&done, include)?;
+    Ok(pristine)
+}
+
+/// Makes the roots `check` uses (for `.ci/run`, ahead of time).
+pub fn prepare_roots(root: &Path) -> Result<()> {
+    apt_install(&[("/usr/bin/mmdebstrap", "mmdebstrap")])?;
+    for suite in [BULLSEYE].iter().chain(&DEB_ROOTS) {
+        let path = pristine(root, *suite)?;
+        println!("dist: {} ready", path.display());
+    }
+    Ok(())
+}
+
 impl Root {
-    /// A fresh copy of a cached pristine `suite` root with `include`d
-    /// packages (made once with mmdebstrap; later checks reuse it).
-    fn fresh(root: &Path, suite: &str, include: &str) -> Result<Self> {
-        let base = root.join("target/dist-check");
-        let pristine = base.join(format!("{suite}.pristine"));
-        let done = base.join(format!("{suite}.pristine.ok"));
-        if !done.exists() {
-            if pristine.exists() {
-                std::fs::remove_dir_all(&pristine)?;
-            }
-            std::fs::create_dir_all(&base)?;
-            run(Command::new("mmdebstrap")
-                .args(["--variant=minbase", &format!("--include={include}"), suite])
-                .arg(&pristine)
-                .arg(MIRROR))
-            .with_context(|| format!("mmdebstrap {suite} (a minimal Debian root)"))?;
-            std::fs::write(&done, include)?;
-        }
-        let path = base.join(suite);
+    /// A fresh copy of the pristine `suite` root.
+    fn fresh(root: &Path, suite: (&str, &str)) -> Result<Self> {
+        let pristine = pristine(root, suite)?;
+        let path = root.join("target/dist-check").join(suite.0);
         if path.exists() {
             std::fs::remove_dir_all(&path)
                 .with_context(|| format!("removing {}", path.display()))?;
@@ -139,7 +162,7 @@ pub fn check(root: &Path, a: &Artifacts) -> Result<()> {
     static_in_bullseye(root, a)?;
     lintian(&a.deb)?;
     let previous = deb::build(root, &a.static_binary, "0", &root.join("target/dist-work"))?;
-    for suite in ["bookworm", "trixie"] {
+    for suite in DEB_ROOTS {
         deb_in(root, suite, &previous, &a.deb)?;
     }
     match &a.image {
@@ -152,7 +175,7 @@ pub fn check(root: &Path, a: &Artifacts) -> Result<()> {
 /// Runs the static binary in a bullseye root: it must work with glibc 2.31
 /// around it, and with no library of its own.
 fn static_in_bullseye(root: &Path, a: &Artifacts) -> Result<()> {
-    let chroot = Root::fresh(root, "bullseye", "libc-bin")?;
+    let chroot = Root::fresh(root, BULLSEYE)?;
     let glibc = chroot.ok("ldd --version")?;
     let glibc = glibc.lines().next().unwrap_or_default().to_owned();
     ensure!(
@@ -223,8 +246,9 @@ fn lintian(deb: &Path) -> Result<()> {
 }
 
 /// The .deb's life on a clean `suite` system.
-fn deb_in(root: &Path, suite: &str, previous: &Path, current: &Path) -> Result<()> {
-    let r = Root::fresh(root, suite, "systemd,bash-completion,man-db")?;
+fn deb_in(root: &Path, suite: (&str, &str), previous: &Path, current: &Path) -> Result<()> {
+    let r = Root::fresh(root, suite)?;
+    let suite = suite.0;
     // Pretend systemd runs (the scripts act only then) with a systemctl that
     // records what it is asked; the real one is used for `enable`.
     std::fs::create_dir_all(r.path.join("run/systemd/system"))?;

@@ -14,7 +14,7 @@ mod check;
 mod deb;
 mod image;
 
-pub use check::check;
+pub use check::{check, prepare_roots};
 
 use std::{
     path::{Path, PathBuf},
