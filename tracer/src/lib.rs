@@ -1,27 +1,23 @@
 //! The tracer's library: kernel inspection and the attach plan, the eBPF
-//! loader, event decoding, and the `doctor` and `watch` commands. The
-//! `tracer` binary is a thin CLI over it; tests use it directly.
+//! loader, the daemon (`watch`), metrics, alerts and `top`, over the pure
+//! core (`tracer-core`: events, detector, model, event log, replay), whose
+//! modules it re-exports under the same names. The `tracer` binary is a
+//! thin CLI over it; tests use it directly.
+
+pub use tracer_core::{
+    config, detector, event, event_json, hexfmt, human, log, model, replay, vmid,
+};
 
 pub mod alerts;
-pub mod config;
-pub mod detector;
 pub mod doctor;
-pub mod event;
-pub mod event_json;
-pub mod hexfmt;
-pub mod human;
 pub mod kernel;
 pub mod loader;
-pub mod log;
 pub mod manual;
 pub mod metrics;
-pub mod model;
 pub mod pipeline;
 pub mod reload;
-pub mod replay;
 #[cfg(feature = "top")]
 pub mod top;
-pub mod vmid;
 pub mod watch;
 pub mod web;
 
@@ -39,31 +35,4 @@ pub const LONG_VERSION: &str = concat!(
     ")"
 );
 
-/// Exit code for a usage or runtime error.
-pub const EXIT_ERROR: u8 = 2;
-/// Exit code for an environment the tracer can't run in.
-pub const EXIT_UNSUPPORTED: u8 = 3;
-
-/// An error with the exit code it maps to.
-pub struct Failure {
-    pub code: u8,
-    pub error: anyhow::Error,
-}
-
-impl Failure {
-    pub fn unsupported(error: impl Into<anyhow::Error>) -> Self {
-        Self {
-            code: EXIT_UNSUPPORTED,
-            error: error.into(),
-        }
-    }
-}
-
-impl From<anyhow::Error> for Failure {
-    fn from(error: anyhow::Error) -> Self {
-        Self {
-            code: EXIT_ERROR,
-            error,
-        }
-    }
-}
+pub use tracer_core::{EXIT_ERROR, EXIT_UNSUPPORTED, Failure};

@@ -15,7 +15,7 @@ use std::{
     process::Command,
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, bail, ensure};
 use clap::{Parser, Subcommand};
 
 /// The bpf-linker release the probes are built with.
@@ -167,9 +167,96 @@ fn main() -> Result<()> {
             cargo(&root, &["fmt", "--all", "--", "--check"])?;
             cargo(&root, &["clippy", "--all-targets", "--", "-D", "warnings"])?;
             clippy_ebpf(&root)?;
-            cargo(&root, &["test"])
+            core_stands_alone(&root)?;
+            cargo(&root, &["test", "--workspace", "--exclude", "tracer-core"])
         }
     }
+}
+
+/// The pure core builds and passes its tests with stable Rust alone: in a
+/// copy of the sources without `.tools/` (no bpf-linker, no nightly on
+/// PATH), with its own target folder. Its dependency tree has no aya,
+/// tokio or ratatui. (Its tests run here only, not again in the workspace
+/// run.)
+fn core_stands_alone(root: &Path) -> Result<()> {
+    let work = root.join("target/core-alone");
+    let src = work.join("src");
+    if src.exists() {
+        std::fs::remove_dir_all(&src)?;
+    }
+    std::fs::create_dir_all(&src)?;
+    let files = run(Command::new("git")
+        .args([
+            "ls-files",
+            "--cached",
+            "--others",
+            "--exclude-standard",
+            "-z",
+        ])
+        .current_dir(root))?;
+    for rel in files.split('\0').filter(|f| !f.is_empty()) {
+        let from = root.join(rel);
+        if rel.starts_with(".tools/") || !from.is_file() {
+            continue;
+        }
+        let to = src.join(rel);
+        std::fs::create_dir_all(to.parent().context("no parent")?)?;
+        std::fs::copy(&from, &to).with_context(|| format!("copying {rel}"))?;
+    }
+    ensure!(
+        !src.join(".tools").exists(),
+        "the copy must have no .tools/"
+    );
+    let path: Vec<PathBuf> = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .filter(|p| !p.starts_with(root.join(".tools")) && !p.to_string_lossy().contains("nightly"))
+        .collect();
+    let stable = |args: &[&str]| -> Result<String> {
+        eprintln!("xtask: (stable, no .tools) cargo {}", args.join(" "));
+        let mut cmd = Command::new("rustup");
+        cmd.args(["run", "stable", "cargo"])
+            .args(args)
+            .current_dir(&src)
+            .env("PATH", std::env::join_paths(&path)?)
+            .env("CARGO_TARGET_DIR", work.join("target"))
+            .env_remove("RUSTC")
+            .env_remove("CARGO")
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("RUSTC_WRAPPER");
+        let out = cmd.output().context("running cargo")?;
+        ensure!(
+            out.status.success(),
+            "the core without the eBPF toolchain: cargo {} failed:\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let tree = stable(&[
+        "tree",
+        "--locked",
+        "-p",
+        "tracer-core",
+        "-e",
+        "normal,build",
+        "--prefix",
+        "none",
+    ])?;
+    let heavy: Vec<&str> = tree
+        .lines()
+        .filter(|l| {
+            ["aya", "tokio", "ratatui", "tracer "]
+                .iter()
+                .any(|c| l.starts_with(c))
+        })
+        .collect();
+    ensure!(heavy.is_empty(), "tracer-core depends on {heavy:?}");
+    let tests = stable(&["test", "--locked", "-p", "tracer-core"])?;
+    eprintln!(
+        "xtask: tracer-core: no aya, tokio or ratatui in its tree; its tests pass with stable \
+         Rust and no .tools/ ({} test binaries)",
+        tests.matches("test result: ok").count()
+    );
+    Ok(())
 }
 
 /// Runs the nightly toolchain's `cargo` in `dir`, with the project's tools

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tracer::log::reader::{PROBLEMS_KEPT, ReadStats, Record, read_one};
+use tracer_core::log::reader::{PROBLEMS_KEPT, ReadStats, Record, read_one};
 
 fuzz_target!(|data: &[u8]| {
     let mut stats = ReadStats::default();

@@ -3,7 +3,7 @@
 //! the exact shape the writer produces (no whitespace, no escapes, no
 //! `null`, no floats) and gives up (`None`) on anything else, which then
 //! goes through serde, so errors, and what is accepted, are serde's. Where
-//! it answers, it answers what serde would: `tracer/tests/event_json.rs`
+//! it answers, it answers what serde would: `tracer/core/tests/event_json.rs`
 //! checks that on written events and on mutated lines.
 
 use std::borrow::Cow;

@@ -4,7 +4,7 @@
 //! the right vCPU, every time.
 
 use proptest::prelude::*;
-use tracer::{
+use tracer_core::{
     detector::{Detector, DetectorConfig, FindingKind},
     model::{Behaviour, Expected, Model, Op, ZapCause},
 };

@@ -430,7 +430,7 @@ fn de_fsync<'de, D: serde::Deserializer<'de>>(d: D) -> Result<FsyncPolicy, D::Er
 }
 
 /// The documented defaults, as a file (`dist/config.toml` is this text).
-pub const EXAMPLE: &str = include_str!("../../dist/config.toml");
+pub const EXAMPLE: &str = include_str!("../../../dist/config.toml");
 
 #[cfg(test)]
 mod tests {

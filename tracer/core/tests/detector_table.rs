@@ -3,7 +3,7 @@
 
 use std::borrow::Cow;
 
-use tracer::{
+use tracer_core::{
     detector::{Boundary, Detector, DetectorConfig, Finding, FindingKind, Severity},
     event::{Comm, Event, Kind},
 };

@@ -8,7 +8,7 @@ use std::{
     sync::atomic::{AtomicUsize, Ordering},
 };
 
-use tracer::{
+use tracer_core::{
     detector::{Detector, DetectorConfig},
     model::{Behaviour, Model, Op, ZapCause},
 };
@@ -88,9 +88,9 @@ fn soak(teardown: bool, cfg: DetectorConfig) -> (Detector, Peak) {
                 // invalidation.
                 let is_teardown = matches!(
                     ev.kind,
-                    tracer::event::Kind::VmDestroy
-                        | tracer::event::Kind::VcpuDestroy
-                        | tracer::event::Kind::InvalidateRoots
+                    tracer_core::event::Kind::VmDestroy
+                        | tracer_core::event::Kind::VcpuDestroy
+                        | tracer_core::event::Kind::InvalidateRoots
                 );
                 if teardown || !is_teardown {
                     detector.observe(&ev, &mut findings);

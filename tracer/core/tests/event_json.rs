@@ -1,4 +1,4 @@
-//! The event-record fast path (`tracer::event_json`) answers what serde
+//! The event-record fast path (`tracer_core::event_json`) answers what serde
 //! answers: every event the writer writes reads back the same through it,
 //! and on lines mutated every which way it either steps aside (`None`, and
 //! serde decides) or gives exactly serde's event.
@@ -6,7 +6,7 @@
 use std::borrow::Cow;
 
 use proptest::prelude::*;
-use tracer::{
+use tracer_core::{
     event::{Comm, Event, Kind},
     event_json::parse_event,
 };
