@@ -168,7 +168,18 @@ fn main() -> Result<()> {
             cargo(&root, &["clippy", "--all-targets", "--", "-D", "warnings"])?;
             clippy_ebpf(&root)?;
             core_stands_alone(&root)?;
-            cargo(&root, &["test", "--workspace", "--exclude", "tracer-core"])
+            cargo(
+                &root,
+                &[
+                    "test",
+                    "-p",
+                    "kvm-root-common",
+                    "-p",
+                    "tracer",
+                    "-p",
+                    "xtask",
+                ],
+            )
         }
     }
 }
