@@ -4,6 +4,12 @@
 //! modules it re-exports under the same names. The `tracer` binary is a
 //! thin CLI over it; tests use it directly.
 
+// Every dependency is used by the library, but env_logger, which only the
+// binary's main sets up.
+#![cfg_attr(not(test), warn(unused_crate_dependencies))]
+#[cfg(not(test))]
+use env_logger as _;
+
 pub use tracer_core::{
     config, detector, event, event_json, hexfmt, human, log, model, replay, vmid,
 };

@@ -5,6 +5,8 @@
 //! - `cargo xtask run -- <tracer args>`: build the tracer and run it;
 //! - `cargo xtask test`: fmt, clippy, and every test.
 
+#![warn(unused_crate_dependencies)]
+
 mod bench;
 mod dist;
 mod inject;

@@ -8,6 +8,8 @@
 //! targets build with stable Rust alone. The `tracer` crate (probes,
 //! loader, daemon, CLI) re-exports these modules under the same names.
 
+#![cfg_attr(not(test), warn(unused_crate_dependencies))]
+
 pub mod config;
 pub mod detector;
 pub mod event;

@@ -37,14 +37,12 @@ use serde::Serialize;
 use common::{INVALID_PAGE, KVM_X86_TDX_VM};
 
 use crate::{
-    detector::FindingKind,
+    detector::{FindingKind, KVM_MIRROR_ROOTS},
     event::{Comm, Event, Kind},
 };
 
 /// `KVM_DIRECT_ROOTS` in `enum kvm_tdp_mmu_root_types`.
 const KVM_DIRECT_ROOTS: u64 = 2;
-/// `KVM_MIRROR_ROOTS`.
-const KVM_MIRROR_ROOTS: u64 = 4;
 /// `-ENOMEM`.
 const ENOMEM: i64 = -12;
 /// Role word of a 4-level direct root (level 4, direct bit 7).

@@ -338,7 +338,7 @@ impl Live {
 
     fn state(&self) -> TopState {
         let mut s = TopState::new(
-            hostname(),
+            crate::log::hostname(),
             self.kernel.clone(),
             "live".into(),
             self.plan_summary.clone(),
@@ -362,12 +362,6 @@ impl Live {
         }
         s.tick(ClockPair::now().monotonic_ns);
     }
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_default()
 }
 
 /// What the reader thread hands the replay, in timestamp order (within

@@ -36,12 +36,14 @@ impl ClockPair {
     pub fn to_realtime(self, mono_ns: u64) -> u64 {
         (i128::from(self.realtime_ns) - i128::from(self.monotonic_ns) + i128::from(mono_ns)) as u64
     }
+}
 
-    /// Monotonic nanoseconds of wall-clock time `real_ns`.
-    pub fn to_monotonic(self, real_ns: u64) -> u64 {
-        (i128::from(real_ns) - i128::from(self.realtime_ns) + i128::from(self.monotonic_ns)).max(0)
-            as u64
-    }
+/// This machine's hostname (the log header's, the alerts' `host` label,
+/// `top`'s title), or "" when it can't be read.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
 }
 
 /// Nanoseconds of `clock`.
@@ -97,7 +99,7 @@ impl Header {
             schema: SCHEMA_VERSION,
             tool_version: env!("CARGO_PKG_VERSION").to_owned(),
             kernel_release,
-            hostname: read("/proc/sys/kernel/hostname"),
+            hostname: hostname(),
             boot_id: read("/proc/sys/kernel/random/boot_id"),
             command_line: std::env::args().collect(),
             source,
