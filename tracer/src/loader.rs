@@ -14,10 +14,86 @@ use serde::Serialize;
 
 use common::{EntryCounters, EntryState, ProbeCounters, ProbeId};
 
-use crate::kernel::{AttachKind, AttachPlan};
+use crate::{
+    Failure,
+    kernel::{AttachKind, AttachPlan},
+};
 
 /// The eBPF object built by build.rs.
 static PROBES: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe-ebpf"));
+
+/// What went wrong loading or attaching, typed, with its cause chain (the
+/// verifier's log, the syscall's errno) kept as `source`.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("failed to load the eBPF object")]
+    Object(#[source] Box<aya::EbpfError>),
+    #[error("program {0} is missing from the eBPF object")]
+    MissingProgram(String),
+    #[error("program {program} is not a {expected} program")]
+    ProgramType {
+        program: String,
+        expected: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("the verifier rejected {program}")]
+    Verifier {
+        program: String,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("attaching {kind} {program} to {target}")]
+    Attach {
+        kind: AttachKind,
+        program: String,
+        target: String,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("the eBPF object has no {0} map")]
+    MissingMap(&'static str),
+}
+
+impl LoadError {
+    /// The errno at the bottom of the cause chain, if a system call failed.
+    pub fn errno(&self) -> Option<i32> {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(e) = cause {
+            if let Some(code) = e
+                .downcast_ref::<std::io::Error>()
+                .and_then(std::io::Error::raw_os_error)
+            {
+                return Some(code);
+            }
+            cause = e.source();
+        }
+        None
+    }
+
+    /// The kernel refused with EPERM or EACCES although the capabilities
+    /// were there: lockdown, an LSM, a seccomp filter (a container
+    /// runtime's), or a missing capability in a user namespace. Not a bug
+    /// of ours; retrying won't help.
+    pub fn is_refused(&self) -> bool {
+        matches!(self.errno(), Some(libc::EPERM | libc::EACCES))
+    }
+}
+
+/// Why the kernel refuses: exit 3, with the cause chain.
+impl From<LoadError> for Failure {
+    fn from(e: LoadError) -> Self {
+        if e.is_refused() {
+            Self::unsupported(anyhow::Error::new(e).context(
+                "the kernel refused the eBPF programs although CAP_BPF and CAP_PERFMON are \
+                 held: kernel lockdown, an LSM (SELinux, AppArmor), or a seccomp filter such \
+                 as a container runtime's default profile",
+            ))
+        } else {
+            Self::from(anyhow::Error::new(e))
+        }
+    }
+}
 
 /// A probe that was meant to attach and didn't.
 #[derive(Clone, Debug, Serialize)]
@@ -25,7 +101,11 @@ pub struct AttachFailure {
     pub program: &'static str,
     pub target: String,
     pub attach: AttachKind,
+    /// The error with its causes, as printed.
     pub error: String,
+    /// The typed error.
+    #[serde(skip)]
+    pub cause: std::sync::Arc<LoadError>,
 }
 
 /// Loaded programs, their maps, and what attached.
@@ -115,14 +195,14 @@ fn new_loader() -> EbpfLoader<'static> {
 }
 
 /// Creates the maps and sets the plan's globals; loads no program yet.
-fn open(plan: &AttachPlan, ringbuf_bytes: u32) -> Result<(Ebpf, Option<Logger>)> {
+fn open(plan: &AttachPlan, ringbuf_bytes: u32) -> Result<(Ebpf, Option<Logger>), LoadError> {
     raise_memlock();
     let mut ebpf = loader()
         .override_global("OFFSETS", &plan.offsets, true)
         .override_global("PROBE_CONFIG", &plan.config, true)
         .map_max_entries("EVENTS", ringbuf_bytes)
         .load(PROBES)
-        .context("failed to load the eBPF object")?;
+        .map_err(|e| LoadError::Object(Box::new(e)))?;
     let logger = match EbpfLogger::init(&mut ebpf) {
         Ok(l) => Some(l),
         Err(e) => {
@@ -178,7 +258,7 @@ impl Session {
     /// With `baseline`, an empty program is attached beside each probe on the
     /// same hook, so [`Session::costs`] can compare each probe's cost per hit
     /// with the hook's floor.
-    pub fn start(plan: &AttachPlan, ringbuf_bytes: u32, baseline: bool) -> Result<Self> {
+    pub fn start(plan: &AttachPlan, ringbuf_bytes: u32, baseline: bool) -> Result<Self, LoadError> {
         let started = Instant::now();
         let (mut ebpf, logger) = open(plan, ringbuf_bytes)?;
         let mut attached = Vec::new();
@@ -197,7 +277,8 @@ impl Session {
                         program,
                         target: p.target.clone(),
                         attach: p.attach,
-                        error: format!("{e:#}"),
+                        error: chain(&e),
+                        cause: std::sync::Arc::new(e),
                     }),
                 }
             }
@@ -422,29 +503,57 @@ fn per_run(ns: u64, runs: u64) -> Option<f64> {
     (runs > 0).then(|| ns as f64 / runs as f64)
 }
 
-fn attach_one(ebpf: &mut Ebpf, name: &str, kind: AttachKind, target: &str) -> Result<()> {
+fn attach_one(
+    ebpf: &mut Ebpf,
+    name: &str,
+    kind: AttachKind,
+    target: &str,
+) -> Result<(), LoadError> {
     let prog = ebpf
         .program_mut(name)
-        .ok_or_else(|| anyhow!("program {name} is missing from the eBPF object"))?;
+        .ok_or_else(|| LoadError::MissingProgram(name.to_owned()))?;
+    let typed = |expected, source| LoadError::ProgramType {
+        program: name.to_owned(),
+        expected,
+        source: Box::new(source),
+    };
+    let verifier = |source| LoadError::Verifier {
+        program: name.to_owned(),
+        source: Box::new(source),
+    };
+    let attach = |target: &str, source| LoadError::Attach {
+        kind,
+        program: name.to_owned(),
+        target: target.to_owned(),
+        source: Box::new(source),
+    };
     match kind {
         AttachKind::Kprobe | AttachKind::Kretprobe => {
-            let p: &mut KProbe = prog.try_into()?;
-            p.load()
-                .with_context(|| format!("the verifier rejected {name}"))?;
-            p.attach(target, 0)
-                .with_context(|| format!("attaching {kind} {name} to {target}"))?;
+            let p: &mut KProbe = prog.try_into().map_err(|e| typed("kprobe", e))?;
+            p.load().map_err(verifier)?;
+            p.attach(target, 0).map_err(|e| attach(target, e))?;
         }
         AttachKind::RawTracepoint => {
             let tp = target.split_once(':').map_or(target, |(_, n)| n);
-            let p: &mut RawTracePoint = prog.try_into()?;
-            p.load()
-                .with_context(|| format!("the verifier rejected {name}"))?;
-            p.attach(tp)
-                .with_context(|| format!("attaching raw tracepoint {name} to {tp}"))?;
+            let p: &mut RawTracePoint = prog.try_into().map_err(|e| typed("raw tracepoint", e))?;
+            p.load().map_err(verifier)?;
+            p.attach(tp).map_err(|e| attach(tp, e))?;
         }
         AttachKind::Off => {}
     }
     Ok(())
+}
+
+/// An error and its causes on one line, as anyhow's `{:#}` prints them.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 /// `kernel.bpf_stats_enabled` is 1.

@@ -4,7 +4,8 @@
 //! - 0: success (for `replay`: no findings);
 //! - 1: `replay` found findings;
 //! - 2: usage error (bad flags) or runtime error;
-//! - 3: unsupported environment (not root, no BTF, no KVM), with what is
+//! - 3: unsupported environment (no CAP_BPF/CAP_PERFMON, no BTF, no KVM, or
+//!   a kernel that refuses eBPF: lockdown, an LSM, seccomp), with what is
 //!   missing.
 
 mod cli;

@@ -325,6 +325,12 @@ fn report_attach(
         );
     }
     if session.attached.is_empty() {
+        if session.failures.iter().all(|f| f.cause.is_refused()) && !session.failures.is_empty() {
+            return Err(Failure::unsupported(anyhow!(
+                "no probe attached: the kernel refused every one (EPERM/EACCES) although \
+                 CAP_BPF and CAP_PERFMON are held: kernel lockdown, an LSM, or a seccomp filter"
+            )));
+        }
         return Err(anyhow!("no probe attached; see the failures above").into());
     }
     for p in plan

@@ -507,3 +507,110 @@ fn watch_json_begins_with_a_header_and_replays_cleanly() {
     assert_eq!(r.status.code(), Some(0), "{err}");
     assert!(!err.contains("not a header"), "{err}");
 }
+
+/// Makes the child's `bpf()` calls fail with EPERM (and, with `attach_only`,
+/// only BPF_RAW_TRACEPOINT_OPEN and BPF_LINK_CREATE), as a container
+/// runtime's seccomp profile or an LSM would, before it runs.
+fn refuse_bpf(cmd: &mut Command, attach_only: bool) {
+    use std::os::unix::process::CommandExt as _;
+    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+    const BPF_RAW_TRACEPOINT_OPEN: u32 = 17;
+    const BPF_LINK_CREATE: u32 = 28;
+    let stmt = |code: u32, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let jeq = |k: u32, jt: u8, jf: u8| libc::sock_filter {
+        code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+        jt,
+        jf,
+        k,
+    };
+    let load = libc::BPF_LD | libc::BPF_W | libc::BPF_ABS;
+    let ret = libc::BPF_RET | libc::BPF_K;
+    let allow = stmt(ret, libc::SECCOMP_RET_ALLOW);
+    let eperm = stmt(ret, libc::SECCOMP_RET_ERRNO | libc::EPERM as u32);
+    // seccomp_data: nr at 0, arch at 4, args[0] (low half) at 16.
+    let mut filter = vec![
+        stmt(load, 4),
+        jeq(AUDIT_ARCH_X86_64, 1, 0),
+        allow,
+        stmt(load, 0),
+        jeq(libc::SYS_bpf as u32, 1, 0),
+        allow,
+    ];
+    if attach_only {
+        filter.extend([
+            stmt(load, 16),
+            jeq(BPF_RAW_TRACEPOINT_OPEN, 2, 0),
+            jeq(BPF_LINK_CREATE, 1, 0),
+            allow,
+        ]);
+    }
+    filter.push(eperm);
+    // SAFETY: between fork and exec the closure only makes two prctl calls
+    // on memory it owns (the filter vector, moved into it); no allocation,
+    // no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            let prog = libc::sock_fprog {
+                len: filter.len() as u16,
+                filter: filter.as_ptr().cast_mut(),
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &raw const prog,
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// A kernel that refuses eBPF to a process holding the capabilities
+/// (lockdown, an LSM, a container's seccomp profile) is an unsupported
+/// environment, exit 3 with the reason, not a runtime error: at load, and
+/// when every attach is refused.
+#[test]
+fn a_kernel_that_refuses_ebpf_is_exit_3_with_the_reason() {
+    if !live_or_skip("a_kernel_that_refuses_ebpf_is_exit_3_with_the_reason") {
+        return;
+    }
+    for attach_only in [false, true] {
+        let mut cmd = tracer();
+        cmd.args(["watch", "--duration", "2s"]);
+        refuse_bpf(&mut cmd, attach_only);
+        let out = support::run(&mut cmd);
+        eprintln!(
+            "attach_only={attach_only}: exit {:?}\n{}",
+            out.code, out.stderr
+        );
+        assert_eq!(
+            out.code,
+            Some(3),
+            "attach_only={attach_only}: {}{}",
+            out.stdout,
+            out.stderr
+        );
+        assert!(
+            out.stderr.contains("refused") && out.stderr.contains("seccomp"),
+            "{}",
+            out.stderr
+        );
+        if attach_only {
+            assert!(out.stderr.contains("FAILED"), "{}", out.stderr);
+        } else {
+            assert!(
+                out.stderr.contains("Operation not permitted"),
+                "the errno is in the chain: {}",
+                out.stderr
+            );
+        }
+    }
+}
