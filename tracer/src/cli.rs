@@ -9,8 +9,8 @@ use clap::{Args, Parser, Subcommand};
 use tracer::{
     Failure,
     config::{Config, parse_compression, parse_duration, parse_fsync, parse_size},
+    daemon::RecordOptions,
     log::writer::{FsyncPolicy, RecordConfig, parse_time},
-    watch::RecordOptions,
 };
 
 #[derive(Parser)]

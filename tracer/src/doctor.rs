@@ -56,7 +56,7 @@ pub fn run(root: Option<&Path>, json: bool, verify: bool) -> Result<(), Failure>
             )
             .into());
         }
-        if let Some(missing) = crate::watch::missing_capabilities() {
+        if let Some(missing) = crate::live::missing_capabilities() {
             return Err(Failure::unsupported(anyhow::anyhow!(
                 "doctor --verify loads eBPF programs and needs {missing}"
             )));

@@ -1,5 +1,5 @@
 //! The tracer's library: kernel inspection and the attach plan, the eBPF
-//! loader, the daemon (`watch`), metrics, alerts and `top`, over the pure
+//! loader, the live loop of `watch` and `run` (`daemon`), metrics, alerts and `top`, over the pure
 //! core (`tracer-core`: events, detector, model, event log, replay), whose
 //! modules it re-exports under the same names. The `tracer` binary is a
 //! thin CLI over it; tests use it directly.
@@ -15,8 +15,10 @@ pub use tracer_core::{
 };
 
 pub mod alerts;
+pub mod daemon;
 pub mod doctor;
 pub mod kernel;
+pub mod live;
 pub mod loader;
 pub mod manual;
 pub mod metrics;
@@ -24,7 +26,6 @@ pub mod pipeline;
 pub mod reload;
 #[cfg(feature = "top")]
 pub mod top;
-pub mod watch;
 pub mod web;
 
 /// The tracer's version, the git revision it was built from, and the build

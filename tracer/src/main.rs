@@ -17,9 +17,9 @@ use cli::{Cli, Command, Generate, RunArgs, SimulateArgs, When};
 use tracer::{
     Failure,
     config::Config,
+    daemon::{self, RecordOptions},
     doctor,
     replay::{Filter, ReplayOptions},
-    watch::{self, RecordOptions},
 };
 
 /// `tracer run`: the config (file, then flags), checked; then the daemon.
@@ -44,7 +44,7 @@ fn run_daemon(args: &RunArgs, launched: std::time::Instant) -> Result<(), Failur
             })
         }))
     });
-    watch::run(&watch::WatchOptions {
+    daemon::run(&daemon::WatchOptions {
         launched,
         stdout: None,
         duration: args.duration,
@@ -60,7 +60,7 @@ fn run_daemon(args: &RunArgs, launched: std::time::Instant) -> Result<(), Failur
             config: c.log.record_config(),
             flight_events: c.log.flight_events,
         }),
-        service: watch::ServiceOptions {
+        service: daemon::ServiceOptions {
             metrics_listen: (!c.metrics.listen.is_empty())
                 .then(|| c.metrics.listen.parse().expect("validated")),
             web,
@@ -209,7 +209,7 @@ fn main() -> ExitCode {
         )
         .map_err(|e| Failure::from(anyhow::anyhow!("flag `--{}", e.replace('_', "-"))))
         .and_then(|()| {
-            watch::run(&watch::WatchOptions {
+            daemon::run(&daemon::WatchOptions {
                 launched,
                 stdout: Some(args.json),
                 duration: args.duration,
@@ -221,7 +221,7 @@ fn main() -> ExitCode {
                 min_severity: args.min_severity,
                 style: args.human.style(),
                 record: args.record.map(|dir| args.log.options(dir)),
-                service: watch::ServiceOptions::default(),
+                service: daemon::ServiceOptions::default(),
             })
         }),
         Command::Run(args) => run_daemon(&args, launched),
@@ -292,7 +292,7 @@ fn simulate(args: &SimulateArgs) -> Result<(), Failure> {
         return Ok(());
     };
     let record = args.log.options(dir.clone());
-    let mut p = watch::build_pipeline(None, Some(&record), header, false)?;
+    let mut p = daemon::build_pipeline(None, Some(&record), header, false)?;
     for (i, ev) in events.iter().enumerate() {
         p.event(ev);
         if i % 1024 == 1023 {

@@ -9,10 +9,10 @@ use std::{
 
 use common::{EventKind, ProbeId, RootEvent, field};
 use tracer::{
+    daemon::{RecordOptions, build_pipeline},
     event::Event,
     log::Header,
     model::{Behaviour, Model, Scenario, run_scenario},
-    watch::{RecordOptions, build_pipeline},
 };
 
 struct Counting;

@@ -26,7 +26,7 @@ use aya::maps::{MapData, RingBuf};
 use crate::{
     Failure,
     event::Event,
-    kernel::{self, KernelInfo, PlanOptions},
+    kernel::{self, PlanOptions},
     loader::Session,
     log::{
         ClockPair, Header, PlanEntry,
@@ -286,26 +286,19 @@ struct Live {
 
 impl Live {
     fn start(opts: &TopOptions) -> Result<Self, Failure> {
-        if let Some(missing) = crate::watch::missing_capabilities() {
-            return Err(Failure::unsupported(anyhow!(
-                "tracer top needs {missing} to load eBPF programs; `tracer top --replay LOG` \
-                 works without them"
-            )));
-        }
-        let info = KernelInfo::live().map_err(crate::doctor::kernel_failure)?;
-        let plan = kernel::plan::plan(
-            &info,
+        crate::live::require_capabilities(
+            "tracer top",
+            "load eBPF programs; `tracer top --replay LOG` works without them",
+        )?;
+        let plan = crate::live::plan(
+            &crate::live::kernel_root(),
             PlanOptions {
                 entry_transitions: true,
                 wakeup_bytes: crate::config::DEFAULT_WAKEUP_BYTES,
             },
-        );
-        drop(info);
-        if plan.attached().next().is_none() {
-            return Err(Failure::unsupported(anyhow!(
-                "no probe can attach on this kernel; run `tracer doctor` for the reasons"
-            )));
-        }
+        )
+        .map_err(crate::doctor::kernel_failure)?;
+        crate::live::require_probes(&plan)?;
         let mut session = Session::start(&plan, opts.ringbuf_bytes, false)?;
         let events = session.take_events()?;
         let mut by_kind: BTreeMap<String, usize> = BTreeMap::new();
@@ -348,12 +341,7 @@ impl Live {
     }
 
     fn pump(&mut self, s: &mut TopState) {
-        while let Some(item) = self.events.next() {
-            match Event::decode(&item) {
-                Ok(ev) => s.event(&ev),
-                Err(_) => self.decode_errors += 1,
-            }
-        }
+        self.decode_errors += crate::live::drain(&mut self.events, |ev| s.event(ev));
     }
 
     fn tick(&mut self, s: &mut TopState) {

@@ -1,5 +1,6 @@
-//! `tracer watch` (and the daemon's core): attach, decode, detect, stream
-//! and/or record; detach and summarize.
+//! The live loop of `tracer watch` and of the daemon (`tracer run`): plan,
+//! attach and drain through `live`, detect, stream and/or record, serve
+//! metrics and push alerts, reload on SIGHUP; detach and summarize.
 
 use std::{
     collections::BTreeMap,
@@ -24,11 +25,11 @@ use crate::{
     alerts::AlertTask,
     detector::FindingKind,
     doctor::kernel_failure,
-    event::Event,
-    kernel::{self, KernelInfo, PlanOptions},
+    kernel::{self, PlanOptions},
+    live,
     loader::{Cost, Counters, Session},
     log::{
-        ClockPair, Header, Loss, PlanEntry,
+        ClockPair, Header, PlanEntry,
         sink::LogSink,
         writer::{RecordConfig, Recorder},
     },
@@ -87,13 +88,12 @@ pub struct WatchOptions {
 }
 
 pub fn run(opts: &WatchOptions) -> Result<(), Failure> {
-    if let Some(missing) = missing_capabilities() {
-        return Err(Failure::unsupported(anyhow!(
-            "tracer needs {missing} to load and attach eBPF programs (root has them; so does \
-             `setpriv --ambient-caps=+bpf,+perfmon`); `tracer doctor` works without them"
-        )));
-    }
-    one_heap();
+    live::require_capabilities(
+        "tracer",
+        "load and attach eBPF programs (root has them; so does \
+         `setpriv --ambient-caps=+bpf,+perfmon`); `tracer doctor` works without them",
+    )?;
+    live::one_heap();
     crate::loader::prepare();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -104,7 +104,7 @@ pub fn run(opts: &WatchOptions) -> Result<(), Failure> {
         // The endpoint is up before anything else, so that a host without
         // KVM yet is seen waiting (503), not silent.
         let web = start_metrics(&opts.service, &metrics);
-        let plan = match plan_live(opts) {
+        let plan = match live::plan(&live::kernel_root(), plan_options(opts)) {
             Ok(plan) => plan,
             // The daemon waits for KVM; `watch` says what is missing.
             Err(e @ kernel::KernelError::NoKvm { .. }) if opts.stdout.is_none() => {
@@ -115,11 +115,7 @@ pub fn run(opts: &WatchOptions) -> Result<(), Failure> {
             }
             Err(e) => return Err(kernel_failure(e)),
         };
-        if plan.attached().next().is_none() {
-            return Err(Failure::unsupported(anyhow!(
-                "no probe can attach on this kernel; run `tracer doctor` for the reasons"
-            )));
-        }
+        live::require_probes(&plan)?;
         metrics
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -129,50 +125,10 @@ pub fn run(opts: &WatchOptions) -> Result<(), Failure> {
     })
 }
 
-/// The kernel to inspect: `/`, or for tests the folder named by
-/// `TRACER_TEST_KERNEL_ROOT` (a symlink a test can turn from a root without
-/// KVM to `/`, to see the daemon wait for KVM).
-fn kernel_root() -> PathBuf {
-    std::env::var_os("TRACER_TEST_KERNEL_ROOT").map_or_else(|| PathBuf::from("/"), PathBuf::from)
-}
-
-/// Inspects the live kernel and plans the attachment.
-fn plan_live(opts: &WatchOptions) -> Result<kernel::AttachPlan, kernel::KernelError> {
-    let info = KernelInfo::inspect(&kernel_root())?;
-    let plan = kernel::plan::plan(
-        &info,
-        PlanOptions {
-            entry_transitions: opts.entry_transitions,
-            wakeup_bytes: opts.wakeup_bytes,
-        },
-    );
-    // The plan holds everything needed now: BTF and kallsyms (a few MB)
-    // go back.
-    drop(info);
-    trim_heap();
-    Ok(plan)
-}
-
-/// One malloc arena for the long-running process: start-up's scratch
-/// (BTF, kallsyms, the loader made on a thread) is freed in one heap that
-/// [`trim_heap`] can give back, instead of per-thread arenas that keep it
-/// (measured: 22 MiB idle with them, 15.5 MiB with one).
-fn one_heap() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: mallopt only sets an allocator parameter; called before the
-    // process starts its other threads.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
-    }
-}
-
-/// Gives free heap pages back to the kernel after start-up's scratch
-/// (glibc keeps them; musl's allocator returns them by itself).
-fn trim_heap() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only returns free heap pages to the kernel.
-    unsafe {
-        libc::malloc_trim(0);
+fn plan_options(opts: &WatchOptions) -> PlanOptions {
+    PlanOptions {
+        entry_transitions: opts.entry_transitions,
+        wakeup_bytes: opts.wakeup_bytes,
     }
 }
 
@@ -218,7 +174,7 @@ async fn wait_for_kvm(
             _ = sigterm.recv() => return Ok(None),
             () = &mut stop => return Ok(None),
         }
-        match plan_live(opts) {
+        match live::plan(&live::kernel_root(), plan_options(opts)) {
             Ok(plan) => {
                 eprintln!("tracer: KVM is there now; attaching");
                 return Ok(Some(plan));
@@ -227,32 +183,6 @@ async fn wait_for_kvm(
             Err(e) => return Err(kernel_failure(e)),
         }
     }
-}
-
-/// The capabilities missing to load and attach the programs, if any:
-/// CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN (what the kernel checks), not
-/// uid 0.
-pub fn missing_capabilities() -> Option<String> {
-    const CAP_SYS_ADMIN: u32 = 21;
-    const CAP_PERFMON: u32 = 38;
-    const CAP_BPF: u32 = 39;
-    let eff = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("CapEff:"))
-                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        })?;
-    let has = |cap: u32| eff & (1 << cap) != 0;
-    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
-        return None;
-    }
-    let missing: Vec<&str> = [(CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")]
-        .into_iter()
-        .filter(|(c, _)| !has(*c))
-        .map(|(_, n)| n)
-        .collect();
-    Some(format!("{} (or CAP_SYS_ADMIN)", missing.join(" and ")))
 }
 
 /// The attach plan as the log header records it.
@@ -289,18 +219,6 @@ pub fn build_pipeline(
         None => (None, None),
     };
     Ok(Pipeline::new(stdout.map(Output::new), recorder, flight))
-}
-
-fn drain(rb: &mut RingBuf<MapData>, p: &mut Pipeline) {
-    while let Some(item) = rb.next() {
-        match Event::decode(&item) {
-            Ok(ev) => p.event(&ev),
-            Err(e) => {
-                p.tally.decode_errors += 1;
-                log::warn!("undecodable ring-buffer record: {e}");
-            }
-        }
-    }
 }
 
 /// Says on stderr what attached, what failed and what is off.
@@ -352,42 +270,6 @@ fn report_attach(
             .map_or(", Ctrl-C to stop".to_owned(), |d| format!(" for {d:?}"))
     );
     Ok(())
-}
-
-/// Turns growth of the probes' drop counters into loss records.
-struct LossWatch {
-    last: BTreeMap<&'static str, u64>,
-    last_decode_errors: u64,
-    since_ns: u64,
-}
-
-impl LossWatch {
-    fn poll(&mut self, counters: &Counters, p: &mut Pipeline) {
-        let now = ClockPair::now().monotonic_ns;
-        for (name, c) in &counters.probes {
-            let prev = self.last.insert(name, c.reserve_failed).unwrap_or(0);
-            if c.reserve_failed > prev {
-                p.loss(&Loss {
-                    probe: (*name).to_owned(),
-                    from_ns: self.since_ns,
-                    to_ns: now,
-                    lost: c.reserve_failed - prev,
-                    reason: "ring buffer full".into(),
-                });
-            }
-        }
-        if p.tally.decode_errors > self.last_decode_errors {
-            p.loss(&Loss {
-                probe: "decoder".into(),
-                from_ns: self.since_ns,
-                to_ns: now,
-                lost: p.tally.decode_errors - self.last_decode_errors,
-                reason: "undecodable ring-buffer record".into(),
-            });
-            self.last_decode_errors = p.tally.decode_errors;
-        }
-        self.since_ns = now;
-    }
 }
 
 type Logs = AsyncFd<aya_log::EbpfLogger<&'static dyn log::Log>>;
@@ -737,7 +619,7 @@ async fn watch(
         Session::start(plan, opts.ringbuf_bytes, opts.baseline).map_err(Failure::from)?;
     report_attach(&session, plan, opts)?;
     // Loading parsed and relocated the object: give the scratch back.
-    trim_heap();
+    live::trim_heap();
     count_attached(&metrics, plan, &session);
     inject(&mut p, &opts.service.inject)?;
 
@@ -752,11 +634,7 @@ async fn watch(
     // drains whatever waits below the wakeup threshold.
     let mut poll = tokio::time::interval(opts.poll_interval);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut losses = LossWatch {
-        last: BTreeMap::new(),
-        last_decode_errors: 0,
-        since_ns: ClockPair::now().monotonic_ns,
-    };
+    let mut losses = live::Losses::default();
     let sleep = async {
         match deadline {
             Some(d) => tokio::time::sleep_until(d).await,
@@ -769,10 +647,12 @@ async fn watch(
         tokio::select! {
             guard = events.readable_mut() => {
                 let mut guard = guard.context("ring buffer poll")?;
-                drain(guard.get_inner_mut(), &mut p);
+                p.tally.decode_errors += live::drain(guard.get_inner_mut(), |ev| p.event(ev));
                 guard.clear_ready();
             }
-            _ = poll.tick() => drain(events.get_mut(), &mut p),
+            _ = poll.tick() => {
+                p.tally.decode_errors += live::drain(events.get_mut(), |ev| p.event(ev));
+            }
             guard = async {
                 match logs.as_mut() {
                     Some(l) => l.readable_mut().await,
@@ -784,9 +664,7 @@ async fn watch(
                 guard.clear_ready();
             }
             _ = tick.tick() => {
-                let counters = session.counters().map_err(Failure::from)?;
-                losses.poll(&counters, &mut p);
-                update_metrics(&metrics, &p, &counters, &session);
+                account(&session, &mut losses, &mut p, &metrics)?;
             }
             _ = sighup.recv() => {
                 if let Some(r) = p.recorder.as_mut() {
@@ -804,10 +682,8 @@ async fn watch(
         }
     }
     // Nothing recorded is lost: drain what is left before detaching.
-    drain(events.get_mut(), &mut p);
-    let counters = session.counters().map_err(Failure::from)?;
-    losses.poll(&counters, &mut p);
-    update_metrics(&metrics, &p, &counters, &session);
+    p.tally.decode_errors += live::drain(events.get_mut(), |ev| p.event(ev));
+    let counters = account(&session, &mut losses, &mut p, &metrics)?;
     // Let queued alerts go out (bounded), then stop.
     p.alerts = None;
     if let Some(task) = services.alerts.take() {
@@ -827,6 +703,22 @@ async fn watch(
         eprintln!("tracer: warning: {warning}");
     }
     Ok(())
+}
+
+/// Reads the probes' counters, records what was lost since the last time,
+/// and updates the metrics; returns the counters.
+fn account(
+    session: &Session,
+    losses: &mut live::Losses,
+    p: &mut Pipeline,
+    metrics: &SharedMetrics,
+) -> Result<Counters, Failure> {
+    let counters = session.counters().map_err(Failure::from)?;
+    for loss in losses.poll(&counters, p.tally.decode_errors) {
+        p.loss(&loss);
+    }
+    update_metrics(metrics, p, &counters, session);
+    Ok(counters)
 }
 
 fn print_log_stats(rec: &crate::log::writer::RecorderStats) {
