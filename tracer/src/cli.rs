@@ -552,6 +552,30 @@ pub(crate) fn parse_ringbuf(s: &str) -> Result<u32, String> {
 mod tests {
     use super::*;
 
+    /// `watch`'s flags default to what `tracer run` (its config's
+    /// defaults, which `dist/config.toml` is tested equal to) does.
+    #[test]
+    fn watch_flags_default_to_the_configs_defaults() {
+        let Cli {
+            command: Command::Watch(args),
+        } = Cli::try_parse_from(["tracer", "watch"]).unwrap()
+        else {
+            panic!("not watch")
+        };
+        let c = Config::default();
+        let dir = PathBuf::from("/log");
+        let record = args.log.options(dir.clone());
+        assert_eq!(record.config, c.log.record_config());
+        assert_eq!(record.flight_events, c.log.flight_events);
+        assert_eq!(args.probes.ringbuf_size, c.probes.ringbuf_size);
+        assert_eq!(args.probes.wakeup_bytes, c.probes.wakeup_bytes);
+        assert_eq!(args.probes.poll_interval, c.probes.poll_interval);
+        assert_eq!(
+            !args.probes.no_entry_transitions,
+            c.probes.entry_transitions
+        );
+    }
+
     #[test]
     fn durations_parse_with_units() {
         assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));

@@ -32,7 +32,7 @@ pub enum FsyncPolicy {
 
 /// Rotation and retention. The defaults keep at most ~1 GiB of compressed
 /// history (months of a quiet host) and never fill a disk.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RecordConfig {
     /// Rotate when a segment reaches this size.
     pub max_segment_bytes: u64,
