@@ -19,6 +19,7 @@ pub mod human;
 pub mod log;
 pub mod model;
 pub mod replay;
+pub mod time;
 pub mod vmid;
 
 /// Exit code for a usage or runtime error.

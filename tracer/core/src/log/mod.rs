@@ -4,6 +4,7 @@
 //! The schema is documented in docs/event-log.md.
 
 pub mod reader;
+pub mod segments;
 pub mod sink;
 pub mod writer;
 

@@ -1,5 +1,6 @@
-//! Writing the event log: segments, rotation, compression, retention, and
-//! the disk guard.
+//! Writing the event log: the recorder (batches, rotation, retention and
+//! the disk guard). The segment files themselves are `segments`; times are
+//! `crate::time`.
 //!
 //! Crash safety: records are appended whole and flushed to the kernel after
 //! every batch (`flush`), so a `kill -9` loses at most the batch being
@@ -7,7 +8,7 @@
 //! never, every interval (the default, 1 s), or after every batch.
 
 use std::{
-    fs::{self, File, OpenOptions},
+    fs::{self, File},
     io::{self, BufWriter, Write as _},
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -15,7 +16,13 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+pub use super::segments::{
+    Ignored, Segments, compress_segment, compress_segment_with, create_private, list_segments,
+    scan_segments,
+};
+use super::segments::{euid, free_bytes, not_ours};
 use super::{Header, Loss, SEGMENT_PREFIX};
+pub use crate::time::{Stamp, parse_time, utc_compact, utc_rfc3339, utc_rfc3339_millis};
 use crate::{detector::Finding, event::Event};
 
 /// When the log reaches stable storage.
@@ -146,7 +153,7 @@ pub struct Recorder {
 /// Compressions running at once.
 const MAX_COMPRESSORS: usize = 2;
 
-fn io_err(path: &Path, what: &str, e: &io::Error) -> io::Error {
+pub(super) fn io_err(path: &Path, what: &str, e: &io::Error) -> io::Error {
     io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
 }
 
@@ -628,421 +635,9 @@ impl Recorder {
     }
 }
 
-/// Creates `path` for writing. Never an existing file or symlink
-/// (`O_CREAT|O_EXCL`, `O_NOFOLLOW`: a link planted at a predictable name is
-/// refused, its target untouched), and mode 0640 whatever the umask (the
-/// files hold kernel addresses).
-pub fn create_private(path: &Path) -> io::Result<File> {
-    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o640)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)?;
-    file.set_permissions(fs::Permissions::from_mode(0o640))?;
-    Ok(file)
-}
-
-/// Opens a file the daemon wrote, for reading: never through a symlink.
-fn open_own(path: &Path) -> io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-}
-
-/// `X.jsonl` → `X.jsonl.zst`, atomically (temp file, fsync, rename).
-pub fn compress_segment(path: &Path) -> io::Result<()> {
-    compress_segment_with(path, Compression::Zstd)
-}
-
-/// `X.jsonl` → `X.jsonl.zst` or `X.jsonl.gz`, atomically (temp file,
-/// fsync, rename).
-pub fn compress_segment_with(path: &Path, codec: Compression) -> io::Result<()> {
-    let mut zst = path.as_os_str().to_owned();
-    zst.push(codec.suffix());
-    let zst = PathBuf::from(zst);
-    let mut tmp = zst.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    {
-        let input = open_own(path)?;
-        let output = match create_private(&tmp) {
-            // Left by a crash, or planted: the entry goes (a symlink is
-            // removed, not followed), then the file is made anew.
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                fs::remove_file(&tmp)?;
-                create_private(&tmp)?
-            }
-            other => other?,
-        };
-        let mut input = io::BufReader::new(input);
-        let out = match codec {
-            Compression::Zstd => {
-                let mut enc = zstd::Encoder::new(BufWriter::new(output), 3)?;
-                io::copy(&mut input, &mut enc)?;
-                enc.finish()?
-            }
-            Compression::Gzip => {
-                let mut enc = flate2::write::GzEncoder::new(
-                    BufWriter::new(output),
-                    flate2::Compression::default(),
-                );
-                io::copy(&mut input, &mut enc)?;
-                enc.finish()?
-            }
-        };
-        out.into_inner()
-            .map_err(io::IntoInnerError::into_error)?
-            .sync_all()?;
-    }
-    fs::rename(&tmp, &zst)?;
-    fs::remove_file(path)
-}
-
-fn euid() -> u32 {
-    // SAFETY: geteuid has no preconditions and can't fail.
-    unsafe { libc::geteuid() }
-}
-
-/// Why a folder entry (its metadata, symlinks not followed) is not one of
-/// the daemon's files: not a regular file, or owned by neither this user
-/// nor root. `None`: it is.
-fn not_ours(meta: &fs::Metadata) -> Option<String> {
-    use std::os::unix::fs::MetadataExt as _;
-    if !meta.file_type().is_file() {
-        Some("not a regular file".into())
-    } else if meta.uid() != euid() && meta.uid() != 0 {
-        Some(format!(
-            "owned by uid {}, not by this user or root",
-            meta.uid()
-        ))
-    } else {
-        None
-    }
-}
-
-/// Segment paths and sizes.
-pub type Segments = Vec<(PathBuf, u64)>;
-/// Entries that are not the daemon's segments, and why.
-pub type Ignored = Vec<(PathBuf, String)>;
-
-/// Segments in `dir`, oldest first, with their sizes (see
-/// [`scan_segments`]).
-pub fn list_segments(dir: &Path) -> io::Result<Vec<(PathBuf, u64)>> {
-    Ok(scan_segments(dir)?.0)
-}
-
-/// Segments in `dir`, oldest first, with their sizes; and the entries that
-/// look like segments but are not the daemon's, with the reason: only
-/// regular files (no symlinks, FIFOs, devices) owned by this user or root
-/// count, so a file another user planted can neither be replayed as ours
-/// nor make retention delete the real log.
-#[expect(
-    clippy::case_sensitive_file_extension_comparisons,
-    reason = "the writer names segments itself, in lower case"
-)]
-pub fn scan_segments(dir: &Path) -> io::Result<(Segments, Ignored)> {
-    let mut out = Vec::new();
-    let mut ignored = Vec::new();
-    for entry in fs::read_dir(dir)? {
-        let entry = entry?;
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else {
-            if name
-                .as_encoded_bytes()
-                .starts_with(SEGMENT_PREFIX.as_bytes())
-            {
-                ignored.push((entry.path(), "its name is not UTF-8".into()));
-            }
-            continue;
-        };
-        if !(name.starts_with(SEGMENT_PREFIX)
-            && (name.ends_with(".jsonl")
-                || name.ends_with(".jsonl.zst")
-                || name.ends_with(".jsonl.gz")))
-        {
-            continue;
-        }
-        // entry.metadata() does not follow symlinks.
-        let Ok(meta) = entry.metadata() else {
-            continue;
-        };
-        match not_ours(&meta) {
-            Some(why) => ignored.push((entry.path(), why)),
-            None => out.push((entry.path(), meta.len())),
-        }
-    }
-    out.sort();
-    ignored.sort();
-    Ok((out, ignored))
-}
-
-/// Free bytes for unprivileged users on the filesystem of `dir`.
-fn free_bytes(c: &std::ffi::CStr) -> Option<u64> {
-    // SAFETY: statvfs fills the zeroed struct we pass for a NUL-terminated
-    // path; the result is checked.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    let ret = unsafe { libc::statvfs(c.as_ptr(), &raw mut st) };
-    (ret == 0).then(|| st.f_bavail * st.f_frsize)
-}
-
-/// `YYYYMMDDTHHMMSSZ` for seconds since the epoch (UTC).
-pub fn utc_compact(secs: u64) -> String {
-    let (y, mo, d, h, mi, s) = civil(secs);
-    format!("{y:04}{mo:02}{d:02}T{h:02}{mi:02}{s:02}Z")
-}
-
-/// RFC 3339 UTC with microseconds for nanoseconds since the epoch.
-/// What every record line of the log carries besides its own fields: its
-/// wall-clock time (RFC 3339, UTC, to the millisecond, from `ts_ns` and the
-/// clock pair) and the host, so that a line shipped alone (Vector, Fluent
-/// Bit) still says when and where. Allocation-free: the date and time of
-/// the current second are formatted once per second.
-#[derive(Clone, Debug)]
-pub struct Stamp {
-    pub clock: super::ClockPair,
-    /// The hostname as a JSON string, quotes included.
-    host: String,
-    /// `YYYY-MM-DDTHH:MM:SS` of `second`.
-    prefix: [u8; 19],
-    second: Option<u64>,
-}
-
-/// Writes `n` as `buf.len()` decimal digits.
-fn digits(buf: &mut [u8], mut n: u64) {
-    for b in buf.iter_mut().rev() {
-        *b = b'0' + (n % 10) as u8;
-        n /= 10;
-    }
-}
-
-impl Stamp {
-    pub fn new(clock: super::ClockPair, host: &str) -> Self {
-        Self {
-            clock,
-            host: serde_json::to_string(host).expect("a string serializes"),
-            prefix: *b"0000-00-00T00:00:00",
-            second: None,
-        }
-    }
-
-    /// Adds `"time"` and `"host"` to the JSON object that ends `line`.
-    pub fn apply(&mut self, line: &mut Vec<u8>, ts_ns: u64) {
-        if line.last() != Some(&b'}') {
-            return;
-        }
-        line.pop();
-        let ns = self.clock.to_realtime(ts_ns);
-        let second = ns / 1_000_000_000;
-        if self.second != Some(second) {
-            let (year, month, day, hour, minute, sec) = civil(second);
-            let p = &mut self.prefix;
-            digits(&mut p[0..4], year as u64);
-            digits(&mut p[5..7], u64::from(month));
-            digits(&mut p[8..10], u64::from(day));
-            digits(&mut p[11..13], u64::from(hour));
-            digits(&mut p[14..16], u64::from(minute));
-            digits(&mut p[17..19], u64::from(sec));
-            self.second = Some(second);
-        }
-        let mut ms = *b".000Z\"";
-        digits(&mut ms[1..4], (ns % 1_000_000_000) / 1_000_000);
-        line.extend_from_slice(b",\"time\":\"");
-        line.extend_from_slice(&self.prefix);
-        line.extend_from_slice(&ms);
-        line.extend_from_slice(b",\"host\":");
-        line.extend_from_slice(self.host.as_bytes());
-        line.push(b'}');
-    }
-}
-
-/// As [`utc_rfc3339`], to the millisecond: what a log line's `time` needs
-/// (`ts_ns` keeps the nanoseconds), at a third less entropy to compress.
-pub fn utc_rfc3339_millis(ns: u64) -> String {
-    let (y, mo, d, h, mi, s) = civil(ns / 1_000_000_000);
-    format!(
-        "{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{:03}Z",
-        (ns % 1_000_000_000) / 1_000_000
-    )
-}
-
-pub fn utc_rfc3339(ns: u64) -> String {
-    let (y, mo, d, h, mi, s) = civil(ns / 1_000_000_000);
-    format!(
-        "{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{:06}Z",
-        (ns % 1_000_000_000) / 1000
-    )
-}
-
-/// Parses `YYYY-MM-DDTHH:MM:SS[.fraction](Z|+00:00)` (UTC) or seconds
-/// since the epoch, into nanoseconds since the epoch.
-pub fn parse_time(text: &str) -> Result<u64, String> {
-    if let Ok(secs) = text.parse::<f64>()
-        && secs >= 0.0
-        && secs.is_finite()
-    {
-        return Ok((secs * 1e9) as u64);
-    }
-    let err = || {
-        format!(
-            "{text:?} is not a time like 2026-11-28T04:14:21Z, 2026-11-28T05:14:21+01:00, \
-             2026-11-28 or seconds since the epoch"
-        )
-    };
-    // A plain date: its midnight, UTC.
-    if text.len() == 10 && !text.contains(['T', ' ']) {
-        return parse_time(&format!("{text}T00:00:00Z"));
-    }
-    // The zone: Z, or an offset ±HH:MM (±HHMM) east of UTC.
-    let (utc, offset_s): (&str, i64) = if let Some(t) = text.strip_suffix('Z') {
-        (t, 0)
-    } else {
-        let at = text.rfind(['+', '-']).filter(|&i| i > 10).ok_or_else(err)?;
-        let (t, zone) = text.split_at(at);
-        let sign = if zone.starts_with('-') { -1 } else { 1 };
-        let hm = zone[1..].replace(':', "");
-        if hm.len() != 4 || !hm.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(err());
-        }
-        let (h, m): (i64, i64) = (
-            hm[..2].parse().map_err(|_| err())?,
-            hm[2..].parse().map_err(|_| err())?,
-        );
-        if h > 23 || m > 59 {
-            return Err(err());
-        }
-        (t, sign * (h * 3600 + m * 60))
-    };
-    let (date, clock) = utc.split_once(['T', ' ']).ok_or_else(err)?;
-    let mut parts = date.split('-').map(str::parse::<i64>);
-    let (Some(Ok(year)), Some(Ok(month)), Some(Ok(day)), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(err());
-    };
-    let (hms, frac) = clock.split_once('.').unwrap_or((clock, ""));
-    let mut parts = hms.split(':').map(str::parse::<u64>);
-    let (Some(Ok(hour)), Some(Ok(minute)), Some(Ok(second)), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(err());
-    };
-    if !(1..=12).contains(&month)
-        || !(1..=31).contains(&day)
-        || hour > 23
-        || minute > 59
-        || second > 60
-    {
-        return Err(err());
-    }
-    let nanos = if frac.is_empty() {
-        0
-    } else {
-        let digits: String = frac.chars().take(9).collect();
-        let value: u64 = digits.parse().map_err(|_| err())?;
-        value * 10u64.pow(9 - digits.len() as u32)
-    };
-    let days = days_from_civil(year, month, day);
-    let secs = days * 86_400 + (hour * 3600 + minute * 60 + second) as i64 - offset_s;
-    let secs = u64::try_from(secs).map_err(|_| err())?;
-    Ok(secs * 1_000_000_000 + nanos)
-}
-
-/// Days since 1970-01-01 of a date (Howard Hinnant's days_from_civil).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let yoe = year.rem_euclid(400);
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// Calendar fields of a UTC time (Howard Hinnant's civil_from_days).
-fn civil(secs: u64) -> (i64, u32, u32, u32, u32, u32) {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (
-        y,
-        m,
-        d,
-        (rem / 3600) as u32,
-        ((rem % 3600) / 60) as u32,
-        (rem % 60) as u32,
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn times_with_offsets_and_plain_dates() {
-        let z = parse_time("2026-11-28T04:14:21Z").unwrap();
-        assert_eq!(parse_time("2026-11-28T05:14:21+01:00").unwrap(), z);
-        assert_eq!(parse_time("2026-11-27T23:14:21-05:00").unwrap(), z);
-        assert_eq!(parse_time("2026-11-28T04:14:21+0000").unwrap(), z);
-        assert_eq!(
-            parse_time("2026-11-28").unwrap(),
-            parse_time("2026-11-28T00:00:00Z").unwrap()
-        );
-        assert_eq!(
-            parse_time("2026-11-28T04:14:21.5Z").unwrap(),
-            z + 500_000_000
-        );
-        for bad in [
-            "2026-11-28T04:14:21",
-            "2026-11-28T04:14:21+25:00",
-            "yesterday",
-            "2026-13-01",
-        ] {
-            assert!(parse_time(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn stamps_match_the_rfc3339_formatter_across_seconds() {
-        let clock = crate::log::ClockPair {
-            monotonic_ns: 1_000,
-            realtime_ns: 1_795_894_160_999_000_000,
-        };
-        let mut stamp = Stamp::new(clock, "hv\"1");
-        for ts in [1_000, 1_500_000, 2_000_000, 86_400_000_000_000, 1_000] {
-            let mut line = b"{\"a\":1}".to_vec();
-            stamp.apply(&mut line, ts);
-            let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
-            assert_eq!(v["time"], utc_rfc3339_millis(clock.to_realtime(ts)), "{ts}");
-            assert_eq!(v["host"], "hv\"1");
-            assert_eq!(v["a"], 1);
-        }
-    }
-
-    #[test]
-    fn utc_formatting() {
-        assert_eq!(utc_compact(0), "19700101T000000Z");
-        // 2026-11-28T04:14:21Z
-        assert_eq!(utc_compact(1_795_839_261), "20261128T041421Z");
-        assert_eq!(
-            utc_rfc3339(1_795_839_261_123_456_789),
-            "2026-11-28T04:14:21.123456Z"
-        );
-        // A leap day.
-        assert_eq!(utc_compact(1_709_164_800), "20240229T000000Z");
-    }
 
     fn header() -> Header {
         Header::for_this_host("test".into(), "test".into(), vec![])
@@ -1121,19 +716,5 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(r#""lost":2"#), "{text}");
-    }
-
-    #[test]
-    fn time_parsing_round_trips() {
-        for ns in [0, 1_709_164_800_000_000_000, 1_795_839_261_123_456_000] {
-            assert_eq!(parse_time(&utc_rfc3339(ns)), Ok(ns));
-        }
-        assert_eq!(
-            parse_time("2026-11-28T04:14:21Z"),
-            Ok(1_795_839_261_000_000_000)
-        );
-        assert_eq!(parse_time("1795839261.5"), Ok(1_795_839_261_500_000_000));
-        assert!(parse_time("yesterday").is_err());
-        assert!(parse_time("2026-13-01T00:00:00Z").is_err());
     }
 }
