@@ -13,6 +13,7 @@ mod inject;
 mod vmtest;
 
 use std::{
+    os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -326,6 +327,20 @@ fn clippy_ebpf(root: &Path) -> Result<()> {
     )
 }
 
+/// Opens (or creates, 0600) a lock file in a world-writable folder as root:
+/// never through a link planted at its name, never truncating what is there.
+fn open_lock(path: &Path) -> Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .with_context(|| format!("opening the lock file {}", path.display()))
+}
+
 /// Installs the Debian packages whose files are missing (as root; other
 /// users get a note, and the tests that need them say so). Services the
 /// packages ship are not started.
@@ -349,8 +364,7 @@ pub fn apt_install(wanted: &[(&str, &str)]) -> Result<()> {
     }
     // One xtask at a time installs (`.ci/run` makes the Debian roots in the
     // background while the tests run): the policy-rc.d below is shared.
-    let lock = std::fs::File::create("/run/lock/kvm-root-tracer-xtask-apt.lock")
-        .context("creating the xtask apt lock")?;
+    let lock = open_lock(Path::new("/run/lock/kvm-root-tracer-xtask-apt.lock"))?;
     // SAFETY: flock on a file this function owns; it is released when the
     // file is closed, at the end of this function.
     if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
@@ -587,4 +601,26 @@ fn setup(root: &Path) -> Result<()> {
     )?;
     eprintln!("setup: done; tools are in {}", tools.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lock_never_follows_a_planted_link_nor_truncates() {
+        let dir = std::env::temp_dir().join(format!("xtask-lock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let victim = dir.join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        let lock = dir.join("lock");
+        std::os::unix::fs::symlink(&victim, &lock).unwrap();
+        assert!(open_lock(&lock).is_err(), "a planted link must be refused");
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        std::fs::remove_file(&lock).unwrap();
+        std::fs::write(&lock, "held").unwrap();
+        drop(open_lock(&lock).unwrap());
+        assert_eq!(std::fs::read_to_string(&lock).unwrap(), "held");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
