@@ -231,7 +231,7 @@ pub fn verify_all(plan: &AttachPlan) -> Result<Vec<Verdict>> {
         let name = id.program_name();
         let prog = ebpf
             .program_mut(name)
-            .ok_or_else(|| anyhow!("program {name} is missing from the eBPF object"))?;
+            .ok_or_else(|| LoadError::MissingProgram(name.to_owned()))?;
         let result = match prog {
             aya::programs::Program::KProbe(p) => p.load(),
             aya::programs::Program::RawTracePoint(p) => p.load(),
@@ -318,7 +318,7 @@ impl Session {
         let map = self
             .ebpf
             .take_map("EVENTS")
-            .ok_or_else(|| anyhow!("the eBPF object has no EVENTS map"))?;
+            .ok_or(LoadError::MissingMap("EVENTS"))?;
         RingBuf::try_from(map).context("EVENTS is not a ring buffer")
     }
 
@@ -341,7 +341,7 @@ impl Session {
         let prog = self
             .ebpf
             .program(program)
-            .ok_or_else(|| anyhow!("no program {program}"))?;
+            .ok_or_else(|| LoadError::MissingProgram(program.to_owned()))?;
         let fd = prog.fd()?.as_fd().as_raw_fd();
         let mut attr = TestRunAttr {
             prog_fd: u32::try_from(fd)?,
@@ -408,7 +408,7 @@ impl Session {
         let probes: PerCpuArray<_, ProbeCounters> = PerCpuArray::try_from(
             self.ebpf
                 .map("PROBE_COUNTERS")
-                .ok_or_else(|| anyhow!("no PROBE_COUNTERS map"))?,
+                .ok_or(LoadError::MissingMap("PROBE_COUNTERS"))?,
         )?;
         let mut out = Counters::default();
         for id in ProbeId::ALL {
@@ -425,7 +425,7 @@ impl Session {
         let entry: PerCpuArray<_, EntryState> = PerCpuArray::try_from(
             self.ebpf
                 .map("ENTRY_STATE")
-                .ok_or_else(|| anyhow!("no ENTRY_STATE map"))?,
+                .ok_or(LoadError::MissingMap("ENTRY_STATE"))?,
         )?;
         for c in entry.get(&0, 0)?.iter().map(|s| &s.counters) {
             out.entry.entries += c.entries;

@@ -327,6 +327,12 @@ fn clippy_ebpf(root: &Path) -> Result<()> {
     )
 }
 
+/// This process runs as root (apt, mmdebstrap and buildah need it).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and can't fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
 /// Opens (or creates, 0600) a lock file in a world-writable folder as root:
 /// never through a link planted at its name, never truncating what is there.
 fn open_lock(path: &Path) -> Result<std::fs::File> {
@@ -354,8 +360,7 @@ pub fn apt_install(wanted: &[(&str, &str)]) -> Result<()> {
     if pkgs.is_empty() {
         return Ok(());
     }
-    let is_root = run(Command::new("id").arg("-u")).is_ok_and(|u| u == "0");
-    if !is_root {
+    if !is_root() {
         eprintln!(
             "xtask: not root, so not installing {}; tests that need them will say so",
             pkgs.join(" ")

@@ -87,32 +87,15 @@ impl Root {
     /// Runs `script` with `sh` inside the root, with the host's /proc and
     /// /sys mounted (read-only) in a private mount namespace.
     fn sh(&self, script: &str) -> Result<Output> {
-        let r = self.path.display();
-        let outer = format!(
-            "set -e; mount -t proc proc '{r}/proc'; mount --rbind -o ro /sys '{r}/sys' 2>/dev/null \
-             || mount --rbind /sys '{r}/sys'; exec chroot '{r}' /bin/sh -c \"$0\""
-        );
-        Command::new("unshare")
-            .args([
-                "--mount",
-                "--propagation",
-                "private",
-                "--",
-                "sh",
-                "-c",
-                &outer,
-            ])
-            .arg(script)
-            .env_clear()
+        chroot(&self.path, &["/bin/sh", "-c", script])
             .env(
                 "PATH",
                 "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             )
             .env("LANG", "C.UTF-8")
             .env("HOME", "/root")
-            .stdin(Stdio::null())
             .output()
-            .with_context(|| format!("running in {r}: {script}"))
+            .with_context(|| format!("running in {}: {script}", self.path.display()))
     }
 
     /// `sh`, which must succeed; returns its stdout.
@@ -152,6 +135,25 @@ impl Root {
             .map(|l| l.strip_prefix(&prefix).unwrap_or(l).to_owned())
             .collect())
     }
+}
+
+/// `argv` run in the root at `path`, with the host's /proc and /sys
+/// (read-only where the kernel allows) mounted in a private mount namespace
+/// that ends with it; no environment, stdin from /dev/null. The path and
+/// the arguments reach the shell as arguments, never as its script.
+pub(super) fn chroot(path: &Path, argv: &[&str]) -> Command {
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg(
+            "set -e; mount -t proc proc \"$0/proc\"; \
+             mount --rbind -o ro /sys \"$0/sys\" 2>/dev/null || mount --rbind /sys \"$0/sys\"; \
+             exec chroot \"$0\" \"$@\"",
+        )
+        .arg(path)
+        .args(argv)
+        .env_clear()
+        .stdin(Stdio::null());
+    cmd
 }
 
 pub fn check(root: &Path, a: &Artifacts) -> Result<()> {

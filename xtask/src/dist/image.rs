@@ -142,16 +142,8 @@ pub fn check(root: &Path, archive: &Path) -> Result<()> {
         std::fs::create_dir_all(rootfs.join(dir))?;
     }
     let in_image = |args: &[String]| -> Result<std::process::Output> {
-        let r = rootfs.display();
-        Command::new("unshare")
-            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-            .arg(format!(
-                "set -e; mount -t proc proc '{r}/proc'; mount --rbind /sys '{r}/sys'; \
-                 exec chroot '{r}' \"$@\""
-            ))
-            .arg("sh")
-            .args(args)
-            .env_clear()
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        super::check::chroot(&rootfs, &argv)
             .output()
             .context("running in the image's root")
     };

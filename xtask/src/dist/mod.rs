@@ -90,8 +90,7 @@ pub fn dist(root: &Path) -> Result<Artifacts> {
         .arg(&out))
     .context("strip --remove-section=.comment (binutils)")?;
     let deb = deb::build(root, &out, deb::REVISION, &dist)?;
-    let is_root = run(Command::new("id").arg("-u")).is_ok_and(|u| u == "0");
-    let image = if is_root {
+    let image = if crate::is_root() {
         Some(image::build(
             root,
             &out,
