@@ -24,7 +24,7 @@ fn bench(c: &mut Criterion) {
     }
     state.tick(0);
     state.tick(state.now_ns);
-    assert_eq!(state.vms.len(), 100);
+    assert_eq!(state.vms().len(), 100);
 
     let mut g = c.benchmark_group("top");
     g.throughput(Throughput::Elements(1));

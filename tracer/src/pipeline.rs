@@ -155,8 +155,9 @@ pub struct FlightRecorder {
 }
 
 impl FlightRecorder {
-    /// VMs with a ring at most; beyond, the ring of a VM is dropped.
-    const MAX_VMS: usize = 4096;
+    /// (VM, kind) pairs remembered for the rate limit; beyond, it starts
+    /// over (the file cap still holds).
+    const MAX_QUIET: usize = 16_384;
 
     pub fn new(per_vm: usize, header: Header) -> Self {
         Self {
@@ -171,22 +172,24 @@ impl FlightRecorder {
         }
     }
 
-    fn event(&mut self, ev: &Event) {
+    /// Keeps `ev` in its VM's ring. The detector's VM table (seen after
+    /// `ev`) says which VMs exist: a ring lives as long as its VM is tracked
+    /// there, so the rings share its cap and its eviction.
+    fn event(&mut self, ev: &Event, detector: &Detector) {
         let Some(kvm) = ev.kvm else {
             return;
         };
-        if ev.kind == Kind::VmDestroy {
+        if !detector.knows_vm(kvm) {
             self.rings.remove(&kvm);
             return;
         }
+        if self.rings.len() > detector.tracked_vms() {
+            // The detector dropped VMs (evicted, or a reused pointer): so
+            // the rings never outnumber its VMs by more than this one.
+            self.rings.retain(|k, _| detector.knows_vm(*k));
+        }
         if self.per_vm == 0 {
             return;
-        }
-        if !self.rings.contains_key(&kvm)
-            && self.rings.len() >= Self::MAX_VMS
-            && let Some(&victim) = self.rings.keys().next()
-        {
-            self.rings.remove(&victim);
         }
         let ring = self.rings.entry(kvm).or_default();
         if ring.len() == self.per_vm {
@@ -210,7 +213,7 @@ impl FlightRecorder {
             self.suppressed += 1;
             return None;
         }
-        if self.last_incident.len() >= Self::MAX_VMS * 4 {
+        if self.last_incident.len() >= Self::MAX_QUIET {
             self.last_incident.clear();
         }
         self.last_incident.insert(key, f.ts_ns);
@@ -304,10 +307,10 @@ impl Pipeline {
         if let Some(r) = self.recorder.as_mut() {
             r.event(ev);
         }
-        if let Some(f) = self.flight.as_mut() {
-            f.event(ev);
-        }
         self.detector.observe(ev, &mut self.findings);
+        if let Some(f) = self.flight.as_mut() {
+            f.event(ev, &self.detector);
+        }
         for mut f in std::mem::take(&mut self.findings) {
             if let Some(names) = self.names.as_ref() {
                 f.vm = names.get(f.userspace_pid).cloned();
@@ -376,5 +379,60 @@ impl Pipeline {
             self.tally.incidents = s.incidents;
         }
         stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Event;
+
+    fn ev(kind: Kind, ts: u64, kvm: u64) -> Event {
+        let mut e = Event::bare(kind, ts);
+        e.kvm = Some(kvm);
+        e.userspace_pid = Some(7);
+        e
+    }
+
+    /// The rings have no table of their own: a VM torn down or evicted by
+    /// the detector loses its ring, so they share the detector's cap.
+    #[test]
+    fn the_flight_rings_follow_the_detectors_vms() {
+        let header = Header::for_this_host("test".into(), "test".into(), vec![]);
+        let mut fr = FlightRecorder::new(4, header);
+        let mut det = Detector::new(DetectorConfig {
+            max_vms: 8,
+            ..DetectorConfig::default()
+        });
+        let mut out = Vec::new();
+        for i in 0..100u64 {
+            let e = ev(Kind::ZapAllFast, i, 0x1000 + i);
+            det.observe(&e, &mut out);
+            fr.event(&e, &det);
+            assert!(
+                fr.rings.len() <= det.tracked_vms() + 1,
+                "{}",
+                fr.rings.len()
+            );
+        }
+        assert!(det.stats().vms_evicted > 0);
+        let known: Vec<u64> = fr
+            .rings
+            .keys()
+            .copied()
+            .filter(|&k| det.knows_vm(k))
+            .collect();
+        assert!(known.contains(&(0x1000 + 99)));
+        assert!(fr.rings.len() <= known.len() + 1);
+
+        let e = ev(Kind::VmDestroy, 200, 0x1000 + 99);
+        det.observe(&e, &mut out);
+        fr.event(&e, &det);
+        assert!(!fr.rings.contains_key(&(0x1000 + 99)));
+        // A late event of the torn-down VM doesn't bring its ring back.
+        let e = ev(Kind::ZapAllFast, 201, 0x1000 + 99);
+        det.observe(&e, &mut out);
+        fr.event(&e, &det);
+        assert!(!fr.rings.contains_key(&(0x1000 + 99)));
     }
 }

@@ -11,6 +11,37 @@ use serde::{Deserialize, Serialize};
 use common::{COMM_LEN, EventKind, INVALID_PAGE, ProbeId, RootEvent, field};
 
 impl Event {
+    /// An event of `kind` at `ts_ns` with no probe, no task and every
+    /// optional field unset: the base that parsers, the model and tests fill.
+    pub fn bare(kind: Kind, ts_ns: u64) -> Self {
+        Self {
+            ts_ns,
+            kind,
+            probe: Cow::Borrowed(""),
+            cpu: 0,
+            pid: 0,
+            tid: 0,
+            comm: Comm::default(),
+            kvm: None,
+            vcpu: None,
+            vcpu_id: None,
+            userspace_pid: None,
+            vm_type: None,
+            root_hpa: None,
+            root_pgd: None,
+            mirror_root_hpa: None,
+            root_role: None,
+            mirror_role: None,
+            mirror_stale: None,
+            mmu_valid_gen: None,
+            memslots_gen: None,
+            ret: None,
+            arg: None,
+            before_hpa: None,
+            duration_ns: None,
+        }
+    }
+
     /// Whether the kernel read the mirror root's page and found it invalid
     /// (`None`: not read).
     pub fn mirror_root_stale(&self) -> Option<bool> {

@@ -130,32 +130,7 @@ pub fn parse_event(text: &str) -> Option<Event> {
     s.b.starts_with(PREFIX.as_bytes()).then_some(())?;
     s.at = PREFIX.len();
     let mut seen = Seen::default();
-    let mut ev = Event {
-        ts_ns: 0,
-        kind: Kind::LoadEnter,
-        probe: Cow::Borrowed(""),
-        cpu: 0,
-        pid: 0,
-        tid: 0,
-        comm: Comm::default(),
-        kvm: None,
-        vcpu: None,
-        vcpu_id: None,
-        userspace_pid: None,
-        vm_type: None,
-        root_hpa: None,
-        root_pgd: None,
-        mirror_root_hpa: None,
-        root_role: None,
-        mirror_role: None,
-        mirror_stale: None,
-        mmu_valid_gen: None,
-        memslots_gen: None,
-        ret: None,
-        arg: None,
-        before_hpa: None,
-        duration_ns: None,
-    };
+    let mut ev = Event::bare(Kind::LoadEnter, 0);
     loop {
         let key = s.string()?;
         s.eat(b':')?;

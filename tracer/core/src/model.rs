@@ -260,8 +260,6 @@ impl Model {
             .filter(|c| vm.tdx && c.mirror != INVALID_PAGE)
             .map(|c| vm.stale.contains(&c.mirror));
         Event {
-            ts_ns: self.t_ns,
-            kind,
             probe: Cow::Borrowed("model"),
             cpu: vcpu.map_or(0, |c| c.id as u32 % 64),
             pid: vm.pid as u32,
@@ -286,10 +284,7 @@ impl Model {
             mirror_stale: mirror,
             mmu_valid_gen: Some(vm.valid_gen),
             memslots_gen: Some(vm.slots_gen),
-            ret: None,
-            arg: None,
-            before_hpa: None,
-            duration_ns: None,
+            ..Event::bare(kind, self.t_ns)
         }
     }
 

@@ -16,30 +16,16 @@ const TDX: u8 = 5;
 /// An event about VM `KVM` (type `vm_type`) at time `t` ms.
 fn ev(kind: Kind, t_ms: u64, vm_type: u8) -> Event {
     Event {
-        ts_ns: t_ms * 1_000_000,
-        kind,
         probe: Cow::Borrowed("test"),
-        cpu: 0,
         pid: 100,
         tid: 101,
         comm: Comm::new("qemu-kvm").unwrap(),
         kvm: Some(KVM),
-        vcpu: None,
-        vcpu_id: None,
         userspace_pid: Some(100),
         vm_type: Some(vm_type),
-        root_hpa: None,
-        root_pgd: None,
-        mirror_root_hpa: None,
-        root_role: None,
-        mirror_role: None,
-        mirror_stale: None,
         mmu_valid_gen: Some(0),
         memslots_gen: Some(0),
-        ret: None,
-        arg: None,
-        before_hpa: None,
-        duration_ns: None,
+        ..Event::bare(kind, t_ms * 1_000_000)
     }
 }
 

@@ -4,51 +4,36 @@
 //! given to [`TopState::tick`] are its clock, so live and replayed runs and
 //! the tests share it.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 
 use common::{INVALID_PAGE, KVM_X86_TDX_VM};
 
 use crate::{
-    detector::{Detector, DetectorConfig, Finding, FindingKind, Severity},
-    event::{Event, Kind, vm_type_name},
+    detector::{Detector, DetectorConfig, Finding, FindingKind, Severity, VmView},
+    event::{Event, vm_type_name},
 };
 
 /// Findings kept for the findings pane.
 const FINDINGS_KEPT: usize = 200;
-/// VMs kept; beyond it the least recently seen goes (teardown is not seen
-/// on kernels without kprobes).
-const MAX_VMS: usize = 4096;
 
-/// One vCPU's row.
-#[derive(Clone, Debug, Default)]
-pub struct VcpuRow {
-    pub vcpu: u64,
-    pub vcpu_id: Option<i32>,
-    pub root_hpa: Option<u64>,
-    pub mirror_root_hpa: Option<u64>,
-    /// (timestamp, return code) of the last `kvm_mmu_load()`.
-    pub last_load: Option<(u64, i64)>,
-    pub mmu_valid_gen: Option<u8>,
-    pub last_seen_ns: u64,
-}
+pub use crate::detector::VcpuView as VcpuRow;
 
-/// One VM's row.
-#[derive(Clone, Debug, Default)]
+/// One VM's row: the detector's view of it, its vCPUs, and the rates `top`
+/// computes.
+#[derive(Clone, Debug)]
 pub struct VmRow {
     pub kvm: u64,
     pub userspace_pid: Option<i32>,
     pub vm_type: Option<u8>,
     pub mmu_valid_gen: Option<u8>,
-    pub vcpus: BTreeMap<u64, VcpuRow>,
+    pub vcpus: Vec<VcpuRow>,
     pub loads: u64,
     pub zaps: u64,
     pub findings: u64,
     pub loads_per_s: f64,
     pub zaps_per_s: f64,
-    loads_at_tick: u64,
-    zaps_at_tick: u64,
     pub last_seen_ns: u64,
 }
 
@@ -60,6 +45,15 @@ impl VmRow {
     pub fn type_name(&self) -> &'static str {
         self.vm_type.map_or("?", vm_type_name)
     }
+}
+
+/// A VM's counters at the last tick and the rates computed then.
+#[derive(Clone, Copy, Debug, Default)]
+struct Rates {
+    loads_at_tick: u64,
+    zaps_at_tick: u64,
+    loads_per_s: f64,
+    zaps_per_s: f64,
 }
 
 /// The VM table's sort columns, in the order `s` cycles through them.
@@ -117,7 +111,8 @@ pub struct TopState {
     pub kernel: String,
     pub source: String,
     pub plan_summary: String,
-    pub vms: BTreeMap<u64, VmRow>,
+    /// Per-VM rates, for the VMs the detector tracks (pruned at each tick).
+    rates: HashMap<u64, Rates>,
     /// VMMs' names: read from `/proc` live, from `vm` records in a replay.
     pub names: crate::vmid::VmNames,
     /// Newest first.
@@ -157,7 +152,7 @@ impl TopState {
             kernel,
             source,
             plan_summary,
-            vms: BTreeMap::new(),
+            rates: HashMap::new(),
             findings: VecDeque::new(),
             events: 0,
             findings_total: 0,
@@ -187,7 +182,7 @@ impl TopState {
         self.names.get(vm.userspace_pid)?.display_name()
     }
 
-    /// Takes one event: rows, counters, and the detector's findings.
+    /// Takes one event: the detector's state and findings, the counters.
     pub fn event(&mut self, ev: &Event) {
         self.events += 1;
         self.now_ns = self.now_ns.max(ev.ts_ns);
@@ -199,75 +194,6 @@ impl TopState {
             f.vm = self.names.get(f.userspace_pid).cloned();
             self.finding(f);
         }
-        let Some(kvm) = ev.kvm else {
-            return;
-        };
-        if ev.kind == Kind::VmDestroy {
-            self.vms.remove(&kvm);
-            return;
-        }
-        // A late event of a VM already torn down (or a root invalidation of
-        // one never seen alive): the detector ignored it, so does the view.
-        if !self.detector.knows_vm(kvm) {
-            self.vms.remove(&kvm);
-            return;
-        }
-        if !self.vms.contains_key(&kvm) && self.vms.len() >= MAX_VMS {
-            let oldest = self
-                .vms
-                .values()
-                .min_by_key(|v| v.last_seen_ns)
-                .map(|v| v.kvm);
-            if let Some(k) = oldest {
-                self.vms.remove(&k);
-            }
-        }
-        let vm = self.vms.entry(kvm).or_insert_with(|| VmRow {
-            kvm,
-            ..VmRow::default()
-        });
-        vm.last_seen_ns = ev.ts_ns;
-        if ev.userspace_pid.is_some() {
-            vm.userspace_pid = ev.userspace_pid;
-        }
-        if ev.vm_type.is_some() {
-            vm.vm_type = ev.vm_type;
-        }
-        match ev.kind {
-            Kind::ZapAllFast => {
-                vm.zaps += 1;
-                vm.mmu_valid_gen = ev.mmu_valid_gen;
-            }
-            Kind::LoadReturn => vm.loads += 1,
-            _ => {}
-        }
-        let Some(vcpu) = ev.vcpu else {
-            return;
-        };
-        if ev.kind == Kind::VcpuDestroy {
-            vm.vcpus.remove(&vcpu);
-            return;
-        }
-        let row = vm.vcpus.entry(vcpu).or_insert_with(|| VcpuRow {
-            vcpu,
-            ..VcpuRow::default()
-        });
-        row.last_seen_ns = ev.ts_ns;
-        if ev.vcpu_id.is_some() {
-            row.vcpu_id = ev.vcpu_id;
-        }
-        if ev.root_hpa.is_some() {
-            row.root_hpa = ev.root_hpa;
-        }
-        if ev.mirror_root_hpa.is_some() {
-            row.mirror_root_hpa = ev.mirror_root_hpa;
-        }
-        if ev.mmu_valid_gen.is_some() {
-            row.mmu_valid_gen = ev.mmu_valid_gen;
-        }
-        if ev.kind == Kind::LoadReturn {
-            row.last_load = Some((ev.ts_ns, ev.ret.unwrap_or(0)));
-        }
     }
 
     fn finding(&mut self, f: Finding) {
@@ -276,52 +202,79 @@ impl TopState {
         if f.severity == Severity::Critical {
             self.critical_total += 1;
         }
-        if let Some(vm) = self.vms.get_mut(&f.kvm) {
-            vm.findings += 1;
-        } else {
-            self.vms.insert(
-                f.kvm,
-                VmRow {
-                    kvm: f.kvm,
-                    userspace_pid: f.userspace_pid,
-                    findings: 1,
-                    last_seen_ns: f.ts_ns,
-                    ..VmRow::default()
-                },
-            );
-        }
         self.findings.push_front(f);
         self.findings.truncate(FINDINGS_KEPT);
+    }
+
+    /// The VMs the detector tracks, as rows, by `struct kvm *`.
+    pub fn vms(&self) -> BTreeMap<u64, VmRow> {
+        self.detector.vms().map(|v| (v.kvm, self.row(v))).collect()
+    }
+
+    fn row(&self, v: VmView) -> VmRow {
+        let r = self.rates.get(&v.kvm).copied().unwrap_or_default();
+        VmRow {
+            kvm: v.kvm,
+            userspace_pid: v.userspace_pid,
+            vm_type: v.vm_type,
+            mmu_valid_gen: v.mmu_valid_gen,
+            vcpus: self.detector.vcpus_of(v.kvm).collect(),
+            loads: v.loads,
+            zaps: v.zaps,
+            findings: v.findings,
+            loads_per_s: r.loads_per_s,
+            zaps_per_s: r.zaps_per_s,
+            last_seen_ns: v.last_seen_ns,
+        }
+    }
+
+    /// VMs tracked, TDX VMs among them, and vCPUs tracked.
+    pub fn counts(&self) -> (usize, usize, usize) {
+        (
+            self.detector.tracked_vms(),
+            self.detector.tdx_vms(),
+            self.detector.tracked_vcpus(),
+        )
     }
 
     /// Recomputes the rates over the time since the last tick.
     #[expect(clippy::cast_precision_loss, reason = "rates for display")]
     pub fn tick(&mut self, now_ns: u64) {
-        if let Some(last) = self.last_tick_ns {
-            if now_ns <= last {
-                return;
-            }
-            let secs = (now_ns - last) as f64 / 1e9;
-            self.events_per_s = (self.events - self.events_at_tick) as f64 / secs;
-            for vm in self.vms.values_mut() {
-                vm.loads_per_s = (vm.loads - vm.loads_at_tick.min(vm.loads)) as f64 / secs;
-                vm.zaps_per_s = (vm.zaps - vm.zaps_at_tick.min(vm.zaps)) as f64 / secs;
-            }
+        let secs = match self.last_tick_ns {
+            Some(last) if now_ns <= last => return,
+            Some(last) => Some((now_ns - last) as f64 / 1e9),
+            None => None,
+        };
+        let per_s = |now: u64, then: u64| secs.map_or(0.0, |s| (now - then.min(now)) as f64 / s);
+        if secs.is_some() {
+            self.events_per_s = per_s(self.events, self.events_at_tick);
         }
+        // Rebuilt from the detector's VMs: a VM it dropped loses its rates.
+        self.rates = self
+            .detector
+            .vms()
+            .map(|v| {
+                let old = self.rates.get(&v.kvm).copied().unwrap_or_default();
+                let r = Rates {
+                    loads_at_tick: v.loads,
+                    zaps_at_tick: v.zaps,
+                    loads_per_s: per_s(v.loads, old.loads_at_tick),
+                    zaps_per_s: per_s(v.zaps, old.zaps_at_tick),
+                };
+                (v.kvm, r)
+            })
+            .collect();
         self.last_tick_ns = Some(now_ns);
         self.events_at_tick = self.events;
-        for vm in self.vms.values_mut() {
-            vm.loads_at_tick = vm.loads;
-            vm.zaps_at_tick = vm.zaps;
-        }
     }
 
     /// The VMs the table shows: filtered, then sorted.
-    pub fn visible(&self) -> Vec<&VmRow> {
+    pub fn visible(&self) -> Vec<VmRow> {
         let needle = self.filter.to_lowercase();
-        let mut rows: Vec<&VmRow> = self
-            .vms
-            .values()
+        let mut rows: Vec<VmRow> = self
+            .detector
+            .vms()
+            .map(|v| self.row(v))
             .filter(|vm| {
                 needle.is_empty()
                     || vm
@@ -350,7 +303,7 @@ impl TopState {
     }
 
     /// The selected VM among the visible ones (the first if none is).
-    pub fn selected_index(&self, visible: &[&VmRow]) -> Option<usize> {
+    pub fn selected_index(&self, visible: &[VmRow]) -> Option<usize> {
         if visible.is_empty() {
             return None;
         }

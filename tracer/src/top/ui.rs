@@ -40,14 +40,13 @@ pub fn draw(f: &mut Frame, s: &TopState) {
     let visible = s.visible();
     let selected = s.selected_index(&visible);
     draw_vms(f, s, &visible, selected, vms);
-    draw_vcpus(f, selected.map(|i| visible[i]), s.now_ns, vcpus);
+    draw_vcpus(f, selected.map(|i| &visible[i]), s.now_ns, vcpus);
     draw_findings(f, s, findings);
     draw_keys(f, s, keys);
 }
 
 fn draw_header(f: &mut Frame, s: &TopState, area: Rect) {
-    let tdx = s.vms.values().filter(|v| v.is_tdx()).count();
-    let vcpus: usize = s.vms.values().map(|v| v.vcpus.len()).sum();
+    let (vms, tdx, vcpus) = s.counts();
     let bold = Style::default().add_modifier(Modifier::BOLD);
     let mut state = vec![
         Span::styled("events ", bold),
@@ -71,7 +70,7 @@ fn draw_header(f: &mut Frame, s: &TopState, area: Rect) {
             },
         ),
         Span::styled("VMs ", bold),
-        Span::raw(format!("{} ({tdx} TDX)  ", s.vms.len())),
+        Span::raw(format!("{vms} ({tdx} TDX)  ")),
         Span::styled("vCPUs ", bold),
         Span::raw(format!("{vcpus}")),
     ];
@@ -101,7 +100,7 @@ fn draw_header(f: &mut Frame, s: &TopState, area: Rect) {
     f.render_widget(Paragraph::new(lines), area);
 }
 
-fn draw_vms(f: &mut Frame, s: &TopState, visible: &[&VmRow], selected: Option<usize>, area: Rect) {
+fn draw_vms(f: &mut Frame, s: &TopState, visible: &[VmRow], selected: Option<usize>, area: Rect) {
     let arrow = if s.reverse { "▲" } else { "▼" };
     let head = |name: &str, key: &str| {
         if s.sort.name() == key {
@@ -153,7 +152,7 @@ fn draw_vms(f: &mut Frame, s: &TopState, visible: &[&VmRow], selected: Option<us
         format!(
             " VMs ({} of {}) — filter: {} — sort: {} {arrow} ",
             visible.len(),
-            s.vms.len(),
+            s.counts().0,
             s.filter,
             s.sort.name()
         )
@@ -175,7 +174,7 @@ fn draw_vms(f: &mut Frame, s: &TopState, visible: &[&VmRow], selected: Option<us
     .block(Block::default().borders(Borders::TOP).title(title))
     .row_highlight_style(Style::default().add_modifier(Modifier::REVERSED));
     if visible.is_empty() {
-        let msg = if s.vms.is_empty() {
+        let msg = if s.counts().0 == 0 {
             "no VM seen yet"
         } else {
             "no VM matches the filter (Esc clears it)"
@@ -207,7 +206,7 @@ fn draw_vcpus(f: &mut Frame, vm: Option<&VmRow>, now_ns: u64, area: Rect) {
         "GEN",
     ])
     .style(Style::default().add_modifier(Modifier::BOLD));
-    let mut vcpus: Vec<_> = vm.vcpus.values().collect();
+    let mut vcpus: Vec<_> = vm.vcpus.iter().collect();
     vcpus.sort_by_key(|v| (v.vcpu_id, v.vcpu));
     let rows = vcpus.into_iter().map(|v| {
         let forbidden = vm.is_tdx()

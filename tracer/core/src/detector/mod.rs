@@ -21,11 +21,13 @@ use crate::event::{Event, Kind};
 mod checks;
 mod finding;
 mod state;
+mod view;
 
 use checks::{Raise, check_entry, check_load, check_mirror_change, check_realloc};
 pub(crate) use finding::wrap;
 pub use finding::{Finding, FindingKind, Severity, errno_name};
 use state::{VcpuState, VmState};
+pub use view::{VcpuView, VmView};
 
 /// `KVM_MIRROR_ROOTS` in `enum kvm_tdp_mmu_root_types`.
 pub const KVM_MIRROR_ROOTS: u64 = 4;
@@ -224,6 +226,11 @@ impl Detector {
             _ => self.observe_live(ev, out),
         }
         self.stats.findings += (out.len() - before) as u64;
+        for f in &out[before..] {
+            if let Some(vm) = self.vms.get_mut(&f.kvm) {
+                vm.findings += 1;
+            }
+        }
     }
 
     fn bury(&mut self, kvm: u64, pid: Option<i32>, ts: u64) {
@@ -428,6 +435,9 @@ impl Detector {
             storm_reported_until: 0,
             stale_mirrors: Vec::new(),
             last_seen: 0,
+            loads: 0,
+            zaps_seen: 0,
+            findings: 0,
         });
         vm.last_seen = ev.ts_ns;
         if ev.userspace_pid.is_some() {
@@ -438,6 +448,11 @@ impl Detector {
         }
         if ev.mmu_valid_gen.is_some() {
             vm.mmu_valid_gen = ev.mmu_valid_gen;
+        }
+        match ev.kind {
+            Kind::LoadReturn => vm.loads += 1,
+            Kind::ZapAllFast => vm.zaps_seen += 1,
+            _ => {}
         }
     }
 

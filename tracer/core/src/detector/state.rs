@@ -22,6 +22,11 @@ pub(super) struct VmState {
     /// their pages; `mirror_root_hpa` still points at them).
     pub(super) stale_mirrors: Vec<u64>,
     pub(super) last_seen: u64,
+    /// Counts since it was first seen: `kvm_mmu_load()` returns, fast zaps,
+    /// findings.
+    pub(super) loads: u64,
+    pub(super) zaps_seen: u64,
+    pub(super) findings: u64,
 }
 
 /// A forbidden state as reported: (root, mirror, stale).
