@@ -8,9 +8,11 @@ use std::{path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand};
 use tracer::{
     Failure,
-    config::{Config, parse_compression, parse_duration, parse_fsync, parse_size},
+    config::{
+        Config, Invalid, defaults, parse_compression, parse_duration, parse_fsync, parse_size,
+    },
     daemon::RecordOptions,
-    log::writer::{FsyncPolicy, RecordConfig, parse_time},
+    log::writer::{FsyncPolicy, parse_time},
 };
 
 #[derive(Parser)]
@@ -106,7 +108,7 @@ pub(crate) struct TopArgs {
     pub(crate) speed: f64,
     /// Size of the event ring buffer in bytes (live): a power of two, at
     /// least 4096.
-    #[arg(long, value_name = "BYTES", default_value = "4194304", value_parser = parse_ringbuf)]
+    #[arg(long, value_name = "BYTES", default_value = defaults::RINGBUF_SIZE, value_parser = parse_ringbuf)]
     pub(crate) ringbuf_size: u32,
     /// With --replay: print the screen of this size (COLSxROWS) at the log's
     /// end as text, without a terminal (for bug reports and docs).
@@ -154,14 +156,14 @@ pub(crate) struct DoctorArgs {
 #[derive(Args)]
 pub(crate) struct ProbeArgs {
     /// Size of the event ring buffer in bytes: a power of two, at least 4096.
-    #[arg(long, value_name = "BYTES", default_value = "4194304", value_parser = parse_ringbuf)]
+    #[arg(long, value_name = "BYTES", default_value = defaults::RINGBUF_SIZE, value_parser = parse_ringbuf)]
     pub(crate) ringbuf_size: u32,
     /// Wake the reader only once this many bytes wait in the ring buffer
     /// (0: on every event); the forbidden TDX state always wakes it.
-    #[arg(long, value_name = "BYTES", default_value_t = tracer::config::DEFAULT_WAKEUP_BYTES)]
+    #[arg(long, value_name = "BYTES", default_value = defaults::WAKEUP_BYTES)]
     pub(crate) wakeup_bytes: u32,
     /// Drain the ring buffer at least this often (1ms to 10s).
-    #[arg(long, value_name = "TIME", default_value = "100ms", value_parser = parse_duration)]
+    #[arg(long, value_name = "TIME", default_value = defaults::POLL_INTERVAL, value_parser = parse_duration)]
     pub(crate) poll_interval: Duration,
     /// Don't report each vCPU's first guest entry with new roots; the
     /// kvm_entry gate then only reports the forbidden TDX state.
@@ -339,8 +341,7 @@ impl RunArgs {
         if self.no_entry_transitions {
             c.probes.entry_transitions = false;
         }
-        c.validate()
-            .map_err(|e| Failure::from(anyhow::anyhow!("flags: {e}")))?;
+        c.validate().map_err(flag_error)?;
         Ok(c)
     }
 }
@@ -349,53 +350,93 @@ impl RunArgs {
 #[command(next_help_heading = "Event log")]
 pub(crate) struct LogArgs {
     /// Rotate a segment when it reaches this size (K, M, G suffixes).
-    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = defaults::SEGMENT_SIZE, value_parser = parse_size)]
     pub(crate) segment_size: u64,
     /// Rotate a segment when it is this old.
-    #[arg(long, value_name = "TIME", default_value = "1h", value_parser = parse_duration)]
+    #[arg(long, value_name = "TIME", default_value = defaults::SEGMENT_AGE, value_parser = parse_duration)]
     pub(crate) segment_age: Duration,
     /// Keep at most this many segments.
-    #[arg(long, value_name = "N", default_value_t = 200, value_parser = clap::value_parser!(u32).range(2..))]
+    #[arg(long, value_name = "N", default_value = defaults::MAX_FILES, value_parser = clap::value_parser!(u32).range(2..))]
     pub(crate) max_files: u32,
     /// Keep at most this many bytes of segments (K, M, G suffixes).
-    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = defaults::MAX_TOTAL_SIZE, value_parser = parse_size)]
     pub(crate) max_total_size: u64,
     /// Stop recording (counting what is lost) below this much free disk.
-    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = defaults::MIN_FREE, value_parser = parse_size)]
     pub(crate) min_free: u64,
     /// When to fsync: `never`, `always` (every batch), or an interval such
     /// as `1s`.
-    #[arg(long, value_name = "POLICY", default_value = "1s", value_parser = parse_fsync)]
+    #[arg(long, value_name = "POLICY", default_value = defaults::FSYNC, value_parser = parse_fsync)]
     pub(crate) fsync: FsyncPolicy,
     /// Keep closed segments uncompressed.
     #[arg(long)]
     pub(crate) no_compress: bool,
     /// Compress closed segments with zstd, or gzip (what log shippers read).
-    #[arg(long, value_name = "CODEC", default_value = "zstd", value_parser = parse_compression)]
+    #[arg(long, value_name = "CODEC", default_value = defaults::COMPRESSION, value_parser = parse_compression)]
     pub(crate) compression: tracer::log::writer::Compression,
     /// Events kept per VM for incident files written when a finding fires
     /// (0: no incident files).
-    #[arg(long, value_name = "N", default_value_t = 64)]
+    #[arg(long, value_name = "N", default_value = defaults::FLIGHT_EVENTS)]
     pub(crate) flight_events: usize,
 }
 
 impl LogArgs {
-    pub(crate) fn options(&self, dir: PathBuf) -> RecordOptions {
-        RecordOptions {
-            dir,
-            config: RecordConfig {
-                max_segment_bytes: self.segment_size,
-                max_segment_age: self.segment_age,
-                max_files: self.max_files as usize,
-                max_total_bytes: self.max_total_size,
-                min_free_bytes: self.min_free,
-                fsync: self.fsync,
-                compress: !self.no_compress,
-                compression: self.compression,
-            },
-            flight_events: self.flight_events,
-        }
+    /// These flags over `c.log`.
+    fn apply(&self, c: &mut tracer::config::LogConfig) {
+        c.segment_size = self.segment_size;
+        c.segment_age = self.segment_age;
+        c.max_files = self.max_files as usize;
+        c.max_total_size = self.max_total_size;
+        c.min_free = self.min_free;
+        c.fsync = self.fsync;
+        c.compress = !self.no_compress;
+        c.compression = self.compression;
+        c.flight_events = self.flight_events;
     }
+
+    /// The event log's options with these flags, checked by the config's
+    /// validator.
+    pub(crate) fn options(&self, dir: PathBuf) -> Result<RecordOptions, Failure> {
+        let mut c = Config::default();
+        self.apply(&mut c.log);
+        c.validate().map_err(flag_error)?;
+        Ok(RecordOptions {
+            dir,
+            config: c.log.record_config(),
+            flight_events: c.log.flight_events,
+        })
+    }
+}
+
+impl WatchArgs {
+    /// The defaults with `watch`'s flags over them, checked by the
+    /// config's validator like `run`'s.
+    pub(crate) fn config(&self) -> Result<Config, Failure> {
+        let mut c = Config::default();
+        self.log.apply(&mut c.log);
+        c.probes.ringbuf_size = self.probes.ringbuf_size;
+        c.probes.wakeup_bytes = self.probes.wakeup_bytes;
+        c.probes.poll_interval = self.probes.poll_interval;
+        c.probes.entry_transitions = !self.probes.no_entry_transitions;
+        c.validate().map_err(flag_error)?;
+        Ok(c)
+    }
+}
+
+/// A setting the validator refused, named by its flag (and its key, for
+/// a config over which the flags went).
+fn flag_error(Invalid { key, reason }: Invalid) -> Failure {
+    let (section, name) = key.split_once('.').unwrap_or(("", key));
+    let flag = match (section, name) {
+        ("log", "dir") => "log-dir".to_owned(),
+        ("alertmanager", "urls") => "alertmanager-url".to_owned(),
+        ("alertmanager", "host") => "alert-host".to_owned(),
+        ("alertmanager", n) => format!("alertmanager-{}", n.replace('_', "-")),
+        ("metrics", "listen") => "metrics-listen".to_owned(),
+        ("findings", "output") => "findings-out".to_owned(),
+        (_, n) => n.replace('_', "-"),
+    };
+    Failure::from(anyhow::anyhow!("flag `--{flag}` (key `{key}`): {reason}"))
 }
 
 #[derive(Args)]
@@ -552,19 +593,25 @@ pub(crate) fn parse_ringbuf(s: &str) -> Result<u32, String> {
 mod tests {
     use super::*;
 
+    fn watch(flags: &[&str]) -> WatchArgs {
+        let argv = ["tracer", "watch"].iter().chain(flags);
+        let Cli {
+            command: Command::Watch(parsed),
+        } = Cli::try_parse_from(argv).unwrap()
+        else {
+            panic!("not watch")
+        };
+        parsed
+    }
+
     /// `watch`'s flags default to what `tracer run` (its config's
     /// defaults, which `dist/config.toml` is tested equal to) does.
     #[test]
     fn watch_flags_default_to_the_configs_defaults() {
-        let Cli {
-            command: Command::Watch(args),
-        } = Cli::try_parse_from(["tracer", "watch"]).unwrap()
-        else {
-            panic!("not watch")
-        };
+        let args = watch(&[]);
         let c = Config::default();
-        let dir = PathBuf::from("/log");
-        let record = args.log.options(dir.clone());
+        assert_eq!(args.config().unwrap(), c);
+        let record = args.log.options(PathBuf::from("/log")).unwrap();
         assert_eq!(record.config, c.log.record_config());
         assert_eq!(record.flight_events, c.log.flight_events);
         assert_eq!(args.probes.ringbuf_size, c.probes.ringbuf_size);
@@ -574,6 +621,44 @@ mod tests {
             !args.probes.no_entry_transitions,
             c.probes.entry_transitions
         );
+    }
+
+    /// `watch`'s and `simulate`'s log flags go through the config's one
+    /// validator: before, `watch --segment-size 1` was taken (a segment
+    /// per record) while the same value in a config file was refused.
+    #[test]
+    fn watch_flags_are_checked_by_the_configs_validator() {
+        for (flags, flag, key) in [
+            (
+                &["--segment-size", "1"][..],
+                "--segment-size",
+                "log.segment_size",
+            ),
+            (
+                &["--segment-age", "1ms"],
+                "--segment-age",
+                "log.segment_age",
+            ),
+            (
+                &["--flight-events", "1000000"],
+                "--flight-events",
+                "log.flight_events",
+            ),
+            (
+                &["--wakeup-bytes", "4194304"],
+                "--wakeup-bytes",
+                "probes.wakeup_bytes",
+            ),
+        ] {
+            let args = watch(flags);
+            let e = format!("{:#}", args.config().unwrap_err().error);
+            assert!(
+                e.contains(&format!("flag `{flag}` (key `{key}`)")),
+                "{flags:?}: {e}"
+            );
+        }
+        let args = watch(&["--segment-size", "1"]);
+        assert!(args.log.options(PathBuf::from("/log")).is_err());
     }
 
     #[test]

@@ -65,11 +65,31 @@ pub struct ServiceOptions {
     pub reload: Option<crate::reload::Reloader>,
 }
 
+/// What goes to stdout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stream {
+    /// Nothing: the daemon (`run`), which also waits for KVM to appear.
+    Off,
+    /// `watch`: readable lines.
+    Readable,
+    /// `watch --json`: JSON lines.
+    Json,
+}
+
+impl Stream {
+    fn output(self) -> Option<Output> {
+        match self {
+            Self::Off => None,
+            Self::Readable => Some(Output::new(false)),
+            Self::Json => Some(Output::new(true)),
+        }
+    }
+}
+
 pub struct WatchOptions {
     /// When the process started, for the time-to-attached figure.
     pub launched: Instant,
-    /// Stream events to stdout (watch); `None` for the daemon.
-    pub stdout: Option<bool>,
+    pub stream: Stream,
     pub duration: Option<Duration>,
     pub ringbuf_bytes: u32,
     /// Wake the reader once this many bytes wait (0: every event).
@@ -107,7 +127,7 @@ pub fn run(opts: &WatchOptions) -> Result<(), Failure> {
         let plan = match live::plan(&live::kernel_root(), plan_options(opts)) {
             Ok(plan) => plan,
             // The daemon waits for KVM; `watch` says what is missing.
-            Err(e @ kernel::KernelError::NoKvm { .. }) if opts.stdout.is_none() => {
+            Err(e @ kernel::KernelError::NoKvm { .. }) if opts.stream == Stream::Off => {
                 match wait_for_kvm(opts, &metrics, &e).await? {
                     Some(plan) => plan,
                     None => return Ok(()),
@@ -199,7 +219,7 @@ pub fn plan_entries(plan: &kernel::AttachPlan) -> Vec<PlanEntry> {
 
 /// Builds the pipeline: stdout stream, recorder and flight recorder.
 pub fn build_pipeline(
-    stdout: Option<bool>,
+    stream: Stream,
     record: Option<&RecordOptions>,
     header: Header,
     live_clock: bool,
@@ -218,7 +238,7 @@ pub fn build_pipeline(
         }
         None => (None, None),
     };
-    Ok(Pipeline::new(stdout.map(Output::new), recorder, flight))
+    Ok(Pipeline::new(stream.output(), recorder, flight))
 }
 
 /// Says on stderr what attached, what failed and what is off.
@@ -584,7 +604,7 @@ fn live_pipeline(
         plan_entries(plan),
     );
     let clock = header.clock;
-    let mut p = build_pipeline(opts.stdout, opts.record.as_ref(), header.clone(), true)?;
+    let mut p = build_pipeline(opts.stream, opts.record.as_ref(), header.clone(), true)?;
     if let Some(o) = p.out.as_mut() {
         o.min_severity = opts.min_severity;
         o.style = opts.style;

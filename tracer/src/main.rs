@@ -45,21 +45,7 @@ fn run_daemon(args: &RunArgs, launched: std::time::Instant) -> Result<(), Failur
         }))
     });
     daemon::run(&daemon::WatchOptions {
-        launched,
-        stdout: None,
         duration: args.duration,
-        ringbuf_bytes: c.probes.ringbuf_size,
-        wakeup_bytes: c.probes.wakeup_bytes,
-        poll_interval: c.probes.poll_interval,
-        baseline: false,
-        entry_transitions: c.probes.entry_transitions,
-        min_severity: tracer::detector::Severity::Info,
-        style: tracer::human::Style::default(),
-        record: Some(RecordOptions {
-            dir: c.log.dir.clone(),
-            config: c.log.record_config(),
-            flight_events: c.log.flight_events,
-        }),
         service: daemon::ServiceOptions {
             metrics_listen: (!c.metrics.listen.is_empty())
                 .then(|| c.metrics.listen.parse().expect("validated")),
@@ -71,7 +57,35 @@ fn run_daemon(args: &RunArgs, launched: std::time::Instant) -> Result<(), Failur
             config: Some(c.clone()),
             reload,
         },
+        ..live_options(launched, &c, Some(c.log.dir.clone()))
     })
+}
+
+/// What `run` and `watch` take from their config (the file or the
+/// defaults, then the flags): the probes' settings and the event log's.
+fn live_options(
+    launched: std::time::Instant,
+    c: &Config,
+    record: Option<std::path::PathBuf>,
+) -> daemon::WatchOptions {
+    daemon::WatchOptions {
+        launched,
+        stream: daemon::Stream::Off,
+        duration: None,
+        ringbuf_bytes: c.probes.ringbuf_size,
+        wakeup_bytes: c.probes.wakeup_bytes,
+        poll_interval: c.probes.poll_interval,
+        baseline: false,
+        entry_transitions: c.probes.entry_transitions,
+        min_severity: tracer::detector::Severity::Info,
+        style: tracer::human::Style::default(),
+        record: record.map(|dir| RecordOptions {
+            dir,
+            config: c.log.record_config(),
+            flight_events: c.log.flight_events,
+        }),
+        service: daemon::ServiceOptions::default(),
+    }
 }
 
 /// The `host` label: the config's, or this machine's hostname.
@@ -202,26 +216,18 @@ fn main() -> ExitCode {
             ringbuf_bytes: args.ringbuf_size,
             snapshot: args.snapshot,
         }),
-        Command::Watch(args) => tracer::config::check_batching(
-            args.probes.ringbuf_size,
-            args.probes.wakeup_bytes,
-            args.probes.poll_interval,
-        )
-        .map_err(|e| Failure::from(anyhow::anyhow!("flag `--{}", e.replace('_', "-"))))
-        .and_then(|()| {
+        Command::Watch(args) => args.config().and_then(|c| {
             daemon::run(&daemon::WatchOptions {
-                launched,
-                stdout: Some(args.json),
+                stream: if args.json {
+                    daemon::Stream::Json
+                } else {
+                    daemon::Stream::Readable
+                },
                 duration: args.duration,
-                ringbuf_bytes: args.probes.ringbuf_size,
-                wakeup_bytes: args.probes.wakeup_bytes,
-                poll_interval: args.probes.poll_interval,
                 baseline: args.probes.baseline,
-                entry_transitions: !args.probes.no_entry_transitions,
                 min_severity: args.min_severity,
                 style: args.human.style(),
-                record: args.record.map(|dir| args.log.options(dir)),
-                service: daemon::ServiceOptions::default(),
+                ..live_options(launched, &c, args.record.clone())
             })
         }),
         Command::Run(args) => run_daemon(&args, launched),
@@ -252,32 +258,13 @@ fn generate(what: Generate) -> Result<(), Failure> {
 }
 
 fn simulate(args: &SimulateArgs) -> Result<(), Failure> {
-    use tracer::{
-        log::{ClockPair, Header},
-        model::{Model, run_scenario},
-    };
-    let mut model = Model::new(args.kernel, args.seed);
-    run_scenario(
-        &mut model,
+    let tracer::model::Simulation { header, events } = tracer::model::simulate(
+        args.kernel,
         args.scenario,
         usize::from(args.vcpus),
         args.rounds as usize,
+        args.seed,
     );
-    let behaviour = serde_json::to_value(args.kernel)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default();
-    let mut header = Header::for_this_host(format!("model:{behaviour}"), "model".into(), vec![]);
-    // Fixed, so the same seed gives the same bytes: model time 0 is
-    // 2026-01-01T00:00:00Z.
-    header.hostname = "model".into();
-    header.boot_id = format!("model-seed-{}", args.seed);
-    header.recording = Some(format!("model-seed-{}", args.seed));
-    header.clock = ClockPair {
-        monotonic_ns: 0,
-        realtime_ns: 1_767_225_600_000_000_000,
-    };
-    let events = model.take_events();
     let Some(dir) = &args.record else {
         use std::io::Write as _;
         let mut out = std::io::BufWriter::new(std::io::stdout().lock());
@@ -291,8 +278,8 @@ fn simulate(args: &SimulateArgs) -> Result<(), Failure> {
         let _ = out.flush();
         return Ok(());
     };
-    let record = args.log.options(dir.clone());
-    let mut p = daemon::build_pipeline(None, Some(&record), header, false)?;
+    let record = args.log.options(dir.clone())?;
+    let mut p = daemon::build_pipeline(daemon::Stream::Off, Some(&record), header, false)?;
     for (i, ev) in events.iter().enumerate() {
         p.event(ev);
         if i % 1024 == 1023 {

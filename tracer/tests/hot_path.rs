@@ -9,7 +9,7 @@ use std::{
 
 use common::{EventKind, ProbeId, RootEvent, field};
 use tracer::{
-    daemon::{RecordOptions, build_pipeline},
+    daemon::{RecordOptions, Stream, build_pipeline},
     event::Event,
     log::Header,
     model::{Behaviour, Model, Scenario, run_scenario},
@@ -95,7 +95,7 @@ fn detect_record_and_flight_recorder_allocate_nothing_per_event() {
         },
         flight_events: 64,
     };
-    let mut p = build_pipeline(None, Some(&record), header, false)
+    let mut p = build_pipeline(Stream::Off, Some(&record), header, false)
         .unwrap_or_else(|e| panic!("{:#}", e.error));
     for (i, ev) in warm.iter().enumerate() {
         p.event(ev);

@@ -9,6 +9,36 @@ use serde::Deserialize;
 
 use crate::log::writer::{FsyncPolicy, RecordConfig};
 
+/// The built-in defaults of the settings that are also flags, written as
+/// the flags take them: `--help` shows these strings, the config's defaults
+/// are parsed from them, and `dist/config.toml` is tested equal. They exist
+/// nowhere else.
+pub mod defaults {
+    pub const LOG_DIR: &str = "/var/lib/kvm-root-tracer/log";
+    pub const SEGMENT_SIZE: &str = "64M";
+    pub const SEGMENT_AGE: &str = "1h";
+    pub const MAX_FILES: &str = "200";
+    pub const MAX_TOTAL_SIZE: &str = "1G";
+    pub const MIN_FREE: &str = "512M";
+    pub const FSYNC: &str = "1s";
+    pub const COMPRESSION: &str = "zstd";
+    pub const FLIGHT_EVENTS: &str = "64";
+    pub const RINGBUF_SIZE: &str = "4194304";
+    /// 64 KiB: about 450 events per wakeup at most.
+    pub const WAKEUP_BYTES: &str = "65536";
+    /// The longest an event waits below the wakeup threshold.
+    pub const POLL_INTERVAL: &str = "100ms";
+}
+
+/// A default of [`defaults`], parsed.
+fn default_of<T>(parse: impl FnOnce(&str) -> Result<T, String>, text: &str) -> T {
+    parse(text).unwrap_or_else(|e| panic!("built-in default {text:?}: {e}"))
+}
+
+fn number<T: std::str::FromStr>(s: &str) -> Result<T, String> {
+    s.parse().map_err(|_| format!("{s:?} is not a number"))
+}
+
 /// The whole file. Unknown keys are errors, so a typo is caught.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -42,11 +72,27 @@ pub struct LogConfig {
     pub flight_events: usize,
 }
 
+impl Default for RecordConfig {
+    fn default() -> Self {
+        use defaults as d;
+        Self {
+            max_segment_bytes: default_of(parse_size, d::SEGMENT_SIZE),
+            max_segment_age: default_of(parse_duration, d::SEGMENT_AGE),
+            max_files: default_of(number, d::MAX_FILES),
+            max_total_bytes: default_of(parse_size, d::MAX_TOTAL_SIZE),
+            min_free_bytes: default_of(parse_size, d::MIN_FREE),
+            fsync: default_of(parse_fsync, d::FSYNC),
+            compress: true,
+            compression: default_of(parse_compression, d::COMPRESSION),
+        }
+    }
+}
+
 impl Default for LogConfig {
     fn default() -> Self {
         let r = RecordConfig::default();
         Self {
-            dir: PathBuf::from("/var/lib/kvm-root-tracer/log"),
+            dir: PathBuf::from(defaults::LOG_DIR),
             segment_size: r.max_segment_bytes,
             segment_age: r.max_segment_age,
             max_files: r.max_files,
@@ -55,7 +101,7 @@ impl Default for LogConfig {
             fsync: r.fsync,
             compress: r.compress,
             compression: r.compression,
-            flight_events: 64,
+            flight_events: default_of(number, defaults::FLIGHT_EVENTS),
         }
     }
 }
@@ -92,9 +138,9 @@ pub struct ProbesConfig {
 impl Default for ProbesConfig {
     fn default() -> Self {
         Self {
-            ringbuf_size: 4 << 20,
-            wakeup_bytes: DEFAULT_WAKEUP_BYTES,
-            poll_interval: DEFAULT_POLL_INTERVAL,
+            ringbuf_size: default_of(number, defaults::RINGBUF_SIZE),
+            wakeup_bytes: default_of(number, defaults::WAKEUP_BYTES),
+            poll_interval: default_of(parse_duration, defaults::POLL_INTERVAL),
             entry_transitions: true,
         }
     }
@@ -215,9 +261,9 @@ impl Config {
             path: path.to_path_buf(),
             message: e.to_string().trim_end().to_owned(),
         })?;
-        cfg.validate().map_err(|message| ConfigError::Invalid {
+        cfg.validate().map_err(|e| ConfigError::Invalid {
             path: path.to_path_buf(),
-            message,
+            message: e.to_string(),
         })?;
         Ok(cfg)
     }
@@ -244,80 +290,98 @@ impl Config {
         Self::parse(path, &text)
     }
 
-    /// Checks that hold across keys.
-    pub fn validate(&self) -> Result<(), String> {
-        let rb = self.probes.ringbuf_size;
-        if rb < 4096 || !rb.is_power_of_two() {
-            return Err(format!(
-                "key `probes.ringbuf_size`: {rb} is not a power of two of at least 4096"
-            ));
+    /// The one validator, for a file, `run`'s flags over it, and `watch`'s
+    /// flags over the defaults: every setting within its bounds, and the
+    /// checks that hold across keys. An absurd value (a queue of 2^64, a
+    /// segment rotated every nanosecond) is refused with its key, not left
+    /// to panic or wipe the log's history.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        let (l, p, a) = (&self.log, &self.probes, &self.alertmanager);
+        let rb = p.ringbuf_size;
+        let listen_ok = self.metrics.listen.is_empty()
+            || self.metrics.listen.parse::<std::net::SocketAddr>().is_ok();
+        let bad_url = a
+            .all_urls()
+            .into_iter()
+            .find(|u| !u.starts_with("http://") && !u.starts_with("https://"));
+        let checks: [(&'static str, bool, &dyn Fn() -> String); 13] = [
+            (
+                "probes.ringbuf_size",
+                rb >= 4096 && rb.is_power_of_two(),
+                &|| format!("{rb} is not a power of two of at least 4096"),
+            ),
+            ("probes.wakeup_bytes", p.wakeup_bytes <= rb / 2, &|| {
+                format!(
+                    "{} is more than half the ring buffer ({rb} bytes); events would be \
+                     dropped before the reader wakes",
+                    p.wakeup_bytes
+                )
+            }),
+            (
+                "probes.poll_interval",
+                (Duration::from_millis(1)..=Duration::from_secs(10)).contains(&p.poll_interval),
+                &|| format!("{:?} is outside 1ms..=10s", p.poll_interval),
+            ),
+            ("log.max_files", l.max_files >= 2, &|| {
+                "must be at least 2".into()
+            }),
+            ("metrics.listen", listen_ok, &|| {
+                format!(
+                    "{:?} is not an address like 127.0.0.1:10464",
+                    self.metrics.listen
+                )
+            }),
+            ("alertmanager.urls", bad_url.is_none(), &|| {
+                format!(
+                    "{:?} must start with http:// or https://",
+                    bad_url.clone().unwrap_or_default()
+                )
+            }),
+            (
+                "alertmanager.attempts",
+                (1..=100).contains(&a.attempts),
+                &|| "must be between 1 and 100".into(),
+            ),
+            (
+                "log.segment_size",
+                (16 << 10..=1 << 40).contains(&l.segment_size),
+                &|| "must be between 16K and 1024G".into(),
+            ),
+            (
+                "log.segment_age",
+                (Duration::from_secs(1)..=Duration::from_hours(7 * 24)).contains(&l.segment_age),
+                &|| "must be between 1s and 7d".into(),
+            ),
+            ("log.max_files", l.max_files <= 1_000_000, &|| {
+                "must be at most 1000000".into()
+            }),
+            ("log.flight_events", l.flight_events <= 100_000, &|| {
+                "must be at most 100000".into()
+            }),
+            (
+                "alertmanager.queue",
+                (1..=100_000).contains(&a.queue),
+                &|| "must be between 1 and 100000".into(),
+            ),
+            (
+                "alertmanager.timeout",
+                (Duration::from_millis(10)..=Duration::from_mins(10)).contains(&a.timeout),
+                &|| "must be between 10ms and 10m".into(),
+            ),
+        ];
+        match checks.iter().find(|(_, ok, _)| !ok) {
+            Some((key, _, why)) => Err(Invalid { key, reason: why() }),
+            None => Ok(()),
         }
-        check_batching(rb, self.probes.wakeup_bytes, self.probes.poll_interval)
-            .map_err(|e| format!("key `probes.{e}"))?;
-        if self.log.max_files < 2 {
-            return Err("key `log.max_files`: must be at least 2".into());
-        }
-        if !self.metrics.listen.is_empty()
-            && self.metrics.listen.parse::<std::net::SocketAddr>().is_err()
-        {
-            return Err(format!(
-                "key `metrics.listen`: {:?} is not an address like 127.0.0.1:10464",
-                self.metrics.listen
-            ));
-        }
-        for u in self.alertmanager.all_urls() {
-            if !u.starts_with("http://") && !u.starts_with("https://") {
-                return Err(format!(
-                    "key `alertmanager.urls`: {u:?} must start with http:// or https://"
-                ));
-            }
-        }
-        if self.alertmanager.attempts == 0 {
-            return Err("key `alertmanager.attempts`: must be at least 1".into());
-        }
-        self.check_bounds()
     }
+}
 
-    /// Every setting within sane bounds: an absurd value (a queue of 2^64,
-    /// a segment rotated every nanosecond) is refused with its key, not
-    /// left to panic or wipe the log's history.
-    fn check_bounds(&self) -> Result<(), String> {
-        let (l, a) = (&self.log, &self.alertmanager);
-        let mut out_of = Vec::new();
-        let mut check = |key: &str, ok: bool, range: &str| {
-            if !ok {
-                out_of.push(format!("key `{key}`: must be {range}"));
-            }
-        };
-        check(
-            "log.segment_size",
-            (16 << 10..=1 << 40).contains(&l.segment_size),
-            "between 16K and 1024G",
-        );
-        check(
-            "log.segment_age",
-            (Duration::from_secs(1)..=Duration::from_hours(7 * 24)).contains(&l.segment_age),
-            "between 1s and 7d",
-        );
-        check("log.max_files", l.max_files <= 1_000_000, "at most 1000000");
-        check(
-            "log.flight_events",
-            l.flight_events <= 100_000,
-            "at most 100000",
-        );
-        check(
-            "alertmanager.queue",
-            (1..=100_000).contains(&a.queue),
-            "between 1 and 100000",
-        );
-        check("alertmanager.attempts", a.attempts <= 100, "at most 100");
-        check(
-            "alertmanager.timeout",
-            (Duration::from_millis(10)..=Duration::from_mins(10)).contains(&a.timeout),
-            "between 10ms and 10m",
-        );
-        out_of.into_iter().next().map_or(Ok(()), Err)
-    }
+/// A setting [`Config::validate`] refused: its key (`section.name`) and why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("key `{key}`: {reason}")]
+pub struct Invalid {
+    pub key: &'static str,
+    pub reason: String,
 }
 
 /// The largest config file read.
@@ -365,7 +429,6 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-/// `never`, `always`, or an interval.
 /// `zstd` or `gzip`.
 pub fn parse_compression(s: &str) -> Result<crate::log::writer::Compression, String> {
     match s {
@@ -375,6 +438,7 @@ pub fn parse_compression(s: &str) -> Result<crate::log::writer::Compression, Str
     }
 }
 
+/// `never`, `always`, or an interval.
 pub fn parse_fsync(s: &str) -> Result<FsyncPolicy, String> {
     match s {
         "never" => Ok(FsyncPolicy::Never),
@@ -397,26 +461,6 @@ fn de_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
         Size::N(_) => Err(serde::de::Error::custom("must be a positive size")),
         Size::S(s) => parse_size(&s).map_err(serde::de::Error::custom),
     }
-}
-
-/// Default wakeup threshold: 64 KiB, about 450 events per wakeup at most.
-pub const DEFAULT_WAKEUP_BYTES: u32 = 64 << 10;
-/// Default drain interval: the longest an event waits below the threshold.
-pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(100);
-
-/// Checks the batching settings against the ring-buffer size. The error
-/// starts with the key's name.
-pub fn check_batching(ringbuf: u32, wakeup_bytes: u32, poll: Duration) -> Result<(), String> {
-    if wakeup_bytes > ringbuf / 2 {
-        return Err(format!(
-            "wakeup_bytes`: {wakeup_bytes} is more than half the ring buffer ({ringbuf} bytes); \
-             events would be dropped before the reader wakes"
-        ));
-    }
-    if poll < Duration::from_millis(1) || poll > Duration::from_secs(10) {
-        return Err(format!("poll_interval`: {poll:?} is outside 1ms..=10s"));
-    }
-    Ok(())
 }
 
 fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {

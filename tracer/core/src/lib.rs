@@ -28,6 +28,7 @@ pub const EXIT_ERROR: u8 = 2;
 pub const EXIT_UNSUPPORTED: u8 = 3;
 
 /// An error with the exit code it maps to.
+#[derive(Debug)]
 pub struct Failure {
     pub code: u8,
     pub error: anyhow::Error,

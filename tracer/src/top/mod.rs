@@ -294,7 +294,7 @@ impl Live {
             &crate::live::kernel_root(),
             PlanOptions {
                 entry_transitions: true,
-                wakeup_bytes: crate::config::DEFAULT_WAKEUP_BYTES,
+                wakeup_bytes: crate::config::Config::default().probes.wakeup_bytes,
             },
         )
         .map_err(crate::doctor::kernel_failure)?;

@@ -79,21 +79,6 @@ impl Compression {
     }
 }
 
-impl Default for RecordConfig {
-    fn default() -> Self {
-        Self {
-            max_segment_bytes: 64 << 20,
-            max_segment_age: Duration::from_hours(1),
-            max_files: 200,
-            max_total_bytes: 1 << 30,
-            min_free_bytes: 512 << 20,
-            fsync: FsyncPolicy::Interval(Duration::from_secs(1)),
-            compress: true,
-            compression: Compression::Zstd,
-        }
-    }
-}
-
 /// What the writer did, for the summary and metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct RecorderStats {
