@@ -492,6 +492,13 @@ fn cargo_with_env(root: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<()
     Ok(())
 }
 
+/// A TCP port free on loopback now (for a server the task starts).
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
 fn repo_root() -> Result<PathBuf> {
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     Ok(manifest

@@ -17,13 +17,7 @@ use super::{
     initramfs::build_initramfs,
     kernels::{fetch, kvm_modules, vmlinuz},
 };
-use crate::inject;
-
-pub(super) fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
+use crate::{free_port, inject};
 
 /// Boots one kernel and checks it.
 pub(super) fn boot(
