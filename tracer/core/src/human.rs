@@ -226,37 +226,37 @@ impl Style {
     }
 }
 
-/// `2026-11-28 20:18:30.123456` in the local time zone (libc's, from
-/// `TZ` or /etc/localtime).
+/// `2026-11-28 20:18:30.123456` in the local time zone (jiff's system
+/// zone: `TZ`, else /etc/localtime, else UTC).
 pub fn local_time(ns: u64) -> String {
-    #[allow(
-        deprecated,
-        reason = "the libc crate marks time_t deprecated on musl (it changed to 64 bits in musl \
-                  1.2, which the static build uses); it is what localtime_r takes"
-    )]
-    let secs = (ns / 1_000_000_000) as libc::time_t;
-    // SAFETY: an all-zero `tm` is a valid out-parameter.
-    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
-    // SAFETY: localtime_r reads `secs` and writes only `tm`; it is the
-    // thread-safe variant.
-    if unsafe { libc::localtime_r(&raw const secs, &raw mut tm) }.is_null() {
+    time_in(ns, jiff::tz::TimeZone::system())
+}
+
+fn time_in(ns: u64, zone: jiff::tz::TimeZone) -> String {
+    let Ok(ts) = jiff::Timestamp::from_nanosecond(i128::from(ns)) else {
         return crate::log::writer::utc_rfc3339(ns);
-    }
-    format!(
-        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:06}",
-        tm.tm_year + 1900,
-        tm.tm_mon + 1,
-        tm.tm_mday,
-        tm.tm_hour,
-        tm.tm_min,
-        tm.tm_sec,
-        (ns % 1_000_000_000) / 1000
-    )
+    };
+    ts.to_zoned(zone)
+        .strftime("%Y-%m-%d %H:%M:%S%.6f")
+        .to_string()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_in_a_zone_keep_six_digits() {
+        use jiff::tz::{Offset, TimeZone};
+        let ns = 1_795_839_261_123_456_789;
+        assert_eq!(time_in(ns, TimeZone::UTC), "2026-11-28 04:14:21.123456");
+        let paris = TimeZone::fixed(Offset::constant(1));
+        assert_eq!(time_in(ns, paris), "2026-11-28 05:14:21.123456");
+        assert_eq!(
+            time_in(1_795_839_261_000_000_000, TimeZone::UTC),
+            "2026-11-28 04:14:21.000000"
+        );
+    }
 
     fn ev(vm_type: u8, mirror: u64) -> Event {
         let mut e: Event = serde_json::from_str(

@@ -1,8 +1,8 @@
 //! Time as the tool shows and reads it: RFC 3339 in UTC (with
 //! milliseconds, or microseconds through `Stamp` without allocating), the
 //! compact stamp in segment names, and parsing what users type (`Z` or an
-//! offset, a plain date, or seconds since the epoch). Proleptic Gregorian
-//! calendar, from days since 1970-01-01 (Howard Hinnant's algorithm).
+//! offset, a plain date, or seconds since the epoch). The calendar is
+//! jiff's.
 
 /// `YYYYMMDDTHHMMSSZ` for seconds since the epoch (UTC).
 pub fn utc_compact(secs: u64) -> String {
@@ -92,111 +92,59 @@ pub fn utc_rfc3339(ns: u64) -> String {
     )
 }
 
-/// Parses `YYYY-MM-DDTHH:MM:SS[.fraction](Z|+00:00)` (UTC) or seconds
-/// since the epoch, into nanoseconds since the epoch.
+/// Parses an RFC 3339 time (`Z` or an offset east of UTC, `T` or a space),
+/// a plain date (its midnight, UTC) or seconds since the epoch, into
+/// nanoseconds since the epoch. The calendar is jiff's: a date that doesn't
+/// exist (February 31st) is refused, not rolled over.
 pub fn parse_time(text: &str) -> Result<u64, String> {
+    use jiff::fmt::temporal::{Pieces, PiecesOffset};
+
     if let Ok(secs) = text.parse::<f64>()
         && secs >= 0.0
         && secs.is_finite()
     {
         return Ok((secs * 1e9) as u64);
     }
-    let err = || {
+    let err = |why: &dyn std::fmt::Display| {
         format!(
             "{text:?} is not a time like 2026-11-28T04:14:21Z, 2026-11-28T05:14:21+01:00, \
-             2026-11-28 or seconds since the epoch"
+             2026-11-28 or seconds since the epoch: {why}"
         )
     };
-    // A plain date: its midnight, UTC.
-    if text.len() == 10 && !text.contains(['T', ' ']) {
-        return parse_time(&format!("{text}T00:00:00Z"));
-    }
-    // The zone: Z, or an offset ±HH:MM (±HHMM) east of UTC.
-    let (utc, offset_s): (&str, i64) = if let Some(t) = text.strip_suffix('Z') {
-        (t, 0)
+    let ts = if text.len() == 10 && !text.contains(['T', 't', ' ']) {
+        let date: jiff::civil::Date = text.parse().map_err(|e| err(&e))?;
+        date.to_zoned(jiff::tz::TimeZone::UTC)
+            .map_err(|e| err(&e))?
+            .timestamp()
     } else {
-        let at = text.rfind(['+', '-']).filter(|&i| i > 10).ok_or_else(err)?;
-        let (t, zone) = text.split_at(at);
-        let sign = if zone.starts_with('-') { -1 } else { 1 };
-        let hm = zone[1..].replace(':', "");
-        if hm.len() != 4 || !hm.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(err());
+        // An offset is required (a time without one means nothing here),
+        // and must be one RFC 3339 allows: under 24 hours.
+        let pieces = Pieces::parse(text).map_err(|e| err(&e))?;
+        match pieces.offset() {
+            Some(PiecesOffset::Zulu) => {}
+            Some(PiecesOffset::Numeric(n)) if n.offset().seconds().abs() < 24 * 3600 => {}
+            _ => return Err(err(&"it needs Z or an offset from -23:59 to +23:59")),
         }
-        let (h, m): (i64, i64) = (
-            hm[..2].parse().map_err(|_| err())?,
-            hm[2..].parse().map_err(|_| err())?,
-        );
-        if h > 23 || m > 59 {
-            return Err(err());
-        }
-        (t, sign * (h * 3600 + m * 60))
+        text.parse::<jiff::Timestamp>().map_err(|e| err(&e))?
     };
-    let (date, clock) = utc.split_once(['T', ' ']).ok_or_else(err)?;
-    let mut parts = date.split('-').map(str::parse::<i64>);
-    let (Some(Ok(year)), Some(Ok(month)), Some(Ok(day)), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(err());
-    };
-    let (hms, frac) = clock.split_once('.').unwrap_or((clock, ""));
-    let mut parts = hms.split(':').map(str::parse::<u64>);
-    let (Some(Ok(hour)), Some(Ok(minute)), Some(Ok(second)), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(err());
-    };
-    if !(1..=12).contains(&month)
-        || !(1..=31).contains(&day)
-        || hour > 23
-        || minute > 59
-        || second > 60
-    {
-        return Err(err());
-    }
-    let nanos = if frac.is_empty() {
-        0
-    } else {
-        let digits: String = frac.chars().take(9).collect();
-        let value: u64 = digits.parse().map_err(|_| err())?;
-        value * 10u64.pow(9 - digits.len() as u32)
-    };
-    let days = days_from_civil(year, month, day);
-    let secs = days * 86_400 + (hour * 3600 + minute * 60 + second) as i64 - offset_s;
-    let secs = u64::try_from(secs).map_err(|_| err())?;
-    Ok(secs * 1_000_000_000 + nanos)
+    u64::try_from(ts.as_nanosecond()).map_err(|_| err(&"it is before 1970"))
 }
 
-/// Days since 1970-01-01 of a date (Howard Hinnant's days_from_civil).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let yoe = year.rem_euclid(400);
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// Calendar fields of a UTC time (Howard Hinnant's civil_from_days).
+/// Calendar fields of a UTC time, from jiff (times beyond year 9999, which
+/// only a corrupt record carries, show as jiff's last instant).
 fn civil(secs: u64) -> (i64, u32, u32, u32, u32, u32) {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
+    let ts = i64::try_from(secs)
+        .ok()
+        .and_then(|s| jiff::Timestamp::from_second(s).ok())
+        .unwrap_or(jiff::Timestamp::MAX);
+    let dt = jiff::tz::Offset::UTC.to_datetime(ts);
     (
-        y,
-        m,
-        d,
-        (rem / 3600) as u32,
-        ((rem % 3600) / 60) as u32,
-        (rem % 60) as u32,
+        i64::from(dt.year()),
+        u32::from(dt.month().unsigned_abs()),
+        u32::from(dt.day().unsigned_abs()),
+        u32::from(dt.hour().unsigned_abs()),
+        u32::from(dt.minute().unsigned_abs()),
+        u32::from(dt.second().unsigned_abs()),
     )
 }
 
@@ -270,5 +218,29 @@ mod tests {
         assert_eq!(parse_time("1795839261.5"), Ok(1_795_839_261_500_000_000));
         assert!(parse_time("yesterday").is_err());
         assert!(parse_time("2026-13-01T00:00:00Z").is_err());
+    }
+
+    /// The hand-written calendar took any day up to 31 in any month, so
+    /// `--since 2026-02-31` meant March 3rd.
+    #[test]
+    fn days_that_dont_exist_are_refused() {
+        for bad in [
+            "2026-02-31",
+            "2026-02-29T00:00:00Z",
+            "2026-04-31T12:00:00+02:00",
+        ] {
+            let e = parse_time(bad).unwrap_err();
+            assert!(e.contains("is not a time like"), "{bad}: {e}");
+        }
+        assert!(parse_time("2024-02-29").is_ok());
+    }
+
+    /// A corrupt record's time (any u64) formats without a panic.
+    #[test]
+    fn any_time_formats() {
+        assert_eq!(utc_rfc3339(u64::MAX), "2554-07-21T23:34:33.709551Z");
+        for secs in [u64::MAX, 253_402_300_800] {
+            assert_eq!(utc_compact(secs), "99991230T220000Z", "{secs}");
+        }
     }
 }
