@@ -24,7 +24,6 @@ pub mod manual;
 pub mod metrics;
 pub mod pipeline;
 pub mod reload;
-#[cfg(feature = "top")]
 pub mod top;
 pub mod web;
 

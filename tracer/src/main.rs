@@ -209,7 +209,6 @@ fn main() -> ExitCode {
             }
         }
         Command::Simulate(args) => simulate(&args),
-        #[cfg(feature = "top")]
         Command::Top(args) => tracer::top::run(&tracer::top::TopOptions {
             replay: args.replay,
             speed: args.speed,

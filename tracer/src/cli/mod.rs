@@ -67,7 +67,6 @@ pub(crate) enum Command {
         after_help = "Example:\n  tracer simulate --kernel mirror-freed-by-zap --scenario churn \\\n    | tracer replay -"
     )]
     Simulate(SimulateArgs),
-    #[cfg(feature = "top")]
     /// A full-screen live view: VMs (type, vCPUs, load and zap rates,
     /// findings), the selected VM's vCPUs with their direct and mirror roots,
     /// and the latest findings. Keys: q quit, arrows select, s sort, r
@@ -96,7 +95,6 @@ pub(crate) enum Generate {
     },
 }
 
-#[cfg(feature = "top")]
 #[derive(Args)]
 pub(crate) struct TopArgs {
     /// Show a recorded log (file, folder of segments, or `-`) instead of
@@ -116,7 +114,6 @@ pub(crate) struct TopArgs {
     pub(crate) snapshot: Option<(u16, u16)>,
 }
 
-#[cfg(feature = "top")]
 pub(crate) fn parse_screen(s: &str) -> Result<(u16, u16), String> {
     let parse = |v: &str| v.parse::<u16>().ok().filter(|n| (16..=1000).contains(n));
     s.split_once('x')
@@ -124,7 +121,6 @@ pub(crate) fn parse_screen(s: &str) -> Result<(u16, u16), String> {
         .ok_or_else(|| format!("`{s}` is not COLSxROWS with each from 16 to 1000, e.g. 110x34"))
 }
 
-#[cfg(feature = "top")]
 pub(crate) fn parse_speed(s: &str) -> Result<f64, String> {
     let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
     if (tracer::top::MIN_SPEED..=tracer::top::MAX_SPEED).contains(&v) {
