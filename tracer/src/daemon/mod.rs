@@ -230,11 +230,11 @@ pub fn build_pipeline(
     let (recorder, flight) = match record {
         Some(r) => {
             let recorder = Recorder::open(&r.dir, r.config, header.clone(), live_clock)
-                .map_err(|e| anyhow!("can't record the event log: {e}"))?;
+                .context("can't record the event log")?;
             // Live, a full queue drops (counted) rather than stall the ring
             // buffer; a simulation waits for the disk.
             let recorder = LogSink::spawn(recorder, !live_clock)
-                .map_err(|e| anyhow!("can't start the event log's thread: {e}"))?;
+                .context("can't start the event log's thread")?;
             let flight =
                 (r.flight_events > 0).then(|| FlightRecorder::new(r.flight_events, header));
             (Some(recorder), flight)
@@ -304,12 +304,12 @@ fn register(session: &mut Session) -> Result<(AsyncFd<RingBuf<MapData>>, Option<
     // SAFETY: the ring buffer owns its map fd (an OwnedFd inside MapData),
     // which stays open and unchanged until the AsyncFd drops it.
     let events = unsafe { AsyncFd::register_with_interest(rb, Interest::READABLE) }
-        .map_err(|e| anyhow!("ring buffer fd: {e}"))?;
+        .context("ring buffer fd")?;
     let logs = match session.logger.take() {
         // SAFETY: as above, the logger owns its ring buffer's fd.
         Some(l) => Some(
             unsafe { AsyncFd::register_with_interest(l, Interest::READABLE) }
-                .map_err(|e| anyhow!("log ring buffer fd: {e}"))?,
+                .context("log ring buffer fd")?,
         ),
         None => None,
     };

@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::anyhow;
+use anyhow::{Context as _, anyhow};
 
 use common::ProbeId;
 
@@ -78,7 +78,7 @@ pub(super) fn open_findings_out(out: &str) -> Result<Box<dyn io::Write + Send>, 
             .mode(0o640)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(out)
-            .map_err(|e| anyhow!("can't open the findings output {out}: {e}"))?,
+            .with_context(|| format!("can't open the findings output {out}"))?,
     ))
 }
 
