@@ -148,6 +148,28 @@ pub struct Finding {
 }
 
 impl Finding {
+    /// A finding about a whole VM (no vCPU), with `ev` as its evidence.
+    pub(super) fn about_vm(
+        kind: FindingKind,
+        ev: &Event,
+        kvm: u64,
+        userspace_pid: Option<i32>,
+        explanation: String,
+    ) -> Self {
+        Self {
+            vm: None,
+            kind,
+            severity: kind.severity(),
+            ts_ns: ev.ts_ns,
+            kvm,
+            userspace_pid,
+            vcpu_id: None,
+            vcpu: None,
+            evidence: vec![ev.clone()],
+            explanation,
+        }
+    }
+
     /// `{"record":"finding", …}` (no trailing newline).
     pub fn to_json_record(&self) -> String {
         let body = serde_json::to_string(self).expect("findings always serialize");

@@ -342,17 +342,12 @@ impl Detector {
         if vm.zaps.len() >= cfg.zap_storm_count && ev.ts_ns >= vm.storm_reported_until {
             vm.storm_reported_until = ev.ts_ns + cfg.zap_storm_window_ns;
             let n = vm.zaps.len();
-            out.push(Finding {
-                vm: None,
-                kind: FindingKind::ZapStorm,
-                severity: FindingKind::ZapStorm.severity(),
-                ts_ns: ev.ts_ns,
+            out.push(Finding::about_vm(
+                FindingKind::ZapStorm,
+                ev,
                 kvm,
-                userspace_pid: vm.userspace_pid,
-                vcpu_id: None,
-                vcpu: None,
-                evidence: vec![ev.clone()],
-                explanation: format!(
+                vm.userspace_pid,
+                format!(
                     "{n} fast zaps (kvm_mmu_zap_all_fast) on this VM within {:.0} s. Each one \
                      invalidates every direct root, so every vCPU reloads its roots and refaults \
                      its memory. The usual causes are memory hot-plug/unplug or memslot churn by \
@@ -361,7 +356,7 @@ impl Detector {
                      also where mirror-root bugs show.",
                     std::time::Duration::from_nanos(cfg.zap_storm_window_ns).as_secs_f64()
                 ),
-            });
+            ));
         }
     }
 
@@ -391,17 +386,12 @@ impl Detector {
         if running == 0 {
             return;
         }
-        out.push(Finding {
-            vm: None,
-            kind: FindingKind::MirrorRootsInvalidatedLive,
-            severity: FindingKind::MirrorRootsInvalidatedLive.severity(),
-            ts_ns: ev.ts_ns,
+        out.push(Finding::about_vm(
+            FindingKind::MirrorRootsInvalidatedLive,
+            ev,
             kvm,
-            userspace_pid: vm.userspace_pid,
-            vcpu_id: None,
-            vcpu: None,
-            evidence: vec![ev.clone()],
-            explanation: format!(
+            vm.userspace_pid,
+            format!(
                 "kvm_tdp_mmu_invalidate_roots() was called with root_types {:#x}, which \
                  includes KVM_MIRROR_ROOTS, while {running} vCPU(s) of this TDX VM were alive. In \
                  the merged code mirror roots are invalidated only at VM teardown (root_types \
@@ -412,7 +402,7 @@ impl Detector {
                  mirror_root_stale_at_entry on this VM and check the kernel's zap paths.",
                 ev.arg.unwrap_or(0),
             ),
-        });
+        ));
     }
 
     fn touch_vm(&mut self, kvm: u64, ev: &Event) {
