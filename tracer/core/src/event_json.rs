@@ -30,9 +30,12 @@ impl<'a> Scan<'a> {
     fn string(&mut self) -> Option<&'a str> {
         self.eat(b'"')?;
         let start = self.at;
-        let len = self.b[start..].iter().position(|&c| c == b'"')?;
-        let s = &self.b[start..start + len];
-        if s.iter().any(|&c| c == b'\\' || c < 0x20) {
+        // One pass: the closing quote, unless an escape or a control
+        // character comes first (then serde reads the line).
+        let len = self.b[start..]
+            .iter()
+            .position(|&c| c == b'"' || c == b'\\' || c < 0x20)?;
+        if self.b[start + len] != b'"' {
             return None;
         }
         self.at = start + len + 1;
@@ -56,9 +59,11 @@ impl<'a> Scan<'a> {
         if matches!(self.b.get(self.at), Some(b'.' | b'e' | b'E')) {
             return None;
         }
-        let v = self.b[start..self.at]
-            .iter()
-            .fold(0i128, |v, &c| v * 10 + i128::from(c - b'0'));
+        // 20 digits can pass u64::MAX: checked, where 19 never overflow.
+        let v = self.b[start..self.at].iter().try_fold(0u64, |v, &c| {
+            v.checked_mul(10)?.checked_add(u64::from(c - b'0'))
+        })?;
+        let v = i128::from(v);
         Some(if neg { -v } else { v })
     }
 

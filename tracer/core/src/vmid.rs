@@ -4,7 +4,7 @@
 //! names the VM too after the pid is gone or reused. Findings, alerts and
 //! `top` carry these names instead of kernel pointers.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -215,7 +215,7 @@ impl VmNames {
     /// Names looked up in `/proc` as pids are first seen.
     pub fn live() -> Self {
         Self {
-            known: HashMap::new(),
+            known: HashMap::default(),
             live: true,
         }
     }

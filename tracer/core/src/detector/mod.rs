@@ -10,8 +10,11 @@
 //! counted eviction (least recently seen first) protect against unbounded
 //! growth when teardown events are missed (kernels without kprobes).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
+// A fast hasher, seeded per process: the keys are kernel pointers (or a
+// log's values), so a fixed seed would let crafted input collide them.
+use foldhash::HashMap;
 use serde::Serialize;
 
 use common::{INVALID_PAGE, KVM_X86_TDX_VM};

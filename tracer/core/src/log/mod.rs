@@ -3,6 +3,7 @@
 //! count, total size and free disk space; and the reader that replays them.
 //! The schema is documented in docs/event-log.md.
 
+pub mod pipelined;
 pub mod reader;
 pub mod segments;
 pub mod sink;

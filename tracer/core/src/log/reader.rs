@@ -153,117 +153,267 @@ struct Tag<'a> {
     record: Option<std::borrow::Cow<'a, str>>,
 }
 
-/// Reads every input in order, handing each record to `on_record`.
 pub fn read_all(
     inputs: &[PathBuf],
     stats: &mut ReadStats,
     mut on_record: impl FnMut(&str, Record),
 ) {
     for path in inputs {
-        stats.files += 1;
-        let source = if path == Path::new("-") {
-            "<stdin>".to_owned()
-        } else {
-            path.display().to_string()
-        };
-        let problem = |kind, message: String| Problem {
-            source: source.clone(),
-            line: None,
-            kind,
-            message,
-        };
-        // Only regular files: a device (/dev/zero) or a FIFO would feed or
-        // block the reader forever.
-        if path != Path::new("-")
-            && let Ok(meta) = std::fs::metadata(path)
-            && !meta.is_file()
-        {
-            stats.problem(problem(
-                ProblemKind::BadFile,
-                "not a regular file (a device, FIFO or socket); skipped".into(),
-            ));
-            on_record(&source, Record::Skipped);
+        let Some((source, reader)) =
+            open_input(path, stats, &mut |s| on_record(s, Record::Skipped))
+        else {
             continue;
-        }
-        let reader: Box<dyn Read> = if path == Path::new("-") {
-            Box::new(io::stdin().lock())
-        } else {
-            match std::fs::File::open(path) {
-                Ok(f) if path.extension().is_some_and(|e| e == "gz") => {
-                    Box::new(flate2::read::MultiGzDecoder::new(f))
-                }
-                Ok(f) if path.extension().is_some_and(|e| e == "zst") => {
-                    match zstd::Decoder::new(f) {
-                        Ok(d) => Box::new(d),
-                        Err(e) => {
-                            stats
-                                .problems
-                                .push(problem(ProblemKind::BadFile, format!("not zstd data: {e}")));
-                            on_record(&source, Record::Skipped);
-                            continue;
-                        }
-                    }
-                }
-                Ok(f) => Box::new(f),
-                Err(e) => {
-                    stats
-                        .problems
-                        .push(problem(ProblemKind::BadFile, format!("can't open: {e}")));
-                    on_record(&source, Record::Skipped);
-                    continue;
-                }
-            }
         };
-        read_one(
-            &source,
-            BufReader::with_capacity(256 * 1024, reader),
-            stats,
-            &mut on_record,
-        );
+        read_one(&source, reader, stats, &mut on_record);
     }
 }
 
-/// [`read_all`] with the reading (decompression, line splitting, JSON
-/// parsing: most of a replay's work) on a thread of its own, handing the
-/// records over in order, in batches, to `on_record` on this thread.
-pub fn read_all_pipelined(
-    inputs: &[PathBuf],
+/// Opens one input for reading (decompressing `.gz` and `.zst`), or says
+/// why it can't be read (counted in `stats`, one `Skipped` record).
+pub(super) fn open_input(
+    path: &Path,
     stats: &mut ReadStats,
-    mut on_record: impl FnMut(Record),
-) {
-    /// Events per hand-over (a finding counts its evidence), and
-    /// hand-overs in flight at most: what the reader runs ahead by stays
-    /// bounded even when each line is a finding with thousands of events.
-    const BATCH: usize = 1024;
-    const IN_FLIGHT: usize = 4;
-    std::thread::scope(|scope| {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Record>>(IN_FLIGHT);
-        let reader = scope.spawn(move || {
-            let mut batch = Vec::with_capacity(BATCH);
-            let mut weight = 0;
-            read_all(inputs, stats, |_, record| {
-                weight += match &record {
-                    Record::Finding(f) => 1 + f.evidence.len(),
-                    _ => 1,
-                };
-                batch.push(record);
-                if weight >= BATCH {
-                    weight = 0;
-                    // The receiver only goes away if it panicked.
-                    let _ = tx.send(std::mem::replace(&mut batch, Vec::with_capacity(BATCH)));
-                }
-            });
-            let _ = tx.send(batch);
+    skipped: &mut impl FnMut(&str),
+) -> Option<(String, BufReader<Box<dyn Read + Send>>)> {
+    stats.files += 1;
+    let source = if path == Path::new("-") {
+        "<stdin>".to_owned()
+    } else {
+        path.display().to_string()
+    };
+    let mut fail = |stats: &mut ReadStats, message: String| {
+        stats.problem(Problem {
+            source: source.clone(),
+            line: None,
+            kind: ProblemKind::BadFile,
+            message,
         });
-        for batch in rx {
-            for record in batch {
-                on_record(record);
+        skipped(&source);
+    };
+    // Only regular files: a device (/dev/zero) or a FIFO would feed or
+    // block the reader forever.
+    if path != Path::new("-")
+        && let Ok(meta) = std::fs::metadata(path)
+        && !meta.is_file()
+    {
+        fail(
+            stats,
+            "not a regular file (a device, FIFO or socket); skipped".into(),
+        );
+        return None;
+    }
+    let reader: Box<dyn Read + Send> = if path == Path::new("-") {
+        Box::new(io::stdin())
+    } else {
+        match std::fs::File::open(path) {
+            Ok(f) if path.extension().is_some_and(|e| e == "gz") => {
+                Box::new(flate2::read::MultiGzDecoder::new(f))
+            }
+            Ok(f) if path.extension().is_some_and(|e| e == "zst") => match zstd::Decoder::new(f) {
+                Ok(d) => Box::new(d),
+                Err(e) => {
+                    fail(stats, format!("not zstd data: {e}"));
+                    return None;
+                }
+            },
+            Ok(f) => Box::new(f),
+            Err(e) => {
+                fail(stats, format!("can't open: {e}"));
+                return None;
             }
         }
-        if let Err(panic) = reader.join() {
-            std::panic::resume_unwind(panic);
+    };
+    Some((source, BufReader::with_capacity(256 * 1024, reader)))
+}
+
+/// One line as the line source read it.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct LineInfo {
+    pub(super) lineno: u64,
+    /// It ended in a newline (a last line without one may be torn).
+    pub(super) complete: bool,
+    /// Longer than [`MAX_LINE`]: its bytes were not kept.
+    pub(super) overlong: bool,
+}
+
+/// What reading the next line gave.
+pub(super) enum Next {
+    Line(LineInfo),
+    /// The read failed (corrupt or truncated compressed data).
+    Failed(LineInfo, io::Error),
+    End,
+}
+
+/// Reads the next line of `reader` into `buf` (cleared first), up to
+/// [`MAX_LINE`] bytes; the rest of an overlong line is skipped unkept.
+pub(super) fn next_line(reader: &mut impl BufRead, buf: &mut Vec<u8>, lineno: u64) -> Next {
+    buf.clear();
+    let info = |complete, overlong| LineInfo {
+        lineno: lineno + 1,
+        complete,
+        overlong,
+    };
+    match (&mut *reader).take(MAX_LINE + 1).read_until(b'\n', buf) {
+        Ok(0) => Next::End,
+        Ok(n) => {
+            let complete = buf.last() == Some(&b'\n');
+            let overlong = n as u64 > MAX_LINE;
+            if !complete && overlong {
+                skip_line(reader);
+            }
+            Next::Line(info(complete, overlong))
         }
-    });
+        Err(e) => Next::Failed(info(false, false), e),
+    }
+}
+
+/// What one line holds, judged alone: pure, so lines can be parsed on
+/// several threads and judged in order afterwards.
+pub(super) enum Parsed {
+    Blank,
+    NotUtf8,
+    Overlong,
+    Record(Result<Record, String>),
+}
+
+pub(super) fn parse_line(bytes: &[u8], overlong: bool) -> Parsed {
+    let Ok(text) = std::str::from_utf8(bytes) else {
+        return Parsed::NotUtf8;
+    };
+    if overlong {
+        return Parsed::Overlong;
+    }
+    let text = text.trim_end();
+    if text.is_empty() {
+        return Parsed::Blank;
+    }
+    Parsed::Record(parse(text))
+}
+
+/// One file's lines judged in order: statistics, problems with their line
+/// numbers, the first record's checks, and a torn last line.
+pub(super) struct FileState {
+    source: String,
+    lines: u64,
+    records: u64,
+    /// A problem on the last line read: a torn line if no line follows.
+    pending: Option<(u64, Problem)>,
+    /// The file's schema is not ours: the rest of it is not read.
+    pub(super) stopped: bool,
+}
+
+impl FileState {
+    pub(super) fn new(source: String) -> Self {
+        Self {
+            source,
+            lines: 0,
+            records: 0,
+            pending: None,
+            stopped: false,
+        }
+    }
+
+    fn problem_at(&self, line: u64, kind: ProblemKind, message: String) -> Problem {
+        Problem {
+            source: self.source.clone(),
+            line: Some(line),
+            kind,
+            message,
+        }
+    }
+
+    /// Judges one line; records go to `on_record`.
+    pub(super) fn line(
+        &mut self,
+        info: LineInfo,
+        parsed: Parsed,
+        stats: &mut ReadStats,
+        on_record: &mut impl FnMut(&str, Record),
+    ) {
+        if self.stopped {
+            return;
+        }
+        self.lines = info.lineno;
+        // A problem on the line before this one was not the last line after
+        // all: it is a bad line, not a torn one.
+        if let Some((_, p)) = self.pending.take() {
+            stats.problem(p);
+        }
+        let line = info.lineno;
+        let record = match parsed {
+            Parsed::Blank => return,
+            Parsed::NotUtf8 => {
+                stats.skipped_lines += 1;
+                stats.problem(self.problem_at(
+                    line,
+                    ProblemKind::Binary,
+                    "not UTF-8 text (binary data?); skipped".into(),
+                ));
+                on_record(&self.source, Record::Skipped);
+                return;
+            }
+            Parsed::Overlong => {
+                stats.skipped_lines += 1;
+                stats.problem(self.problem_at(
+                    line,
+                    ProblemKind::Binary,
+                    format!("line longer than {MAX_LINE} bytes; skipped"),
+                ));
+                on_record(&self.source, Record::Skipped);
+                return;
+            }
+            Parsed::Record(Err(e)) => {
+                stats.skipped_lines += 1;
+                let p = self.problem_at(line, ProblemKind::BadLine, format!("{e}; skipped"));
+                on_record(&self.source, Record::Skipped);
+                if info.complete {
+                    stats.problem(p);
+                } else {
+                    // No newline: maybe the torn last line of a crash.
+                    self.pending = Some((line, p));
+                }
+                return;
+            }
+            Parsed::Record(Ok(record)) => record,
+        };
+        if self.records == 0
+            && let Some((kind, message)) = first_record_problem(&record)
+        {
+            let fatal = kind == ProblemKind::WrongSchema;
+            stats.problem(self.problem_at(line, kind, message));
+            if fatal {
+                self.stopped = true;
+                return;
+            }
+        }
+        self.records += 1;
+        stats.records += 1;
+        if matches!(record, Record::Event(_)) {
+            stats.events += 1;
+        }
+        on_record(&self.source, record);
+    }
+
+    /// The read failed at `info`: the rest of the file is lost.
+    pub(super) fn failed(
+        &mut self,
+        info: LineInfo,
+        e: &io::Error,
+        stats: &mut ReadStats,
+        on_record: &mut impl FnMut(&str, Record),
+    ) {
+        stats.problem(self.problem_at(
+            info.lineno,
+            ProblemKind::BadFile,
+            format!("read failed (corrupt or truncated compressed data?): {e}"),
+        ));
+        on_record(&self.source, Record::Skipped);
+    }
+
+    /// The file's end.
+    pub(super) fn finish(self, stats: &mut ReadStats) {
+        finish_file(&self.source, self.lines, self.pending, stats);
+    }
 }
 
 /// Reads one file's lines.
@@ -274,98 +424,25 @@ pub fn read_one(
     on_record: &mut impl FnMut(&str, Record),
 ) {
     let mut buf = Vec::with_capacity(1024);
-    let mut lineno = 0u64;
-    let mut records_here = 0u64;
-    let mut pending: Option<(u64, Problem)> = None;
+    let mut file = FileState::new(source.to_owned());
+    let mut lineno = 0;
     loop {
-        buf.clear();
-        let n = match (&mut reader).take(MAX_LINE + 1).read_until(b'\n', &mut buf) {
-            Ok(n) => n,
-            Err(e) => {
-                stats.problem(Problem {
-                    source: source.to_owned(),
-                    line: Some(lineno + 1),
-                    kind: ProblemKind::BadFile,
-                    message: format!("read failed (corrupt or truncated compressed data?): {e}"),
-                });
-                on_record(source, Record::Skipped);
+        match next_line(&mut reader, &mut buf, lineno) {
+            Next::End => break,
+            Next::Failed(info, e) => {
+                file.failed(info, &e, stats, on_record);
                 break;
             }
-        };
-        if n == 0 {
-            break;
-        }
-        lineno += 1;
-        // A problem on the line before this one was not the last line after
-        // all: it is a bad line, not a torn one.
-        if let Some((_, p)) = pending.take() {
-            stats.problem(p);
-        }
-        let complete = buf.last() == Some(&b'\n');
-        if !complete && n as u64 > MAX_LINE {
-            // Skip the rest of an overlong line without keeping it.
-            skip_line(&mut reader);
-        }
-        let bad = |kind, message: String| Problem {
-            source: source.to_owned(),
-            line: Some(lineno),
-            kind,
-            message,
-        };
-        let Ok(text) = std::str::from_utf8(&buf) else {
-            stats.skipped_lines += 1;
-            stats.problem(bad(
-                ProblemKind::Binary,
-                "not UTF-8 text (binary data?); skipped".into(),
-            ));
-            on_record(source, Record::Skipped);
-            continue;
-        };
-        if n as u64 > MAX_LINE {
-            stats.skipped_lines += 1;
-            stats.problem(bad(
-                ProblemKind::Binary,
-                format!("line longer than {MAX_LINE} bytes; skipped"),
-            ));
-            on_record(source, Record::Skipped);
-            continue;
-        }
-        let text = text.trim_end();
-        if text.is_empty() {
-            continue;
-        }
-        match parse(text) {
-            Ok(record) => {
-                if records_here == 0
-                    && let Some(p) = first_record_problem(&record)
-                {
-                    let fatal = p.0 == ProblemKind::WrongSchema;
-                    stats.problem(bad(p.0, p.1));
-                    if fatal {
-                        return;
-                    }
-                }
-                records_here += 1;
-                stats.records += 1;
-                if matches!(record, Record::Event(_)) {
-                    stats.events += 1;
-                }
-                on_record(source, record);
-            }
-            Err(e) => {
-                stats.skipped_lines += 1;
-                let p = bad(ProblemKind::BadLine, format!("{e}; skipped"));
-                on_record(source, Record::Skipped);
-                if complete {
-                    stats.problem(p);
-                } else {
-                    // No newline: maybe the torn last line of a crash.
-                    pending = Some((lineno, p));
+            Next::Line(info) => {
+                lineno = info.lineno;
+                file.line(info, parse_line(&buf, info.overlong), stats, on_record);
+                if file.stopped {
+                    return;
                 }
             }
         }
     }
-    finish_file(source, lineno, pending, stats);
+    file.finish(stats);
 }
 
 /// Consumes input up to and including the next newline, storing nothing.

@@ -9,7 +9,7 @@ use crate::{
     event::Event,
     log::{
         ClockPair, Header,
-        reader::{self, ReadStats, Record},
+        reader::{ReadStats, Record},
     },
 };
 
@@ -39,7 +39,7 @@ pub fn read_ordered(
     mut on: impl FnMut(Read<'_>),
 ) -> u64 {
     let mut seq = Sequencer::new(window_ns);
-    reader::read_all_pipelined(files, stats, |record| match record {
+    crate::log::pipelined::read_all_pipelined(files, stats, |record| match record {
         Record::Finding(f) => on(Read::Finding(f, seq.clock())),
         Record::Vm(v) => on(Read::Vm(v)),
         Record::Header(ref h) => {
