@@ -24,26 +24,19 @@ pub use crate::detector::VcpuView as VcpuRow;
 /// computes.
 #[derive(Clone, Debug)]
 pub struct VmRow {
-    pub kvm: u64,
-    pub userspace_pid: Option<i32>,
-    pub vm_type: Option<u8>,
-    pub mmu_valid_gen: Option<u8>,
+    pub vm: VmView,
     pub vcpus: Vec<VcpuRow>,
-    pub loads: u64,
-    pub zaps: u64,
-    pub findings: u64,
     pub loads_per_s: f64,
     pub zaps_per_s: f64,
-    pub last_seen_ns: u64,
 }
 
 impl VmRow {
     pub fn is_tdx(&self) -> bool {
-        self.vm_type == Some(KVM_X86_TDX_VM)
+        self.vm.vm_type == Some(KVM_X86_TDX_VM)
     }
 
     pub fn type_name(&self) -> &'static str {
-        self.vm_type.map_or("?", vm_type_name)
+        self.vm.vm_type.map_or("?", vm_type_name)
     }
 }
 
@@ -179,7 +172,7 @@ impl TopState {
 
     /// The VM's name (QEMU `-name`, libvirt domain or uuid), when known.
     pub fn vm_name(&self, vm: &VmRow) -> Option<&str> {
-        self.names.get(vm.userspace_pid)?.display_name()
+        self.names.get(vm.vm.userspace_pid)?.display_name()
     }
 
     /// Takes one event: the detector's state and findings, the counters.
@@ -214,17 +207,10 @@ impl TopState {
     fn row(&self, v: VmView) -> VmRow {
         let r = self.rates.get(&v.kvm).copied().unwrap_or_default();
         VmRow {
-            kvm: v.kvm,
-            userspace_pid: v.userspace_pid,
-            vm_type: v.vm_type,
-            mmu_valid_gen: v.mmu_valid_gen,
+            vm: v,
             vcpus: self.detector.vcpus_of(v.kvm).collect(),
-            loads: v.loads,
-            zaps: v.zaps,
-            findings: v.findings,
             loads_per_s: r.loads_per_s,
             zaps_per_s: r.zaps_per_s,
-            last_seen_ns: v.last_seen_ns,
         }
     }
 
@@ -278,24 +264,25 @@ impl TopState {
             .filter(|vm| {
                 needle.is_empty()
                     || vm
+                        .vm
                         .userspace_pid
                         .is_some_and(|p| p.to_string().contains(&needle))
                     || vm.type_name().contains(&needle)
-                    || format!("{:#x}", vm.kvm).contains(&needle)
+                    || format!("{:#x}", vm.vm.kvm).contains(&needle)
             })
             .collect();
         let key = self.sort;
         rows.sort_by(|a, b| {
             let ord = match key {
-                SortKey::Findings => a.findings.cmp(&b.findings),
+                SortKey::Findings => a.vm.findings.cmp(&b.vm.findings),
                 SortKey::ZapsPerS => a.zaps_per_s.total_cmp(&b.zaps_per_s),
                 SortKey::LoadsPerS => a.loads_per_s.total_cmp(&b.loads_per_s),
                 SortKey::Vcpus => a.vcpus.len().cmp(&b.vcpus.len()),
-                SortKey::Pid => a.userspace_pid.cmp(&b.userspace_pid),
-                SortKey::Type => a.vm_type.cmp(&b.vm_type),
+                SortKey::Pid => a.vm.userspace_pid.cmp(&b.vm.userspace_pid),
+                SortKey::Type => a.vm.vm_type.cmp(&b.vm.vm_type),
             }
-            .then(a.userspace_pid.cmp(&b.userspace_pid))
-            .then(a.kvm.cmp(&b.kvm));
+            .then(a.vm.userspace_pid.cmp(&b.vm.userspace_pid))
+            .then(a.vm.kvm.cmp(&b.vm.kvm));
             // Descending by default, as in top; `r` flips it.
             if self.reverse { ord } else { ord.reverse() }
         });
@@ -309,7 +296,7 @@ impl TopState {
         }
         Some(
             self.selected
-                .and_then(|k| visible.iter().position(|v| v.kvm == k))
+                .and_then(|k| visible.iter().position(|v| v.vm.kvm == k))
                 .unwrap_or(0),
         )
     }
@@ -321,7 +308,7 @@ impl TopState {
         };
         let last = visible.len() - 1;
         let j = i.saturating_add_signed(delta).min(last);
-        self.selected = Some(visible[j].kvm);
+        self.selected = Some(visible[j].vm.kvm);
     }
 
     /// Handles one key press.

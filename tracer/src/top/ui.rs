@@ -121,7 +121,7 @@ fn draw_vms(f: &mut Frame, s: &TopState, visible: &[VmRow], selected: Option<usi
     ])
     .style(Style::default().add_modifier(Modifier::BOLD));
     let rows = visible.iter().map(|vm| {
-        let style = if vm.findings > 0 {
+        let style = if vm.vm.findings > 0 {
             Style::default().fg(Color::Red)
         } else if vm.is_tdx() {
             Style::default().fg(Color::Cyan)
@@ -129,13 +129,13 @@ fn draw_vms(f: &mut Frame, s: &TopState, visible: &[VmRow], selected: Option<usi
             Style::default()
         };
         Row::new(vec![
-            vm.userspace_pid.map_or("?".into(), |p| p.to_string()),
+            vm.vm.userspace_pid.map_or("?".into(), |p| p.to_string()),
             vm.type_name().to_owned(),
             vm.vcpus.len().to_string(),
             format!("{:.1}", vm.loads_per_s),
             format!("{:.1}", vm.zaps_per_s),
-            vm.findings.to_string(),
-            format!("{:#x}", vm.kvm),
+            vm.vm.findings.to_string(),
+            format!("{:#x}", vm.vm.kvm),
             s.vm_name(vm).unwrap_or("-").to_owned(),
         ])
         .style(style)
@@ -238,10 +238,11 @@ fn draw_vcpus(f: &mut Frame, vm: Option<&VmRow>, now_ns: u64, area: Rect) {
     });
     let title = format!(
         " vCPUs of VMM {} ({}, {} vCPUs{}) ",
-        vm.userspace_pid.map_or("?".into(), |p| p.to_string()),
+        vm.vm.userspace_pid.map_or("?".into(), |p| p.to_string()),
         vm.type_name(),
         vm.vcpus.len(),
-        vm.mmu_valid_gen
+        vm.vm
+            .mmu_valid_gen
             .map_or(String::new(), |g| format!(", mmu_valid_gen {g}"))
     );
     let table = Table::new(
