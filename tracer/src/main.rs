@@ -79,11 +79,7 @@ fn live_options(
         entry_transitions: c.probes.entry_transitions,
         min_severity: tracer::detector::Severity::Info,
         style: tracer::human::Style::default(),
-        record: record.map(|dir| RecordOptions {
-            dir,
-            config: c.log.record_config(),
-            flight_events: c.log.flight_events,
-        }),
+        record: record.map(|dir| RecordOptions::new(dir, &c.log)),
         service: daemon::ServiceOptions::default(),
     }
 }

@@ -264,11 +264,7 @@ impl LogArgs {
         let mut c = Config::default();
         self.apply(&mut c.log);
         c.validate().map_err(flag_error)?;
-        Ok(RecordOptions {
-            dir,
-            config: c.log.record_config(),
-            flight_events: c.log.flight_events,
-        })
+        Ok(RecordOptions::new(dir, &c.log))
     }
 }
 

@@ -49,6 +49,17 @@ pub struct RecordOptions {
     pub flight_events: usize,
 }
 
+impl RecordOptions {
+    /// The event log in `dir`, with the settings of `log`.
+    pub fn new(dir: PathBuf, log: &crate::config::LogConfig) -> Self {
+        Self {
+            dir,
+            config: log.record_config(),
+            flight_events: log.flight_events,
+        }
+    }
+}
+
 /// What the daemon adds to `watch`: metrics, alerts, findings output, and
 /// recorded events injected into the live pipeline (to try alert routing).
 #[derive(Clone, Debug, Default)]

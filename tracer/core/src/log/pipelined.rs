@@ -218,9 +218,7 @@ fn judge(
                         }
                     }
                     Item::End => {
-                        if let Some(f) = file.take()
-                            && !f.stopped
-                        {
+                        if let Some(f) = file.take() {
                             f.finish(stats);
                         }
                     }

@@ -153,6 +153,7 @@ struct Tag<'a> {
     record: Option<std::borrow::Cow<'a, str>>,
 }
 
+/// Reads every input in order, handing each record to `on_record`.
 pub fn read_all(
     inputs: &[PathBuf],
     stats: &mut ReadStats,
@@ -298,8 +299,9 @@ pub(super) struct FileState {
     records: u64,
     /// A problem on the last line read: a torn line if no line follows.
     pending: Option<(u64, Problem)>,
-    /// The file's schema is not ours: the rest of it is not read.
-    pub(super) stopped: bool,
+    /// The file's schema is not ours: the rest of it is not read, and its
+    /// end is not judged.
+    stopped: bool,
 }
 
 impl FileState {
@@ -410,9 +412,12 @@ impl FileState {
         on_record(&self.source, Record::Skipped);
     }
 
-    /// The file's end.
+    /// The file's end: a torn last line, or an empty file (not for a file
+    /// whose schema stopped the read).
     pub(super) fn finish(self, stats: &mut ReadStats) {
-        finish_file(&self.source, self.lines, self.pending, stats);
+        if !self.stopped {
+            finish_file(&self.source, self.lines, self.pending, stats);
+        }
     }
 }
 
