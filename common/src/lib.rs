@@ -455,10 +455,33 @@ pub struct SeenRoots {
     pub vm_type: u8,
     /// 1: the mirror root's page had `role.invalid` set.
     pub stale: u8,
-    pub _pad: [u8; 6],
+    /// Fast-path hits since the entry was filled (the gate's cache only).
+    pub hits: u16,
+    pub _pad: [u8; 4],
 }
 
+/// The gate's cache reads a vCPU again in full after this many fast-path
+/// hits, so what the fast path doesn't compare (the VM type) can't stay
+/// stale behind it: a changed value is seen within this many entries of
+/// that vCPU.
+pub const ENTRY_REVALIDATE_HITS: u16 = 1024;
+
 const _: () = assert!(core::mem::size_of::<SeenRoots>() == 32);
+
+/// Ways of the `kvm_entry` gate's per-CPU cache: a power of two.
+pub const ENTRY_CACHE_WAYS: usize = 4;
+
+/// The way of the gate's per-CPU cache for `key` (a number that tells
+/// vCPUs apart: the raw-tracepoint gate uses the `struct kvm_vcpu *`):
+/// the top bits of a multiplicative hash, so vCPUs that take turns on one
+/// CPU (overcommitted hosts) mostly keep their own way and stay on the
+/// fast path.
+#[inline]
+#[must_use]
+pub const fn entry_way(key: u64) -> usize {
+    (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - ENTRY_CACHE_WAYS.trailing_zeros())) as usize
+        & (ENTRY_CACHE_WAYS - 1)
+}
 
 /// The `kvm_entry` gate's per-CPU state (the map `ENTRY_STATE`): its
 /// fast-path cache and its counters, in one slot so a guest entry costs one
@@ -466,8 +489,9 @@ const _: () = assert!(core::mem::size_of::<SeenRoots>() == 32);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EntryState {
-    /// The last vCPU and roots that entered the guest on this CPU.
-    pub cache: SeenRoots,
+    /// The last vCPUs and roots that entered the guest on this CPU, one per
+    /// way: a vCPU's way is a hash of its pointer.
+    pub cache: [SeenRoots; ENTRY_CACHE_WAYS],
     pub counters: EntryCounters,
     /// No retry of a failed report before this `bpf_ktime_get_ns()`.
     pub retry_after_ns: u64,
@@ -475,7 +499,8 @@ pub struct EntryState {
     pub vmemmap_base: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<EntryState>() == 104);
+const _: () = assert!(core::mem::size_of::<EntryState>() == 200);
+const _: () = assert!(ENTRY_CACHE_WAYS.is_power_of_two());
 
 /// State kept between an entry probe and its return probe (the map
 /// `PENDING_CALLS`, keyed by probe id and thread id).

@@ -21,20 +21,21 @@
 )]
 
 use aya_ebpf::{
+    EbpfContext,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
         bpf_probe_read_kernel,
     },
-    macros::{kprobe, kretprobe, map, raw_tracepoint},
+    macros::{btf_tracepoint, kprobe, kretprobe, map, raw_tracepoint},
     maps::{LruHashMap, PerCpuArray, RingBuf},
-    programs::{ProbeContext, RawTracePointContext, RetProbeContext},
+    programs::{BtfTracePointContext, ProbeContext, RawTracePointContext, RetProbeContext},
 };
 use aya_log_ebpf::warn;
 use common::{
-    EntryState, EventKind, INVALID_PAGE, KVM_RUN, KVM_X86_TDX_VM, KernelOffsets, NR_IOCTL,
-    OFFSET_ABSENT, PendingCall, ProbeConfig, ProbeCounters, ProbeId, RootEvent, SeenRoots,
-    VCPU_FILE_NAME, field,
+    ENTRY_REVALIDATE_HITS, EntryState, EventKind, INVALID_PAGE, KVM_RUN, KVM_X86_TDX_VM,
+    KernelOffsets, NR_IOCTL, OFFSET_ABSENT, PendingCall, ProbeConfig, ProbeCounters, ProbeId,
+    RootEvent, SeenRoots, VCPU_FILE_NAME, entry_way, field,
 };
 
 /// Field offsets, set by the tracer from BTF before the object is loaded.
@@ -576,6 +577,92 @@ const RETRY_NS: u64 = 1_000_000;
 #[raw_tracepoint(tracepoint = "kvm_entry")]
 pub fn kvm_entry_gate(ctx: RawTracePointContext) -> u32 {
     let vcpu = ctx.arg::<u64>(0);
+    // The pointer is a plain number here: it picks the cache way itself.
+    gate(
+        &ctx,
+        vcpu,
+        entry_roots,
+        |_| vcpu,
+        |vcpu| {
+            read_at::<u64>(vcpu, offset!(vcpu_kvm))
+                .and_then(|kvm| read_at::<u8>(kvm, offset!(kvm_vm_type)))
+        },
+    )
+}
+
+/// The same gate as a BTF-enabled tracepoint (`tp_btf`): the verifier knows
+/// `vcpu`'s type, so the roots and the VM type are plain loads checked
+/// against BTF, not `bpf_probe_read_kernel` calls. Loaded by the tracer
+/// itself where the kernel allows tracing programs (`loader::btf_tp`).
+#[btf_tracepoint(function = "kvm_entry")]
+pub fn kvm_entry_gate_btf(ctx: BtfTracePointContext) -> u32 {
+    let vcpu = ctx.arg::<u64>(0);
+    // The verifier allows no arithmetic but + and - on a typed pointer, so
+    // the cache way comes from numbers: the vCPU's id tells a VM's vCPUs
+    // apart (they share roots), the root tells VMs apart.
+    let way_key =
+        |root: u64| root ^ u64::from(btf_load::<u32>(vcpu, offset!(vcpu_vcpu_id)).unwrap_or(0));
+    gate(&ctx, vcpu, btf_roots, way_key, |vcpu| {
+        let kvm = btf_load::<u64>(vcpu, offset!(vcpu_kvm))?;
+        btf_load::<u8>(kvm, offset!(kvm_vm_type))
+    })
+}
+
+/// A load from a BTF-typed kernel pointer (`tp_btf` only): the verifier
+/// checks `base + off` against the type and turns the load into one that
+/// can't fault (a bad address reads 0). `None` for a null base or an
+/// absent offset.
+#[inline(always)]
+fn btf_load<T: Copy>(base: u64, off: u32) -> Option<T> {
+    if base == 0 || off == OFFSET_ABSENT {
+        return None;
+    }
+    // SAFETY: in a tp_btf program `base` is a pointer the verifier typed from
+    // BTF and `off` a constant from the frozen `.rodata` (resolved from the
+    // same BTF); the verifier rejects a load outside the type's fields, and
+    // rewrites the accepted one into a fault-handled load.
+    Some(unsafe { core::ptr::read_volatile((base + u64::from(off)) as *const T) })
+}
+
+/// `root.hpa` and `mirror_root_hpa` through `vcpu->arch.mmu`, as BTF loads.
+#[inline(always)]
+fn btf_roots(vcpu: u64) -> Option<(u64, u64)> {
+    let mmu = btf_load::<u64>(vcpu, offset!(vcpu_arch_mmu)).filter(|&m| m != 0)?;
+    let root = btf_load::<u64>(mmu, offset!(mmu_root_hpa))?;
+    let mirror = match offset!(mmu_mirror_root_hpa) {
+        OFFSET_ABSENT => INVALID_PAGE,
+        off => btf_load::<u64>(mmu, off)?,
+    };
+    Some((root, mirror))
+}
+
+/// The cached VM type when `vcpu` enters again with the roots its cache way
+/// holds, and the way is not due for a full read; counts the hit.
+#[inline(always)]
+fn cache_hit(way: &mut SeenRoots, vcpu: u64, root: u64, mirror: u64) -> Option<u8> {
+    let hit = way.vcpu == vcpu
+        && way.root_hpa == root
+        && way.mirror_root_hpa == mirror
+        && way.hits < ENTRY_REVALIDATE_HITS;
+    if hit {
+        way.hits += 1;
+        Some(way.vm_type)
+    } else {
+        None
+    }
+}
+
+/// The gate, whichever way it reads the vCPU: `roots` reads the roots it is
+/// about to enter with, `way_key` makes the number that picks its cache way
+/// from the root, `vm_type` reads its VM's type (only on a cache miss).
+#[inline(always)]
+fn gate<C: EbpfContext>(
+    ctx: &C,
+    vcpu: u64,
+    roots: impl FnOnce(u64) -> Option<(u64, u64)>,
+    way_key: impl FnOnce(u64) -> u64,
+    vm_type: impl FnOnce(u64) -> Option<u8>,
+) -> u32 {
     let Some(state) = ENTRY_STATE.get_ptr_mut(0) else {
         return 0;
     };
@@ -583,20 +670,19 @@ pub fn kvm_entry_gate(ctx: RawTracePointContext) -> u32 {
     // by this CPU while it runs.
     let state = unsafe { &mut *state };
     state.counters.entries += 1;
-    let Some((root, mirror)) = entry_roots(vcpu) else {
+    let Some((root, mirror)) = roots(vcpu) else {
         state.counters.read_failed += 1;
         return 0;
     };
 
-    let cache = &state.cache;
-    let fast = cache.vcpu == vcpu && cache.root_hpa == root && cache.mirror_root_hpa == mirror;
-    let vm_type = if fast {
-        cache.vm_type
+    let slot = entry_way(way_key(root));
+    let cached = cache_hit(&mut state.cache[slot], vcpu, root, mirror);
+    let fast = cached.is_some();
+    let vm_type = if let Some(t) = cached {
+        t
     } else {
         state.counters.slow_path += 1;
-        let Some(t) = read_at::<u64>(vcpu, offset!(vcpu_kvm))
-            .and_then(|kvm| read_at::<u8>(kvm, offset!(kvm_vm_type)))
-        else {
+        let Some(t) = vm_type(vcpu) else {
             state.counters.read_failed += 1;
             return 0;
         };
@@ -625,7 +711,7 @@ pub fn kvm_entry_gate(ctx: RawTracePointContext) -> u32 {
             state.counters.stale_entries += 1;
         }
     }
-    if fast && state.cache.stale == stale_bit {
+    if fast && state.cache[slot].stale == stale_bit {
         return 0;
     }
 
@@ -635,7 +721,8 @@ pub fn kvm_entry_gate(ctx: RawTracePointContext) -> u32 {
         mirror_root_hpa: mirror,
         vm_type,
         stale: stale_bit,
-        _pad: [0; 6],
+        hits: 0,
+        _pad: [0; 4],
     };
     // A vCPU that moved to this CPU with roots it already entered with is
     // not news.
@@ -667,7 +754,7 @@ pub fn kvm_entry_gate(ctx: RawTracePointContext) -> u32 {
         };
         if forbidden {
             warn!(
-                &ctx,
+                ctx,
                 "TDX vCPU entered with root.hpa {:x}, mirror_root_hpa {:x} (stale {})",
                 root,
                 mirror,
@@ -682,7 +769,7 @@ pub fn kvm_entry_gate(ctx: RawTracePointContext) -> u32 {
             return 0;
         }
     }
-    state.cache = seen;
+    state.cache[slot] = seen;
     if news {
         let _ = VCPU_ROOTS.insert(vcpu, seen, 0);
     }
@@ -826,6 +913,7 @@ floor! {
     raw_tracepoint(tracepoint = "kvm_mmu_zap_all_fast") floor_zap_tp(RawTracePointContext);
     kprobe floor_invalidate(ProbeContext);
     raw_tracepoint(tracepoint = "kvm_entry") floor_kvm_entry(RawTracePointContext);
+    btf_tracepoint(function = "kvm_entry") floor_kvm_entry_btf(BtfTracePointContext);
     raw_tracepoint(tracepoint = "sys_exit") floor_sys_exit(RawTracePointContext);
     kprobe floor_mmu_destroy(ProbeContext);
     kprobe floor_destroy_vm(ProbeContext);

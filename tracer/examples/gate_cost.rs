@@ -39,7 +39,14 @@ fn main() -> Result<()> {
         .context("RUNS must be a number")?;
     let mut guest = kvm::Guest::new(2).map_err(|e| anyhow::anyhow!("{e}"))?;
     let info = KernelInfo::live()?;
-    let plan = plan(&info, PlanOptions::default());
+    // The raw-tracepoint gate: the kernel runs tp_btf programs through
+    // BPF_PROG_TEST_RUN only for fentry/fexit (EFAULT otherwise), so the
+    // tp_btf twin is measured where kvm:kvm_entry fires, in the QEMU guests.
+    let opts = PlanOptions {
+        entry_gate_btf: false,
+        ..PlanOptions::default()
+    };
+    let plan = plan(&info, opts);
     drop(info);
     let mut session = Session::start(&plan, 1 << 20, true)?;
     let gate = ProbeId::KvmEntry;

@@ -65,9 +65,11 @@ pub fn run(root: Option<&Path>, json: bool, verify: bool) -> Result<(), Failure>
     } else {
         None
     };
-    let rejected = verdicts
-        .as_deref()
-        .map_or(0, |v| v.iter().filter(|v| !v.accepted).count());
+    let rejected = verdicts.as_deref().map_or(0, |v| {
+        v.iter()
+            .filter(|v| !v.accepted && v.fallback.is_none())
+            .count()
+    });
     print(&plan, &env, verdicts.as_deref(), json).map_err(anyhow::Error::from)?;
     if rejected > 0 {
         return Err(
@@ -159,10 +161,14 @@ fn print(
             format!("\nverifier: {ok}/{} programs accepted", verdicts.len()),
         );
         for v in verdicts.iter().filter(|v| !v.accepted) {
+            let verdict = match v.fallback {
+                Some(kind) => format!("refused, falls back to {kind}:"),
+                None => "REJECTED".to_owned(),
+            };
             w(
                 &mut out,
                 format!(
-                    "  {:<28} REJECTED {}",
+                    "  {:<28} {verdict} {}",
                     v.program,
                     v.error.as_deref().unwrap_or("")
                 ),

@@ -77,6 +77,7 @@ fn live_options(
         poll_interval: c.probes.poll_interval,
         baseline: false,
         entry_transitions: c.probes.entry_transitions,
+        entry_gate_btf: c.probes.entry_gate_btf,
         min_severity: tracer::detector::Severity::Info,
         style: tracer::human::Style::default(),
         record: record.map(|dir| RecordOptions::new(dir, &c.log)),

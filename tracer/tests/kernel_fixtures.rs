@@ -284,3 +284,53 @@ fn every_fixture_plans_exactly_as_recorded() {
         );
     }
 }
+
+/// The kvm_entry gate is planned as a BTF tracepoint first on each fixture:
+/// its attach point is the typedef `btf_trace_kvm_entry`, found in the BTF
+/// object that holds KVM (the kvm module's split BTF, whose ids continue
+/// vmlinux's, or vmlinux), and the raw tracepoint stays the fallback. With
+/// the option off, nothing is tried first.
+#[test]
+fn the_entry_gate_is_a_btf_tracepoint_first_with_the_typedef_of_its_btf_object() {
+    use tracer::kernel::btf_reader::kind;
+    for (name, module) in [
+        ("host-6.18.44-kvm-builtin", None),
+        ("debian-6.18.15-kvm-module", Some("kvm")),
+        ("debian-6.12.117-kvm-module", Some("kvm")),
+    ] {
+        let info = KernelInfo::inspect(&fixture(name)).unwrap();
+        let p = plan(&info, PlanOptions::default());
+        let gate = p.probe(ProbeId::KvmEntry);
+        assert_eq!(
+            gate.attach,
+            AttachKind::RawTracepoint,
+            "{name}: the fallback"
+        );
+        let first = gate.btf_first.as_ref().unwrap_or_else(|| panic!("{name}"));
+        assert_eq!(first.module.as_deref(), module, "{name}");
+        assert_eq!(
+            (first.program, first.floor),
+            ("kvm_entry_gate_btf", "floor_kvm_entry_btf")
+        );
+        let t = info.btf.get(first.type_id).unwrap();
+        assert_eq!(t.kind, kind::TYPEDEF, "{name}");
+        assert_eq!(info.btf.type_name(&t), b"btf_trace_kvm_entry", "{name}");
+        if module.is_some() {
+            assert!(
+                info.btf.first_id() > 1 && first.type_id >= info.btf.first_id(),
+                "{name}: a module's typedef has a split-BTF id, after vmlinux's"
+            );
+        }
+
+        let off = PlanOptions {
+            entry_gate_btf: false,
+            ..PlanOptions::default()
+        };
+        assert!(
+            plan(&info, off)
+                .probe(ProbeId::KvmEntry)
+                .btf_first
+                .is_none()
+        );
+    }
+}

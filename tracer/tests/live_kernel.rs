@@ -480,7 +480,13 @@ fn entry_gate_reads_a_real_vcpus_roots_and_then_stays_quiet() {
         return;
     }
     let mut guest = kvm::Guest::new(1).expect("a KVM guest");
-    let plan = plan(&KernelInfo::live().unwrap(), PlanOptions::default());
+    // The raw-tracepoint gate: BPF_PROG_TEST_RUN runs raw tracepoints, not
+    // tp_btf programs.
+    let raw_gate = PlanOptions {
+        entry_gate_btf: false,
+        ..PlanOptions::default()
+    };
+    let plan = plan(&KernelInfo::live().unwrap(), raw_gate);
     let mut session = Session::start(&plan, 1 << 20, false).unwrap();
     let mut rb = session.take_events().unwrap();
     let me = std::process::id();
@@ -550,7 +556,13 @@ fn entry_gate_retries_a_report_the_ring_buffer_had_no_room_for() {
         return;
     }
     let mut guest = kvm::Guest::new(1).expect("a KVM guest");
-    let plan = plan(&KernelInfo::live().unwrap(), PlanOptions::default());
+    // The raw-tracepoint gate: BPF_PROG_TEST_RUN runs raw tracepoints, not
+    // tp_btf programs.
+    let raw_gate = PlanOptions {
+        entry_gate_btf: false,
+        ..PlanOptions::default()
+    };
+    let plan = plan(&KernelInfo::live().unwrap(), raw_gate);
     // The smallest ring buffer: one page, a couple of dozen events.
     let mut session = Session::start(&plan, 4096, false).unwrap();
     let mut rb = session.take_events().unwrap();
@@ -598,4 +610,136 @@ fn entry_gate_retries_a_report_the_ring_buffer_had_no_room_for() {
         again += usize::from(ev.kind == Kind::EntryTransition && ev.vcpu == Some(vcpu));
     }
     assert_eq!(again, 0);
+}
+
+/// The gate attaches as a BTF tracepoint where the kernel allows it (this
+/// host does: tp_btf is a tracing program without a trampoline), beside its
+/// own empty program; with the option off it is the raw tracepoint; and a
+/// tp_btf the kernel refuses (here: a plan naming the wrong BTF type) falls
+/// back to the raw tracepoint, saying why, with nothing counted as failed.
+#[test]
+fn entry_gate_attaches_as_tp_btf_or_falls_back_to_raw_saying_why() {
+    use common::ProbeId;
+    use tracer::{
+        kernel::{AttachKind, KernelInfo, PlanOptions, plan::plan},
+        loader::Session,
+    };
+    if !live_or_skip("entry_gate_attaches_as_tp_btf_or_falls_back_to_raw_saying_why") {
+        return;
+    }
+    let info = KernelInfo::live().unwrap();
+    let gate = |s: &Session| {
+        s.attached
+            .iter()
+            .find(|(p, _, _)| *p == ProbeId::KvmEntry)
+            .map(|(_, kind, _)| *kind)
+    };
+
+    let p = plan(&info, PlanOptions::default());
+    assert!(p.probe(ProbeId::KvmEntry).btf_first.is_some(), "{p:?}");
+    let s = Session::start(&p, 1 << 16, true).unwrap();
+    assert_eq!(
+        gate(&s),
+        Some(AttachKind::BtfTracepoint),
+        "{:?}",
+        s.fallbacks
+    );
+    assert!(s.fallbacks.is_empty() && s.failures.is_empty());
+    assert!(s.floors.contains(&ProbeId::KvmEntry));
+    assert!(s.program_stats("kvm_entry_gate_btf").is_some());
+    assert!(s.program_stats("floor_kvm_entry_btf").is_some());
+    drop(s);
+
+    let off = PlanOptions {
+        entry_gate_btf: false,
+        ..PlanOptions::default()
+    };
+    let s = Session::start(&plan(&info, off), 1 << 16, false).unwrap();
+    assert_eq!(gate(&s), Some(AttachKind::RawTracepoint));
+    assert!(s.fallbacks.is_empty());
+    drop(s);
+
+    let mut wrong = plan(&info, PlanOptions::default());
+    let first = wrong
+        .probes
+        .iter_mut()
+        .find(|p| p.probe == ProbeId::KvmEntry)
+        .and_then(|p| p.btf_first.as_mut())
+        .unwrap();
+    first.type_id = 1; // a base type, not btf_trace_kvm_entry
+    let s = Session::start(&wrong, 1 << 16, false).unwrap();
+    assert_eq!(gate(&s), Some(AttachKind::RawTracepoint));
+    assert!(s.failures.is_empty(), "{:?}", s.failures);
+    let [f] = s.fallbacks.as_slice() else {
+        panic!("one fallback: {:?}", s.fallbacks)
+    };
+    assert_eq!(
+        (f.program, f.tried, f.attached),
+        (
+            "kvm_entry_gate_btf",
+            AttachKind::BtfTracepoint,
+            AttachKind::RawTracepoint
+        )
+    );
+    assert!(
+        f.error.contains("refused kvm_entry_gate_btf"),
+        "{}",
+        f.error
+    );
+}
+
+/// Two vCPUs taking turns on one CPU each keep their own way of the gate's
+/// per-CPU cache: after the first entry of each, every entry is a fast-path
+/// hit, except one full read per vCPU every `ENTRY_REVALIDATE_HITS` hits
+/// (what the fast path doesn't compare, the VM type, can't hide behind it
+/// for longer). Before the ways, each turn missed the one-slot cache.
+#[test]
+fn entry_gate_keeps_alternating_vcpus_on_the_fast_path_and_revalidates() {
+    use common::ENTRY_REVALIDATE_HITS;
+    use tracer::{
+        event::{Event, Kind},
+        kernel::{KernelInfo, PlanOptions, plan::plan},
+        loader::Session,
+    };
+    if !live_or_skip("entry_gate_keeps_alternating_vcpus_on_the_fast_path_and_revalidates") {
+        return;
+    }
+    let mut guest = kvm::Guest::new(2).expect("a KVM guest");
+    let raw_gate = PlanOptions {
+        entry_gate_btf: false,
+        ..PlanOptions::default()
+    };
+    let plan = plan(&KernelInfo::live().unwrap(), raw_gate);
+    let mut session = Session::start(&plan, 1 << 20, false).unwrap();
+    let mut rb = session.take_events().unwrap();
+    guest.run_to_hlt().unwrap();
+    let mut vcpus = Vec::new();
+    while let Some(item) = rb.next() {
+        let ev = Event::decode(&item).unwrap();
+        if ev.pid == std::process::id()
+            && matches!(ev.kind, Kind::RunExit | Kind::LoadEnter | Kind::LoadReturn)
+            && let Some(v) = ev.vcpu
+            && !vcpus.contains(&v)
+        {
+            vcpus.push(v);
+        }
+    }
+    assert_eq!(vcpus.len(), 2, "this guest's vCPUs: {vcpus:?}");
+    let gate = common::ProbeId::KvmEntry.program_name();
+    let turns = u64::from(ENTRY_REVALIDATE_HITS) + 100;
+    for _ in 0..turns {
+        for &v in &vcpus {
+            session.test_run_raw_tp(gate, &[v]).unwrap();
+        }
+    }
+    let c = session.counters().unwrap().entry;
+    assert_eq!(c.entries, 2 * turns);
+    // Two vCPUs share a way when their pointers hash alike (1 in
+    // ENTRY_CACHE_WAYS): then each turn evicts the other.
+    let shared = common::entry_way(vcpus[0]) == common::entry_way(vcpus[1]);
+    let want = if shared { 2 * turns } else { 4 };
+    assert_eq!(
+        c.slow_path, want,
+        "first entry and one revalidation per vCPU (ways shared: {shared})"
+    );
 }

@@ -133,6 +133,9 @@ pub struct ProbesConfig {
     #[serde(deserialize_with = "de_duration")]
     pub poll_interval: Duration,
     pub entry_transitions: bool,
+    /// Try the kvm_entry gate as a BTF-enabled tracepoint (tp_btf) before
+    /// the raw tracepoint.
+    pub entry_gate_btf: bool,
 }
 
 impl Default for ProbesConfig {
@@ -142,6 +145,7 @@ impl Default for ProbesConfig {
             wakeup_bytes: default_of(number, defaults::WAKEUP_BYTES),
             poll_interval: default_of(parse_duration, defaults::POLL_INTERVAL),
             entry_transitions: true,
+            entry_gate_btf: true,
         }
     }
 }

@@ -33,6 +33,11 @@ pub(crate) struct ProbeArgs {
     /// kvm_entry gate then only reports the forbidden TDX state.
     #[arg(long)]
     pub(crate) no_entry_transitions: bool,
+    /// Attach the kvm_entry gate as a raw tracepoint even where the kernel
+    /// allows a BTF-enabled tracepoint (tp_btf), which reads the roots with
+    /// direct loads.
+    #[arg(long)]
+    pub(crate) no_entry_gate_btf: bool,
     /// Also attach an empty program beside each probe, on the same hook, and
     /// report each probe's in-kernel cost per hit against it at exit.
     #[arg(long)]
@@ -63,6 +68,10 @@ pub(crate) struct WatchArgs {
 }
 
 #[derive(Args, Clone)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "clap flags: each bool is one switch on the command line"
+)]
 pub(crate) struct RunArgs {
     /// TOML config file (dist/config.toml documents every key and its
     /// default); every key is also a flag below, and flags win. SIGHUP
@@ -123,6 +132,9 @@ pub(crate) struct RunArgs {
     /// [probes] entry_transitions = false.
     #[arg(long)]
     pub(crate) no_entry_transitions: bool,
+    /// [probes] entry_gate_btf = false.
+    #[arg(long)]
+    pub(crate) no_entry_gate_btf: bool,
     /// [metrics] listen: address of GET /metrics ("" disables).
     #[arg(long, value_name = "ADDR")]
     pub(crate) metrics_listen: Option<String>,
@@ -205,6 +217,9 @@ impl RunArgs {
         if self.no_entry_transitions {
             c.probes.entry_transitions = false;
         }
+        if self.no_entry_gate_btf {
+            c.probes.entry_gate_btf = false;
+        }
         c.validate().map_err(flag_error)?;
         Ok(c)
     }
@@ -278,6 +293,7 @@ impl WatchArgs {
         c.probes.wakeup_bytes = self.probes.wakeup_bytes;
         c.probes.poll_interval = self.probes.poll_interval;
         c.probes.entry_transitions = !self.probes.no_entry_transitions;
+        c.probes.entry_gate_btf = !self.probes.no_entry_gate_btf;
         c.validate().map_err(flag_error)?;
         Ok(c)
     }

@@ -113,6 +113,8 @@ pub struct WatchOptions {
     /// Attach an empty program beside each probe and report the cost ratio.
     pub baseline: bool,
     pub entry_transitions: bool,
+    /// Try the kvm_entry gate as a BTF-enabled tracepoint first.
+    pub entry_gate_btf: bool,
     /// Findings printed at least this severe.
     pub min_severity: crate::detector::Severity,
     /// Times, width and colour of the readable output.
@@ -162,6 +164,7 @@ pub fn run(opts: &WatchOptions) -> Result<(), Failure> {
 fn plan_options(opts: &WatchOptions) -> PlanOptions {
     PlanOptions {
         entry_transitions: opts.entry_transitions,
+        entry_gate_btf: opts.entry_gate_btf,
         wakeup_bytes: opts.wakeup_bytes,
     }
 }
@@ -265,6 +268,15 @@ fn report_attach(
         eprintln!(
             "tracer: attached {kind:<14} {:<28} -> {target}",
             probe.program_name()
+        );
+    }
+    for f in &session.fallbacks {
+        eprintln!(
+            "tracer: fallback {:<14} {:<28} -> refused ({}); attached as {} instead",
+            f.tried.to_string(),
+            f.program,
+            f.error,
+            f.attached
         );
     }
     for f in &session.failures {

@@ -240,6 +240,12 @@ impl Btf {
         })
     }
 
+    /// The id of this blob's first type: a module's own types are those
+    /// from here on.
+    pub fn first_id(&self) -> u32 {
+        self.first_id
+    }
+
     /// One past the last type id.
     fn end_id(&self) -> u32 {
         self.first_id

@@ -20,7 +20,7 @@ use btf_reader::Btf;
 use serde::Serialize;
 use thiserror::Error;
 
-pub use plan::{AttachKind, AttachPlan, Feature, PlanOptions, PlannedProbe};
+pub use plan::{AttachKind, AttachPlan, BtfTracepoint, Feature, PlanOptions, PlannedProbe};
 pub use symbols::Symbols;
 
 /// Why the kernel can't be inspected at all. Each of these means an

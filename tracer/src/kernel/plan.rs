@@ -9,6 +9,7 @@ use common::{KernelOffsets, ProbeConfig, ProbeId};
 use super::{
     KernelInfo, KvmLocation,
     btf::{FieldOffset, RUN_SAMPLER_FIELDS, ResolvedOffsets, func_param_count, resolve_offsets},
+    btf_reader::kind,
 };
 
 /// How a probe attaches.
@@ -18,6 +19,8 @@ pub enum AttachKind {
     Kprobe,
     Kretprobe,
     RawTracepoint,
+    /// A BTF-enabled tracepoint (`tp_btf`), loaded by the tracer itself.
+    BtfTracepoint,
     Off,
 }
 
@@ -27,6 +30,7 @@ impl std::fmt::Display for AttachKind {
             Self::Kprobe => "kprobe",
             Self::Kretprobe => "kretprobe",
             Self::RawTracepoint => "raw-tracepoint",
+            Self::BtfTracepoint => "btf-tracepoint",
             Self::Off => "off",
         })
     }
@@ -44,6 +48,25 @@ pub struct PlannedProbe {
     pub attach: AttachKind,
     /// Why this attach kind was chosen (or why it is off).
     pub reason: String,
+    /// Tried before `attach`, which is then the fallback: the BTF-enabled
+    /// tracepoint, where BTF describes the tracepoint. Only the kernel can
+    /// say whether it allows tracing programs, so the loader tries it and
+    /// says which attached.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub btf_first: Option<BtfTracepoint>,
+}
+
+/// A tracepoint as a BTF-enabled tracepoint (`tp_btf`): its programs and
+/// the BTF type the kernel attaches them by.
+#[derive(Clone, Debug, Serialize)]
+pub struct BtfTracepoint {
+    pub program: &'static str,
+    /// The empty program beside it (`--baseline`).
+    pub floor: &'static str,
+    /// The id of the typedef `btf_trace_<tracepoint>`.
+    pub type_id: u32,
+    /// The module whose BTF holds the typedef; `None` for vmlinux.
+    pub module: Option<String>,
 }
 
 #[expect(
@@ -70,6 +93,8 @@ pub struct PlanOptions {
     /// Wake the reader only once this many bytes wait in the ring buffer
     /// (0: on every event).
     pub wakeup_bytes: u32,
+    /// Try the kvm_entry gate as a BTF-enabled tracepoint first.
+    pub entry_gate_btf: bool,
 }
 
 impl Default for PlanOptions {
@@ -77,6 +102,7 @@ impl Default for PlanOptions {
         Self {
             entry_transitions: true,
             wakeup_bytes: 0,
+            entry_gate_btf: true,
         }
     }
 }
@@ -148,6 +174,7 @@ struct Planner<'a> {
     /// Why kprobes can't be used at all, if so.
     no_kprobes: Option<String>,
     probes: Vec<PlannedProbe>,
+    opts: PlanOptions,
 }
 
 impl Planner<'_> {
@@ -179,6 +206,7 @@ impl Planner<'_> {
             target: target.to_owned(),
             attach,
             reason,
+            btf_first: None,
         });
     }
 
@@ -317,7 +345,35 @@ impl Planner<'_> {
                 "counts guest entries per CPU; no mirror roots on this kernel".into(),
             )
         };
+        let btf_first = (attach != AttachKind::Off && self.opts.entry_gate_btf)
+            .then(|| self.btf_tracepoint("kvm_entry"))
+            .flatten();
+        let reason = match &btf_first {
+            Some(_) => format!(
+                "{reason}; as a BTF tracepoint (tp_btf: direct loads) where the kernel allows \
+                 tracing programs, else as a raw tracepoint"
+            ),
+            None => reason,
+        };
         self.push(ProbeId::KvmEntry, target, attach, reason);
+        if let Some(last) = self.probes.last_mut() {
+            last.btf_first = btf_first.map(|(type_id, module)| BtfTracepoint {
+                program: "kvm_entry_gate_btf",
+                floor: "floor_kvm_entry_btf",
+                type_id,
+                module,
+            });
+        }
+    }
+
+    /// The BTF id of `btf_trace_<tracepoint>`, and the module whose BTF
+    /// holds it (`None`: vmlinux).
+    fn btf_tracepoint(&self, tracepoint: &str) -> Option<(u32, Option<String>)> {
+        let name = format!("btf_trace_{tracepoint}");
+        let t = self.k.btf.by_name(&name, &[kind::TYPEDEF]).last()?;
+        let module = (self.k.kvm == KvmLocation::Module && t.id >= self.k.btf.first_id())
+            .then(|| "kvm".to_owned());
+        Some((t.id, module))
     }
 
     /// ioctl(KVM_RUN) exit: where kvm_mmu_load can't be kprobed, sample the
@@ -503,6 +559,7 @@ pub fn plan(k: &KernelInfo, opts: PlanOptions) -> AttachPlan {
         resolved: resolve_offsets(&k.btf),
         no_kprobes: kprobes_unavailable(k),
         probes: Vec::new(),
+        opts,
     };
     let load = p.kprobe("kvm_mmu_load");
     p.pair(ProbeId::MmuLoad, ProbeId::MmuLoadRet, "kvm_mmu_load", &load);

@@ -284,6 +284,7 @@ impl Live {
             &crate::live::kernel_root(),
             PlanOptions {
                 entry_transitions: true,
+                entry_gate_btf: true,
                 wakeup_bytes: crate::config::Config::default().probes.wakeup_bytes,
             },
         )

@@ -92,9 +92,15 @@ pub(super) fn init_script(modules: &[(String, Vec<u8>)], w: Workload) -> String 
         churns,
         extra_runs,
         baseline,
+        entry_gate_btf,
         inject: _,
     } = w;
-    let baseline = if baseline { " --baseline" } else { "" };
+    let baseline = match (baseline, entry_gate_btf) {
+        (true, true) => " --baseline",
+        (true, false) => " --baseline --no-entry-gate-btf",
+        (false, true) => "",
+        (false, false) => " --no-entry-gate-btf",
+    };
     let mut insmods = String::new();
     for (n, _) in modules {
         let _ = writeln!(

@@ -48,6 +48,9 @@ pub struct Workload {
     pub extra_runs: u64,
     /// `tracer watch --baseline`: empty programs beside the probes.
     pub baseline: bool,
+    /// The kvm_entry gate as a BTF tracepoint where the guest's kernel
+    /// allows it (the default); false: `--no-entry-gate-btf`.
+    pub entry_gate_btf: bool,
     /// Then the fault-injection phase (see [`INJECT_PHASE`]).
     pub inject: bool,
 }
@@ -58,6 +61,7 @@ pub const CHECK: Workload = Workload {
     churns: 3,
     extra_runs: 0,
     baseline: false,
+    entry_gate_btf: true,
     inject: true,
 };
 
@@ -88,7 +92,7 @@ pub fn vm_test(root: &Path, kernels: &[String], timeout: Duration) -> Result<()>
         eprintln!("vm-test: {release}: booting");
         let o = boot(root, &apt, &cache, pkg, release, timeout, CHECK)?;
         eprintln!(
-            "vm-test: {release}: {} in {:.1} s; events {:?}; kvm_entry {}",
+            "vm-test: {release}: {} in {:.1} s; events {:?}; kvm_entry {} (gate: {})",
             if o.failures.is_empty() {
                 "ok"
             } else {
@@ -96,7 +100,8 @@ pub fn vm_test(root: &Path, kernels: &[String], timeout: Duration) -> Result<()>
             },
             o.boot_s,
             o.events,
-            o.entries
+            o.entries,
+            o.gate
         );
         for f in &o.failures {
             eprintln!("vm-test: {release}:   {f}");
@@ -112,29 +117,7 @@ pub fn vm_test(root: &Path, kernels: &[String], timeout: Duration) -> Result<()>
         }
         outcomes.push(o);
     }
-    let json: Vec<Value> = outcomes
-        .iter()
-        .map(|o| {
-            serde_json::json!({
-                "kernel": o.release,
-                "ok": o.failures.is_empty(),
-                "boot_and_test_s": o.boot_s,
-                "plan": o.plan.iter().cloned().collect::<BTreeMap<_, _>>(),
-                "events": o.events,
-                "kvm_entry_entries": o.entries,
-                "injection": o.injection.as_ref().map(inject::Report::to_json),
-                "failures": o.failures,
-            })
-        })
-        .collect();
-    let json: Vec<Value> = json
-        .into_iter()
-        .chain(skipped.iter().map(
-            |(series, why)| serde_json::json!({ "kernel": series, "ok": null, "skipped": why }),
-        ))
-        .collect();
-    let results = base.join("results.json");
-    std::fs::write(&results, serde_json::to_string_pretty(&json)?)?;
+    let results = write_results(&base, &outcomes, &skipped)?;
     println!(
         "{:<24} {:>6} {:>8}  {:<36} events",
         "kernel", "result", "time", "injection (fault -> finding)"
@@ -162,6 +145,36 @@ pub fn vm_test(root: &Path, kernels: &[String], timeout: Duration) -> Result<()>
         bail!("{failed} kernel(s) failed");
     }
     Ok(())
+}
+
+/// Writes `results.json`: each kernel's outcome, and the skipped series.
+fn write_results(
+    base: &Path,
+    outcomes: &[Outcome],
+    skipped: &[(String, String)],
+) -> Result<std::path::PathBuf> {
+    let json: Vec<Value> = outcomes
+        .iter()
+        .map(|o| {
+            serde_json::json!({
+                "kernel": o.release,
+                "ok": o.failures.is_empty(),
+                "boot_and_test_s": o.boot_s,
+                "plan": o.plan.iter().cloned().collect::<BTreeMap<_, _>>(),
+                "events": o.events,
+                "kvm_entry_entries": o.entries,
+                "kvm_entry_gate": o.gate,
+                "injection": o.injection.as_ref().map(inject::Report::to_json),
+                "failures": o.failures,
+            })
+        })
+        .chain(skipped.iter().map(
+            |(series, why)| serde_json::json!({ "kernel": series, "ok": null, "skipped": why }),
+        ))
+        .collect();
+    let results = base.join("results.json");
+    std::fs::write(&results, serde_json::to_string_pretty(&json)?)?;
+    Ok(results)
 }
 
 /// Boots one kernel of the matrix with workload `w`, for `cargo xtask

@@ -1,6 +1,8 @@
 //! Loads the eBPF object with the plan's offsets, attaches the programs the
 //! plan asks for, and reads the programs' own counters back.
 
+mod btf_tp;
+
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow};
@@ -108,6 +110,16 @@ pub struct AttachFailure {
     pub cause: std::sync::Arc<LoadError>,
 }
 
+/// A probe that attached as its plan's fallback.
+#[derive(Clone, Debug, Serialize)]
+pub struct Fallback {
+    pub program: &'static str,
+    pub tried: AttachKind,
+    pub attached: AttachKind,
+    /// Why the first choice failed, with its causes.
+    pub error: String,
+}
+
 /// Loaded programs, their maps, and what attached.
 pub struct Session {
     ebpf: Ebpf,
@@ -117,6 +129,11 @@ pub struct Session {
     /// Probes whose empty floor program is attached beside them.
     pub floors: Vec<ProbeId>,
     pub failures: Vec<AttachFailure>,
+    /// Probes that attached as their plan's fallback, and why the first
+    /// choice didn't.
+    pub fallbacks: Vec<Fallback>,
+    /// The tp_btf programs, loaded outside aya.
+    tracing: Vec<btf_tp::TracingProgram>,
     /// From the start of `load` to the last attach.
     pub attach_time: Duration,
     /// Keeps the kernel's BPF run-time stats on while we run.
@@ -195,7 +212,12 @@ fn new_loader() -> EbpfLoader<'static> {
 }
 
 /// Creates the maps and sets the plan's globals; loads no program yet.
-fn open(plan: &AttachPlan, ringbuf_bytes: u32) -> Result<(Ebpf, Option<Logger>), LoadError> {
+/// Also returns the maps' fds, taken before aya-log takes its map, for the
+/// programs loaded outside aya.
+fn open(
+    plan: &AttachPlan,
+    ringbuf_bytes: u32,
+) -> Result<(Ebpf, Option<Logger>, btf_tp::MapFds), LoadError> {
     raise_memlock();
     let mut ebpf = loader()
         .override_global("OFFSETS", &plan.offsets, true)
@@ -203,6 +225,7 @@ fn open(plan: &AttachPlan, ringbuf_bytes: u32) -> Result<(Ebpf, Option<Logger>),
         .map_max_entries("EVENTS", ringbuf_bytes)
         .load(PROBES)
         .map_err(|e| LoadError::Object(Box::new(e)))?;
+    let maps = btf_tp::MapFds::of(&ebpf);
     let logger = match EbpfLogger::init(&mut ebpf) {
         Ok(l) => Some(l),
         Err(e) => {
@@ -210,7 +233,7 @@ fn open(plan: &AttachPlan, ringbuf_bytes: u32) -> Result<(Ebpf, Option<Logger>),
             None
         }
     };
-    Ok((ebpf, logger))
+    Ok((ebpf, logger, maps))
 }
 
 /// The verifier's verdict on one program.
@@ -220,13 +243,28 @@ pub struct Verdict {
     pub accepted: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// What attaches instead if this program is refused; a refusal is then
+    /// not an error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<AttachKind>,
 }
 
 /// Loads every program, attached or not, so the kernel's verifier checks
 /// each one with this kernel's offsets. Attaches nothing.
 pub fn verify_all(plan: &AttachPlan) -> Result<Vec<Verdict>> {
-    let (mut ebpf, _logger) = open(plan, 4096)?;
+    let (mut ebpf, _logger, maps) = open(plan, 4096)?;
     let mut verdicts = Vec::new();
+    for p in &plan.probes {
+        if let Some(first) = &p.btf_first {
+            let result = btf_tp::verify(PROBES, &maps, first);
+            verdicts.push(Verdict {
+                program: first.program,
+                accepted: result.is_ok(),
+                error: result.err().map(|e| chain(&e)),
+                fallback: Some(p.attach),
+            });
+        }
+    }
     for id in ProbeId::ALL {
         let name = id.program_name();
         let prog = ebpf
@@ -245,6 +283,7 @@ pub fn verify_all(plan: &AttachPlan) -> Result<Vec<Verdict>> {
             program: name,
             accepted: result.is_ok(),
             error: result.err().map(|e| format!("{:#}", anyhow::Error::new(e))),
+            fallback: None,
         });
     }
     Ok(verdicts)
@@ -260,11 +299,31 @@ impl Session {
     /// with the hook's floor.
     pub fn start(plan: &AttachPlan, ringbuf_bytes: u32, baseline: bool) -> Result<Self, LoadError> {
         let started = Instant::now();
-        let (mut ebpf, logger) = open(plan, ringbuf_bytes)?;
+        let (mut ebpf, logger, maps) = open(plan, ringbuf_bytes)?;
         let mut attached = Vec::new();
         let mut floors = Vec::new();
         let mut failures = Vec::new();
+        let mut fallbacks = Vec::new();
+        let mut tracing = Vec::new();
         for p in plan.attached() {
+            if let Some(first) = &p.btf_first {
+                match btf_tp::attach(PROBES, &maps, first, baseline) {
+                    Ok(progs) => {
+                        attached.push((p.probe, AttachKind::BtfTracepoint, p.target.clone()));
+                        if baseline {
+                            floors.push(p.probe);
+                        }
+                        tracing.extend(progs);
+                        continue;
+                    }
+                    Err(e) => fallbacks.push(Fallback {
+                        program: first.program,
+                        tried: AttachKind::BtfTracepoint,
+                        attached: p.attach,
+                        error: chain(&e),
+                    }),
+                }
+            }
             let mut programs = vec![(p.program, p.probe.program_name())];
             if baseline {
                 programs.push((p.probe.floor_program_name(), p.probe.floor_program_name()));
@@ -303,6 +362,8 @@ impl Session {
             attached,
             floors,
             failures,
+            fallbacks,
+            tracing,
             attach_time: started.elapsed(),
             stats,
         })
@@ -326,9 +387,10 @@ impl Session {
     pub fn bpf_stats(&self) -> Vec<(&'static str, u64, u64)> {
         self.attached
             .iter()
-            .filter_map(|(id, _, _)| {
-                let (ns, runs) = self.program_stats(id.program_name())?;
-                Some((id.program_name(), ns, runs))
+            .filter_map(|&(id, kind, _)| {
+                let name = program_name(id, kind);
+                let (ns, runs) = self.program_stats(name)?;
+                Some((name, ns, runs))
             })
             .collect()
     }
@@ -338,11 +400,15 @@ impl Session {
     /// would. Its run counts in the kernel's stats like a real hit.
     pub fn test_run_raw_tp(&self, program: &str, args: &[u64]) -> Result<u32> {
         use std::os::fd::{AsFd as _, AsRawFd as _};
-        let prog = self
-            .ebpf
-            .program(program)
-            .ok_or_else(|| LoadError::MissingProgram(program.to_owned()))?;
-        let fd = prog.fd()?.as_fd().as_raw_fd();
+        let fd = if let Some(p) = self.tracing.iter().find(|p| p.name == program) {
+            p.raw_fd()
+        } else {
+            let prog = self
+                .ebpf
+                .program(program)
+                .ok_or_else(|| LoadError::MissingProgram(program.to_owned()))?;
+            prog.fd()?.as_fd().as_raw_fd()
+        };
         let mut attr = TestRunAttr {
             prog_fd: u32::try_from(fd)?,
             ctx_size_in: u32::try_from(size_of_val(args))?,
@@ -371,6 +437,9 @@ impl Session {
 
     /// The kernel's run time (ns) and run count of one loaded program.
     pub fn program_stats(&self, program: &str) -> Option<(u64, u64)> {
+        if let Some(p) = self.tracing.iter().find(|p| p.name == program) {
+            return p.stats();
+        }
         let info = self.ebpf.program(program)?.info().ok()?;
         Some((
             u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
@@ -384,14 +453,15 @@ impl Session {
         self.attached
             .iter()
             .filter_map(|(id, attach, target)| {
-                let (run_time_ns, run_count) = self.program_stats(id.program_name())?;
+                let program = program_name(*id, *attach);
+                let (run_time_ns, run_count) = self.program_stats(program)?;
                 let floor = self
                     .floors
                     .contains(id)
-                    .then(|| self.program_stats(id.floor_program_name()))
+                    .then(|| self.program_stats(floor_program_name(*id, *attach)))
                     .flatten();
                 Some(Cost {
-                    program: id.program_name(),
+                    program,
                     attach: *attach,
                     target: target.clone(),
                     run_time_ns,
@@ -437,6 +507,23 @@ impl Session {
             out.entry.retries += c.retries;
         }
         Ok(out)
+    }
+}
+
+/// The program that runs for `id` when it attached as `kind`: the gate
+/// has a tp_btf twin.
+pub fn program_name(id: ProbeId, kind: AttachKind) -> &'static str {
+    match (id, kind) {
+        (ProbeId::KvmEntry, AttachKind::BtfTracepoint) => "kvm_entry_gate_btf",
+        _ => id.program_name(),
+    }
+}
+
+/// The empty program beside [`program_name`]'s.
+fn floor_program_name(id: ProbeId, kind: AttachKind) -> &'static str {
+    match (id, kind) {
+        (ProbeId::KvmEntry, AttachKind::BtfTracepoint) => "floor_kvm_entry_btf",
+        _ => id.floor_program_name(),
     }
 }
 
@@ -539,7 +626,8 @@ fn attach_one(
             p.load().map_err(verifier)?;
             p.attach(tp).map_err(|e| attach(tp, e))?;
         }
-        AttachKind::Off => {}
+        // Loaded outside aya (`btf_tp`); never planned as the only kind.
+        AttachKind::BtfTracepoint | AttachKind::Off => {}
     }
     Ok(())
 }
