@@ -165,28 +165,8 @@ fn services(
 }
 
 /// Event-log rotation and retention.
-/// glibc's malloc raises its mmap threshold after the first large free,
-/// and its trim threshold with it (up to 32 and 64 MiB), and from then on
-/// keeps that much freed memory. Here that was a replay's or an injection's
-/// buffers: the daemon sat at 45 MiB tracking 10,000 vCPUs whose state takes
-/// 5 MiB. Fixed thresholds keep glibc's heap returned to the kernel, as the
-/// static (musl) build's allocator does anyway.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn return_freed_memory() {
-    // SAFETY: mallopt only sets malloc's parameters; called first thing in
-    // main, before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 10);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn return_freed_memory() {}
-
 fn main() -> ExitCode {
     let launched = std::time::Instant::now();
-    return_freed_memory();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_timestamp(None)
         .init();
