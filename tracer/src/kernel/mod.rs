@@ -96,14 +96,18 @@ impl KernelInfo {
     pub fn inspect(root: &Path) -> Result<Self, KernelError> {
         let vmlinux_path = root.join("sys/kernel/btf/vmlinux");
         let symbols_path = root.join("proc/kallsyms");
-        let (base, symbols) = read_btf_and_symbols(&vmlinux_path, &symbols_path)?;
+        let module_path = root.join("sys/kernel/btf/kvm");
+        // The kernel takes tens of ms to print kallsyms: everything else is
+        // read meanwhile.
+        let ((base, config, split), symbols) = with_symbols(&symbols_path, || {
+            let base = read_btf(&vmlinux_path)?;
+            Ok((base, read_config(root), read_maybe_zst(&module_path)))
+        })?;
 
         // KVM's own BTF wins: a kernel with KVM as a module may still carry
         // copies of KVM's structs in vmlinux BTF, but the module's split BTF
         // describes the code that runs.
-        let module_path = root.join("sys/kernel/btf/kvm");
-        let config = read_config(root);
-        let (btf, kvm, btf_sources) = match read_maybe_zst(&module_path) {
+        let (btf, kvm, btf_sources) = match split {
             Ok(split) => {
                 let btf = Btf::parse_split(split, base).map_err(|source| KernelError::BadBtf {
                     path: module_path.clone(),
@@ -191,13 +195,32 @@ impl KernelInfo {
     }
 }
 
-/// vmlinux's BTF and kallsyms, read at once: kallsyms takes the kernel tens
-/// of ms to print, so it is read on a thread of its own while BTF is read
-/// and indexed.
-fn read_btf_and_symbols(
-    vmlinux_path: &Path,
+/// vmlinux's BTF.
+fn read_btf(vmlinux_path: &Path) -> Result<Btf, KernelError> {
+    read_maybe_zst(vmlinux_path)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => KernelError::NoBtf {
+                path: vmlinux_path.to_path_buf(),
+            },
+            _ => KernelError::Io {
+                path: vmlinux_path.to_path_buf(),
+                source: e,
+            },
+        })
+        .and_then(|vmlinux| {
+            Btf::parse(vmlinux).map_err(|source| KernelError::BadBtf {
+                path: vmlinux_path.to_path_buf(),
+                source,
+            })
+        })
+}
+
+/// kallsyms, read and indexed on a thread of its own while `meanwhile`
+/// runs on this one: the kernel takes tens of ms to print it.
+fn with_symbols<T>(
     symbols_path: &Path,
-) -> Result<(Btf, Symbols), KernelError> {
+    meanwhile: impl FnOnce() -> Result<T, KernelError>,
+) -> Result<(T, Symbols), KernelError> {
     std::thread::scope(|scope| {
         let symbols = scope.spawn(|| match read_proc(symbols_path) {
             Ok(bytes) => Ok(Symbols::parse(bytes)),
@@ -207,26 +230,11 @@ fn read_btf_and_symbols(
                 source,
             }),
         });
-        let base = read_maybe_zst(vmlinux_path)
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => KernelError::NoBtf {
-                    path: vmlinux_path.to_path_buf(),
-                },
-                _ => KernelError::Io {
-                    path: vmlinux_path.to_path_buf(),
-                    source: e,
-                },
-            })
-            .and_then(|vmlinux| {
-                Btf::parse(vmlinux).map_err(|source| KernelError::BadBtf {
-                    path: vmlinux_path.to_path_buf(),
-                    source,
-                })
-            });
+        let early = meanwhile();
         let symbols = symbols
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        Ok::<_, KernelError>((base?, symbols?))
+        Ok::<_, KernelError>((early?, symbols?))
     })
 }
 
