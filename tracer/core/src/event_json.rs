@@ -88,25 +88,10 @@ impl<'a> Scan<'a> {
         }
     }
 
-    /// A `"0x…"` string of 1 to 16 hex digits, read as `hexfmt` reads it
-    /// (other forms `hexfmt` may take, such as a `+` or leading zeros
-    /// past 16 digits, are left to serde).
+    /// A `"0x…"` string, read as `hexfmt` reads it.
     fn hex(&mut self) -> Option<u64> {
-        let s = self.string()?.as_bytes();
-        let digits = s.strip_prefix(b"0x")?;
-        if digits.is_empty() || digits.len() > 16 {
-            return None;
-        }
-        digits.iter().try_fold(0u64, |v, &c| {
-            let d = match c {
-                b'0'..=b'9' => c - b'0',
-                b'a'..=b'f' => c - b'a' + 10,
-                b'A'..=b'F' => c - b'A' + 10,
-                _ => return None,
-            };
-            // 16 digits at most: no overflow.
-            Some(v << 4 | u64::from(d))
-        })
+        let s = self.string()?;
+        u64::from_str_radix(s.strip_prefix("0x")?, 16).ok()
     }
 }
 
@@ -123,9 +108,7 @@ impl Seen {
 }
 
 fn kind(name: &str) -> Option<Kind> {
-    Kind::ALL
-        .into_iter()
-        .find(|k| k.name().len() == name.len() && k.name() == name)
+    Kind::ALL.into_iter().find(|k| k.name() == name)
 }
 
 /// The probe's name, borrowed when it is one of ours (no allocation).
@@ -134,7 +117,7 @@ fn probe(name: &str) -> Cow<'static, str> {
         .into_iter()
         .map(ProbeId::program_name)
         .chain(["model"])
-        .find(|p| p.len() == name.len() && *p == name)
+        .find(|p| *p == name)
         .map_or_else(|| Cow::Owned(name.to_owned()), Cow::Borrowed)
 }
 

@@ -14,7 +14,7 @@ use std::{
 };
 
 use super::reader::{
-    FileState, LineInfo, Next, Parsed, ReadStats, Record, append_line, open_input, parse_line,
+    FileState, LineInfo, Next, Parsed, ReadStats, Record, next_line, open_input, parse_line,
 };
 
 /// A chunk is handed on at this many lines or bytes, whichever comes first.
@@ -134,21 +134,20 @@ fn read(inputs: &[PathBuf], work: &mpsc::SyncSender<Chunk>, tokens: &mpsc::Recei
         let Some(reader) = reader.as_mut() else {
             continue;
         };
+        let mut line = Vec::with_capacity(1024);
         let mut lineno = 0;
         loop {
-            // Straight into the chunk's buffer: no copy per line.
-            let start = chunk.buf.len();
-            match append_line(reader, &mut chunk.buf, lineno) {
+            match next_line(reader, &mut line, lineno) {
                 Next::End => break,
                 Next::Failed(info, e) => {
-                    chunk.buf.truncate(start);
                     chunk.items.push(Item::Failed(info, e));
                     break;
                 }
                 Next::Line(info) => {
                     lineno = info.lineno;
-                    if info.overlong {
-                        chunk.buf.truncate(start);
+                    let start = chunk.buf.len();
+                    if !info.overlong {
+                        chunk.buf.extend_from_slice(&line);
                     }
                     chunk.items.push(Item::Line(info, start..chunk.buf.len()));
                 }

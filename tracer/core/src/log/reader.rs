@@ -249,12 +249,6 @@ pub(super) enum Next {
 /// [`MAX_LINE`] bytes; the rest of an overlong line is skipped unkept.
 pub(super) fn next_line(reader: &mut impl BufRead, buf: &mut Vec<u8>, lineno: u64) -> Next {
     buf.clear();
-    append_line(reader, buf, lineno)
-}
-
-/// [`next_line`], appending to `buf` instead: the line is `buf[len..]` for
-/// the `len` it had before.
-pub(super) fn append_line(reader: &mut impl BufRead, buf: &mut Vec<u8>, lineno: u64) -> Next {
     let info = |complete, overlong| LineInfo {
         lineno: lineno + 1,
         complete,
