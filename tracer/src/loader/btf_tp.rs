@@ -317,7 +317,11 @@ fn module_btf(module: &str) -> Result<OwnedFd, BtfTpError> {
             info_len: u32::try_from(size_of::<BtfInfo>()).unwrap_or(0),
             info: (&raw mut info) as u64,
         };
-        bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).map_err(syscall("BPF_OBJ_GET_INFO_BY_FD"))?;
+        // An object whose info can't be read (a name longer than the
+        // buffer: no module's) is not the one.
+        if bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).is_err() {
+            continue;
+        }
         let len = name.iter().position(|&b| b == 0).unwrap_or(name.len());
         if info.kernel_btf != 0 && &name[..len] == module.as_bytes() {
             return Ok(fd);
