@@ -470,25 +470,26 @@ fn watch_record_survives_kill_9() {
 /// real guest's `struct kvm_vcpu *`, as the tracepoint would. The first
 /// entry reports the roots read from kernel memory; the next ones take the
 /// per-CPU fast path and report nothing.
-#[test]
-fn entry_gate_reads_a_real_vcpus_roots_and_then_stays_quiet() {
-    use tracer::{
-        event::{Event, Kind},
-        kernel::{KernelInfo, PlanOptions, plan::plan},
-        loader::Session,
-    };
-    if !live_or_skip("entry_gate_reads_a_real_vcpus_roots_and_then_stays_quiet") {
-        return;
-    }
-    let mut guest = kvm::Guest::new(1).expect("a KVM guest");
-    // The raw-tracepoint gate: BPF_PROG_TEST_RUN runs raw tracepoints, not
-    // tp_btf programs.
+/// A session with the gate as a raw tracepoint: `BPF_PROG_TEST_RUN` runs
+/// raw tracepoints, not tp_btf programs.
+fn raw_gate_session(ringbuf_bytes: u32) -> tracer::loader::Session {
+    use tracer::kernel::{KernelInfo, PlanOptions, plan::plan};
     let raw_gate = PlanOptions {
         entry_gate_btf: false,
         ..PlanOptions::default()
     };
     let plan = plan(&KernelInfo::live().unwrap(), raw_gate);
-    let mut session = Session::start(&plan, 1 << 20, false).unwrap();
+    tracer::loader::Session::start(&plan, ringbuf_bytes, false).unwrap()
+}
+
+#[test]
+fn entry_gate_reads_a_real_vcpus_roots_and_then_stays_quiet() {
+    use tracer::event::{Event, Kind};
+    if !live_or_skip("entry_gate_reads_a_real_vcpus_roots_and_then_stays_quiet") {
+        return;
+    }
+    let mut guest = kvm::Guest::new(1).expect("a KVM guest");
+    let mut session = raw_gate_session(1 << 20);
     let mut rb = session.take_events().unwrap();
     let me = std::process::id();
     let mut drain = || {
@@ -548,24 +549,13 @@ fn entry_gate_reads_a_real_vcpus_roots_and_then_stays_quiet() {
 /// reported again.
 #[test]
 fn entry_gate_retries_a_report_the_ring_buffer_had_no_room_for() {
-    use tracer::{
-        event::{Event, Kind},
-        kernel::{KernelInfo, PlanOptions, plan::plan},
-        loader::Session,
-    };
+    use tracer::event::{Event, Kind};
     if !live_or_skip("entry_gate_retries_a_report_the_ring_buffer_had_no_room_for") {
         return;
     }
     let mut guest = kvm::Guest::new(1).expect("a KVM guest");
-    // The raw-tracepoint gate: BPF_PROG_TEST_RUN runs raw tracepoints, not
-    // tp_btf programs.
-    let raw_gate = PlanOptions {
-        entry_gate_btf: false,
-        ..PlanOptions::default()
-    };
-    let plan = plan(&KernelInfo::live().unwrap(), raw_gate);
     // The smallest ring buffer: one page, a couple of dozen events.
-    let mut session = Session::start(&plan, 4096, false).unwrap();
+    let mut session = raw_gate_session(4096);
     let mut rb = session.take_events().unwrap();
     let me = std::process::id();
     guest.run_to_hlt().unwrap();
@@ -578,7 +568,7 @@ fn entry_gate_retries_a_report_the_ring_buffer_had_no_room_for() {
     }
     let vcpu = vcpu.expect("an event with this guest's vCPU");
     // Fill the ring buffer: every zap is an event, none is drained.
-    let full = |s: &Session| s.counters().unwrap().reserve_failed();
+    let full = |s: &tracer::loader::Session| s.counters().unwrap().reserve_failed();
     let before = full(&session);
     for _ in 0..200 {
         guest.churn_slot().unwrap();
@@ -697,21 +687,12 @@ fn entry_gate_attaches_as_tp_btf_or_falls_back_to_raw_saying_why() {
 #[test]
 fn entry_gate_keeps_alternating_vcpus_on_the_fast_path_and_revalidates() {
     use common::ENTRY_REVALIDATE_HITS;
-    use tracer::{
-        event::{Event, Kind},
-        kernel::{KernelInfo, PlanOptions, plan::plan},
-        loader::Session,
-    };
+    use tracer::event::{Event, Kind};
     if !live_or_skip("entry_gate_keeps_alternating_vcpus_on_the_fast_path_and_revalidates") {
         return;
     }
     let mut guest = kvm::Guest::new(2).expect("a KVM guest");
-    let raw_gate = PlanOptions {
-        entry_gate_btf: false,
-        ..PlanOptions::default()
-    };
-    let plan = plan(&KernelInfo::live().unwrap(), raw_gate);
-    let mut session = Session::start(&plan, 1 << 20, false).unwrap();
+    let mut session = raw_gate_session(1 << 20);
     let mut rb = session.take_events().unwrap();
     guest.run_to_hlt().unwrap();
     let mut vcpus = Vec::new();
