@@ -725,3 +725,46 @@ fn entry_gate_keeps_alternating_vcpus_on_the_fast_path_and_revalidates() {
         "first entry and one revalidation per vCPU (ways shared: {shared})"
     );
 }
+
+/// The log's header records how each probe attached, not only the plan: on
+/// this host the kvm_entry gate as a BTF tracepoint, and as a raw one with
+/// `--no-entry-gate-btf` (a post-mortem reader must know which program
+/// watched the entries).
+#[test]
+fn the_log_header_records_how_the_gate_attached() {
+    if !live_or_skip("the_log_header_records_how_the_gate_attached") {
+        return;
+    }
+    for (flags, want) in [
+        (&[][..], "btf-tracepoint"),
+        (&["--no-entry-gate-btf"][..], "raw-tracepoint"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_tracer"))
+            .args(["watch", "--duration", "200ms", "--no-compress", "--record"])
+            .arg(dir.path())
+            .args(flags)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let segment = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|e| e == "jsonl"))
+            .expect("a segment");
+        let text = std::fs::read_to_string(segment).unwrap();
+        let header: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+        let gate = header["attach_plan"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["program"] == "kvm_entry_gate")
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(gate["attach"], want, "{flags:?}: {header}");
+    }
+}

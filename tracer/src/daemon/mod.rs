@@ -222,14 +222,16 @@ async fn wait_for_kvm(
     }
 }
 
-/// The attach plan as the log header records it.
-pub fn plan_entries(plan: &kernel::AttachPlan) -> Vec<PlanEntry> {
+/// The attach plan as the log header records it: how each probe attached
+/// (the kvm_entry gate as a BTF or a raw tracepoint), the plan's kind for
+/// the others.
+pub fn plan_entries(plan: &kernel::AttachPlan, session: &Session) -> Vec<PlanEntry> {
     plan.probes
         .iter()
         .map(|p| PlanEntry {
             program: p.program.to_owned(),
             target: p.target.clone(),
-            attach: p.attach.to_string(),
+            attach: session.attach_kind(p.probe).unwrap_or(p.attach).to_string(),
         })
         .collect()
 }
@@ -342,13 +344,14 @@ fn register(session: &mut Session) -> Result<(AsyncFd<RingBuf<MapData>>, Option<
 /// The pipeline of a live run and the alert sender.
 fn live_pipeline(
     plan: &kernel::AttachPlan,
+    session: &Session,
     opts: &WatchOptions,
     metrics: &SharedMetrics,
 ) -> Result<(Pipeline, Option<AlertTask>, ClockPair), Failure> {
     let header = Header::for_this_host(
         "live".into(),
         plan.kernel_release.clone(),
-        plan_entries(plan),
+        plan_entries(plan, session),
     );
     let clock = header.clock;
     let mut p = build_pipeline(opts.stream, opts.record.as_ref(), header.clone(), true)?;
@@ -373,7 +376,11 @@ async fn watch(
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
-    let (mut p, alert_task, clock) = live_pipeline(plan, opts, &metrics)?;
+    // Attached first, so that the log's header records how each probe
+    // attached; events wait in the ring buffer meanwhile.
+    let mut session =
+        Session::start(plan, opts.ringbuf_bytes, opts.baseline).map_err(Failure::from)?;
+    let (mut p, alert_task, clock) = live_pipeline(plan, &session, opts, &metrics)?;
     let mut services = Services {
         findings_out: opts.service.findings_out.clone(),
         config: opts.service.config.clone(),
@@ -382,8 +389,6 @@ async fn watch(
         host: opts.service.host.clone(),
         clock,
     };
-    let mut session =
-        Session::start(plan, opts.ringbuf_bytes, opts.baseline).map_err(Failure::from)?;
     report_attach(&session, plan, opts)?;
     // Loading parsed and relocated the object: give the scratch back.
     live::trim_heap();

@@ -222,17 +222,14 @@ pub(super) fn count_attached(
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     for probe in &plan.probes {
-        let attached = session.attached.iter().any(|(id, _, _)| *id == probe.probe);
-        let kind = if attached {
-            probe.attach.to_string()
-        } else {
-            "off".into()
-        };
+        let actual = session.attach_kind(probe.probe);
+        let attached = actual.is_some();
+        let kind = actual.map_or_else(|| "off".into(), |k| k.to_string());
         *m.probes.entry(kind).or_default() += 1;
         m.programs.insert(
             (
                 probe.program.to_owned(),
-                probe.attach.to_string(),
+                actual.unwrap_or(probe.attach).to_string(),
                 probe.target.clone(),
             ),
             attached,

@@ -369,6 +369,14 @@ impl Session {
         })
     }
 
+    /// How `probe` attached, if it did.
+    pub fn attach_kind(&self, probe: ProbeId) -> Option<AttachKind> {
+        self.attached
+            .iter()
+            .find(|(id, _, _)| *id == probe)
+            .map(|&(_, kind, _)| kind)
+    }
+
     /// Whether the kernel counts the programs' run time.
     pub fn stats_enabled(&self) -> bool {
         self.stats.is_ok()
