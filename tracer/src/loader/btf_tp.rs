@@ -119,11 +119,7 @@ pub fn attach(
     target: &BtfTracepoint,
     baseline: bool,
 ) -> Result<Vec<TracingProgram>, BtfTpError> {
-    let obj = relocated(object, maps)?;
-    let btf_fd = match &target.module {
-        Some(m) => Some(module_btf(m)?),
-        None => None,
-    };
+    let (obj, btf_fd) = prepare(object, maps, target)?;
     let mut names = vec![target.program];
     if baseline {
         names.push(target.floor);
@@ -144,12 +140,20 @@ pub fn attach(
 
 /// Loads `target`'s gate without attaching it: the verifier's verdict.
 pub fn verify(object: &[u8], maps: &MapFds, target: &BtfTracepoint) -> Result<(), BtfTpError> {
-    let obj = relocated(object, maps)?;
-    let btf_fd = match &target.module {
-        Some(m) => Some(module_btf(m)?),
-        None => None,
-    };
+    let (obj, btf_fd) = prepare(object, maps, target)?;
     load(&obj, target.program, target.type_id, btf_fd.as_ref()).map(drop)
+}
+
+/// The relocated object, and the BTF object `target` attaches by (`None`:
+/// vmlinux's, which needs no fd).
+fn prepare(
+    object: &[u8],
+    maps: &MapFds,
+    target: &BtfTracepoint,
+) -> Result<(aya_obj::Object, Option<OwnedFd>), BtfTpError> {
+    let obj = relocated(object, maps)?;
+    let btf_fd = target.module.as_deref().map(module_btf).transpose()?;
+    Ok((obj, btf_fd))
 }
 
 /// The object with its map references and calls resolved, as aya's loader
