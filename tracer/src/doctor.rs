@@ -24,6 +24,25 @@ struct Environment {
     root: bool,
     dev_kvm: bool,
     kallsyms_symbols: usize,
+    /// How the plan's symbols were found: `read` from kallsyms, or
+    /// `looked-up` by name (then `kallsyms_symbols` counts the names found).
+    kallsyms: &'static str,
+}
+
+impl Environment {
+    /// How many symbols kallsyms gave, or how many of the plan's names a
+    /// lookup found.
+    fn kallsyms_line(&self) -> String {
+        if self.kallsyms == "read" {
+            format!("kallsyms symbols: {}", self.kallsyms_symbols)
+        } else {
+            format!(
+                "kallsyms: {} of {} names found (looked up by name)",
+                self.kallsyms_symbols,
+                kernel::plan::KALLSYMS_NAMES.len()
+            )
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -48,6 +67,11 @@ pub fn run(root: Option<&Path>, json: bool, verify: bool) -> Result<(), Failure>
         root: unsafe { libc::geteuid() } == 0,
         dev_kvm: info.dev_kvm,
         kallsyms_symbols: info.symbols.len(),
+        kallsyms: if info.symbols.is_looked_up() {
+            "looked-up"
+        } else {
+            "read"
+        },
     };
     let verdicts = if verify {
         if root.is_some() {
@@ -115,10 +139,10 @@ fn print(
     w(
         &mut out,
         format!(
-            "running as root: {}  /dev/kvm: {}  kallsyms symbols: {}",
+            "running as root: {}  /dev/kvm: {}  {}",
             yes(env.root),
             yes(env.dev_kvm),
-            env.kallsyms_symbols
+            env.kallsyms_line()
         ),
     );
     w(&mut out, format!("\nprobes ({}):", plan.summary()));

@@ -24,6 +24,7 @@ pub mod manual;
 pub mod metrics;
 pub mod pipeline;
 pub mod reload;
+mod sys_bpf;
 pub mod top;
 pub mod web;
 

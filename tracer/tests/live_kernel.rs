@@ -16,6 +16,11 @@ use std::{
 };
 
 use serde_json::Value;
+use tracer::kernel::{
+    KernelInfo, PlanOptions, Symbols,
+    ksym::Lookup,
+    plan::{KALLSYMS_NAMES, plan},
+};
 
 const INVALID_PAGE: u64 = u64::MAX;
 
@@ -260,6 +265,70 @@ fn doctor_reports_this_hosts_kprobe_support_and_fallbacks() {
     assert_eq!(v["environment"]["dev_kvm"], true);
 }
 
+/// The plan's symbols, looked up by name through BPF, are what kallsyms
+/// lists: the same names found, at the same addresses (where kallsyms shows
+/// addresses), and `doctor` says it looked them up.
+#[test]
+fn symbols_looked_up_by_name_are_the_ones_kallsyms_lists() {
+    if !live_or_skip("symbols_looked_up_by_name_are_the_ones_kallsyms_lists") {
+        return;
+    }
+    let listed = Symbols::parse(&std::fs::read("/proc/kallsyms").unwrap());
+    let lookup = Lookup::load().expect("syscall programs and bpf_kallsyms_lookup_name (5.16)");
+    let mut found = 0;
+    for name in KALLSYMS_NAMES {
+        let by_name = lookup.address(name).unwrap();
+        // `function`/`variable` only check the type; `has_raw_tracepoint`
+        // and friends all go through one of them.
+        let in_list = listed
+            .function(name)
+            .map(|s| s.addr)
+            .or_else(|| listed.variable(name));
+        assert_eq!(
+            by_name.is_some(),
+            in_list.is_some(),
+            "{name}: looked up {by_name:x?}, kallsyms {in_list:x?}"
+        );
+        if let (Some(a), Some(b)) = (by_name, in_list)
+            && b != 0
+        {
+            assert_eq!(a, b, "{name}");
+        }
+        found += usize::from(by_name.is_some());
+    }
+    assert!(found >= 5, "only {found} of the plan's names exist here");
+    assert_eq!(lookup.address("no_such_symbol_here").unwrap(), None);
+
+    let out = Command::new(env!("CARGO_BIN_EXE_tracer"))
+        .args(["doctor", "--json"])
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["environment"]["kallsyms"], "looked-up", "{v}");
+    assert_eq!(v["environment"]["kallsyms_symbols"], found);
+
+    // The same kernel seen through a path that isn't `/` reads kallsyms:
+    // both plans attach the same way, with the same offsets.
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::os::unix::fs::symlink("/", &root).unwrap();
+    let read = KernelInfo::inspect(&root).unwrap();
+    let looked = KernelInfo::live().unwrap();
+    assert!(!read.symbols.is_looked_up() && looked.symbols.is_looked_up());
+    let (a, b) = (
+        plan(&read, PlanOptions::default()),
+        plan(&looked, PlanOptions::default()),
+    );
+    let kinds = |p: &tracer::kernel::AttachPlan| {
+        p.probes
+            .iter()
+            .map(|p| (p.program, p.attach))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(kinds(&a), kinds(&b));
+    assert_eq!(a.offsets, b.offsets);
+}
+
 #[test]
 fn verifier_accepts_every_program_with_this_kernels_offsets() {
     if !live_or_skip("verifier_accepts_every_program_with_this_kernels_offsets") {
@@ -473,7 +542,6 @@ fn watch_record_survives_kill_9() {
 /// A session with the gate as a raw tracepoint: `BPF_PROG_TEST_RUN` runs
 /// raw tracepoints, not tp_btf programs.
 fn raw_gate_session(ringbuf_bytes: u32) -> tracer::loader::Session {
-    use tracer::kernel::{KernelInfo, PlanOptions, plan::plan};
     let raw_gate = PlanOptions {
         entry_gate_btf: false,
         ..PlanOptions::default()

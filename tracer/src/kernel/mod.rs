@@ -7,6 +7,7 @@
 
 pub mod btf;
 pub mod btf_reader;
+pub mod ksym;
 pub mod plan;
 pub mod symbols;
 
@@ -99,7 +100,8 @@ impl KernelInfo {
         let module_path = root.join("sys/kernel/btf/kvm");
         // The kernel takes tens of ms to print kallsyms: everything else is
         // read meanwhile.
-        let ((base, config, split), symbols) = with_symbols(&symbols_path, || {
+        let live = root == Path::new("/");
+        let ((base, config, split), symbols) = with_symbols(&symbols_path, live, || {
             let base = read_btf(&vmlinux_path)?;
             Ok((base, read_config(root), read_maybe_zst(&module_path)))
         })?;
@@ -107,6 +109,14 @@ impl KernelInfo {
         // KVM's own BTF wins: a kernel with KVM as a module may still carry
         // copies of KVM's structs in vmlinux BTF, but the module's split BTF
         // describes the code that runs.
+        // A loaded module has an `initstate` in sysfs; a built-in one
+        // doesn't. Symbols looked up by name carry no module, so the live
+        // kernel is asked that way.
+        let kvm_is_module = if symbols.is_looked_up() {
+            root.join("sys/module/kvm/initstate").exists()
+        } else {
+            symbols.has_module("kvm")
+        };
         let (btf, kvm, btf_sources) = match split {
             Ok(split) => {
                 let btf = Btf::parse_split(split, base).map_err(|source| KernelError::BadBtf {
@@ -122,7 +132,7 @@ impl KernelInfo {
                     ],
                 )
             }
-            Err(_) if symbols.has_module("kvm") => {
+            Err(_) if kvm_is_module => {
                 return Err(KernelError::NoModuleBtf { path: module_path });
             }
             Err(_) => {
@@ -215,20 +225,32 @@ fn read_btf(vmlinux_path: &Path) -> Result<Btf, KernelError> {
         })
 }
 
-/// kallsyms, read and indexed on a thread of its own while `meanwhile`
-/// runs on this one: the kernel takes tens of ms to print it.
+/// The plan's symbols, found on a thread of its own while `meanwhile` runs
+/// on this one: on the live kernel looked up by name ([`ksym`]), else (or
+/// where the kernel won't look them up) read from kallsyms, which the
+/// kernel takes tens of ms to print.
 fn with_symbols<T>(
     symbols_path: &Path,
+    live: bool,
     meanwhile: impl FnOnce() -> Result<T, KernelError>,
 ) -> Result<(T, Symbols), KernelError> {
     std::thread::scope(|scope| {
-        let symbols = scope.spawn(|| match read_proc(symbols_path) {
-            Ok(bytes) => Ok(Symbols::parse(bytes)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Symbols::default()),
-            Err(source) => Err(KernelError::Io {
-                path: symbols_path.to_path_buf(),
-                source,
-            }),
+        let symbols = scope.spawn(|| {
+            let looked_up = live.then(look_up_symbols).and_then(|looked| {
+                looked
+                    .inspect_err(|e| {
+                        log::debug!("kallsyms is read: symbols can't be looked up by name: {e}");
+                    })
+                    .ok()
+            });
+            match looked_up.map_or_else(|| read_symbols(symbols_path), Ok) {
+                Ok(symbols) => Ok(symbols),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Symbols::default()),
+                Err(source) => Err(KernelError::Io {
+                    path: symbols_path.to_path_buf(),
+                    source,
+                }),
+            }
         });
         let early = meanwhile();
         let symbols = symbols
@@ -238,19 +260,25 @@ fn with_symbols<T>(
     })
 }
 
-/// Reads a procfs file (it reports no size: growing a buffer by doubling
-/// would copy it and hold twice its size at the peak), or a fixture's
-/// `path`/`path.zst`.
-fn read_proc(path: &Path) -> std::io::Result<Vec<u8>> {
-    use std::io::Read as _;
+/// The plan's symbols, each looked up by name through BPF.
+fn look_up_symbols() -> std::io::Result<Symbols> {
+    let lookup = ksym::Lookup::load()?;
+    Symbols::looked_up(plan::KALLSYMS_NAMES, |name| lookup.address(name))
+}
+
+/// Streams kallsyms (or a fixture's `path.zst`), keeping the lines of the
+/// names the plan looks up: procfs reports no size, and the whole text
+/// (5-8 MB on distribution kernels) would only be held to be searched.
+fn read_symbols(path: &Path) -> std::io::Result<Symbols> {
     match std::fs::File::open(path) {
-        Ok(mut f) if f.metadata().is_ok_and(|m| m.len() == 0) => {
-            // kallsyms is 5-8 MB on distribution kernels.
-            let mut buf = Vec::with_capacity(16 << 20);
-            f.read_to_end(&mut buf)?;
-            Ok(buf)
+        Ok(f) => Symbols::read_only(f, plan::KALLSYMS_NAMES),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut zst = path.as_os_str().to_owned();
+            zst.push(".zst");
+            let f = std::fs::File::open(PathBuf::from(zst)).map_err(|_| e)?;
+            Symbols::read_only(zstd::Decoder::new(f)?, plan::KALLSYMS_NAMES)
         }
-        _ => read_maybe_zst(path),
+        Err(e) => Err(e),
     }
 }
 

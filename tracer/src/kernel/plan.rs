@@ -184,6 +184,9 @@ impl Planner<'_> {
             return Err(why.clone());
         }
         match self.k.symbols.function(func) {
+            Some(sym) if sym.kind == '?' => Ok(format!(
+                "{func} is a kernel symbol (looked up by name: bpf_kallsyms_lookup_name)"
+            )),
             Some(sym) => Ok(format!(
                 "{func} is a {} symbol in {}",
                 if sym.kind == 'T' { "global" } else { "local" },
@@ -551,6 +554,24 @@ impl Planner<'_> {
         ]
     }
 }
+
+/// Every kallsyms name the plan looks up: the kprobe targets, the raw
+/// tracepoints' BPF trampolines (`__bpf_trace_X`, the tracepoint check
+/// without tracefs) and `vmemmap_base`. Only these lines of kallsyms are
+/// kept; a lookup of any other name fails a debug assertion.
+pub const KALLSYMS_NAMES: &[&str] = &[
+    "kvm_mmu_load",
+    "mmu_alloc_direct_roots",
+    "kvm_tdp_mmu_alloc_root",
+    "kvm_mmu_zap_all_fast",
+    "kvm_tdp_mmu_invalidate_roots",
+    "kvm_mmu_destroy",
+    "kvm_arch_destroy_vm",
+    "vmemmap_base",
+    "__bpf_trace_kvm_mmu_zap_all_fast",
+    "__bpf_trace_kvm_entry",
+    "__bpf_trace_sys_exit",
+];
 
 /// Decides the plan.
 pub fn plan(k: &KernelInfo, opts: PlanOptions) -> AttachPlan {

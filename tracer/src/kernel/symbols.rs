@@ -19,15 +19,26 @@ pub struct Symbol {
     pub module: Option<String>,
 }
 
-/// Parsed kallsyms: the text as read, and where each name's first line
-/// starts, keyed by the name's hash (no string per symbol: kallsyms has
-/// over 100,000 of them, and the tool looks up a few dozen).
+/// Parsed kallsyms: the lines of the names the tool asks about (or every
+/// line), where each name's first line starts keyed by the name's hash, and
+/// which modules have symbols. kallsyms has over 100,000 symbols (5-8 MB of
+/// text) and the tool looks up a dozen: keeping only those lines keeps the
+/// start-up peak down by about 10 MiB.
 #[derive(Clone, Debug, Default)]
 pub struct Symbols {
     text: Vec<u8>,
     /// Name hash → start of the first line with a name of that hash; a
     /// name whose hash another name took first is found by a scan.
     by_hash: HashMap<u64, u32>,
+    /// Modules named by any line, in the order they first appear.
+    modules: Vec<String>,
+    /// Symbol lines read.
+    lines: usize,
+    /// The names kept, or `None` when every line is.
+    only: Option<&'static [&'static str]>,
+    /// Found by name ([`super::ksym`]) rather than read from kallsyms: no
+    /// types, no modules.
+    looked_up: bool,
 }
 
 /// A fast hash, fixed: the names are the kernel's, and a colliding name is
@@ -76,16 +87,131 @@ fn fields(line: &[u8]) -> Option<Line<'_>> {
     })
 }
 
+/// The module of a line whose name is `name` (a slice of `line`).
+fn module_after<'a>(line: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+    let end = name.as_ptr() as usize - line.as_ptr() as usize + name.len();
+    let rest = line[end..].trim_ascii();
+    let m = rest.strip_prefix(b"[")?;
+    Some(m.strip_suffix(b"]").unwrap_or(m))
+}
+
+/// How much of kallsyms is read per system call when it is streamed.
+const CHUNK: usize = 256 << 10;
+
 impl Symbols {
-    /// Indexes kallsyms text: `address type name [module]` per line.
-    /// Lines that don't fit are skipped; a name's first line counts.
-    pub fn parse(text: Vec<u8>) -> Self {
+    /// Indexes kallsyms text: `address type name [module]` per line, every
+    /// line kept. Lines that don't fit are skipped; a name's first line
+    /// counts.
+    pub fn parse(text: &[u8]) -> Self {
+        let mut s = Self::default();
+        s.scan(text);
+        s.index();
+        s
+    }
+
+    /// Reads kallsyms from `reader` a chunk at a time, keeping only the
+    /// lines naming one of `only`: the full text is never held.
+    pub fn read_only(
+        mut reader: impl std::io::Read,
+        only: &'static [&'static str],
+    ) -> std::io::Result<Self> {
+        let mut s = Self {
+            only: Some(only),
+            ..Self::default()
+        };
+        let mut buf = vec![0u8; CHUNK];
+        let mut filled = 0;
+        loop {
+            if filled == buf.len() {
+                // One line longer than a chunk: no kernel prints that, but
+                // a line is never cut.
+                buf.resize(buf.len() * 2, 0);
+            }
+            let n = match reader.read(&mut buf[filled..]) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            filled += n;
+            let whole = if n == 0 {
+                filled
+            } else {
+                buf[..filled]
+                    .iter()
+                    .rposition(|&b| b == b'\n')
+                    .map_or(0, |i| i + 1)
+            };
+            s.scan(&buf[..whole]);
+            buf.copy_within(whole..filled, 0);
+            filled -= whole;
+            if n == 0 {
+                break;
+            }
+        }
+        s.index();
+        Ok(s)
+    }
+
+    /// The addresses of `only`, each found by `address` (a lookup by name):
+    /// a symbol of unknown type (`?`) and module for each name found.
+    pub fn looked_up(
+        only: &'static [&'static str],
+        mut address: impl FnMut(&str) -> std::io::Result<Option<u64>>,
+    ) -> std::io::Result<Self> {
+        let mut s = Self {
+            only: Some(only),
+            looked_up: true,
+            ..Self::default()
+        };
+        for name in only {
+            if let Some(addr) = address(name)? {
+                s.text
+                    .extend_from_slice(format!("{addr:016x} ? {name}\n").as_bytes());
+                s.lines += 1;
+            }
+        }
+        s.index();
+        Ok(s)
+    }
+
+    /// Whether the symbols were found by name, without types or modules.
+    pub fn is_looked_up(&self) -> bool {
+        self.looked_up
+    }
+
+    /// Counts the lines of `text` (whole lines), notes their modules and
+    /// keeps the ones asked for.
+    fn scan(&mut self, text: &[u8]) {
+        for line in text.split(|&b| b == b'\n') {
+            let Some(name) = fast_name(line).or_else(|| fields(line).map(|l| l.name)) else {
+                continue;
+            };
+            self.lines += 1;
+            if let Some(module) = module_after(line, name)
+                && self.modules.last().is_none_or(|m| m.as_bytes() != module)
+                && !self.modules.iter().any(|m| m.as_bytes() == module)
+            {
+                self.modules
+                    .push(String::from_utf8_lossy(module).into_owned());
+            }
+            if self
+                .only
+                .is_none_or(|only| only.iter().any(|o| o.as_bytes() == name))
+            {
+                self.text.extend_from_slice(line);
+                self.text.push(b'\n');
+            }
+        }
+    }
+
+    /// Finds each kept name's first line.
+    fn index(&mut self) {
         let mut by_hash = HashMap::with_capacity_and_hasher(
-            text.len() / 40,
+            self.text.len() / 40,
             foldhash::fast::RandomState::default(),
         );
         let mut start = 0usize;
-        for line in text.split(|&b| b == b'\n') {
+        for line in self.text.split(|&b| b == b'\n') {
             let at = start;
             start += line.len() + 1;
             let Some(name) = fast_name(line).or_else(|| fields(line).map(|l| l.name)) else {
@@ -96,20 +222,24 @@ impl Symbols {
             };
             by_hash.entry(name_hash(name)).or_insert(at);
         }
-        Self { text, by_hash }
+        self.by_hash = by_hash;
     }
 
-    /// Distinct symbol names.
+    /// Symbol lines read (names found, when looked up).
     pub fn len(&self) -> usize {
-        self.by_hash.len()
+        self.lines
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_hash.is_empty()
+        self.lines == 0
     }
 
     /// The first line naming `name`.
     fn get(&self, name: &str) -> Option<Symbol> {
+        debug_assert!(
+            self.only.is_none_or(|only| only.contains(&name)),
+            "{name} is looked up but not kept from kallsyms: add it to the names read"
+        );
         let want = name.as_bytes();
         let at = *self.by_hash.get(&name_hash(want))? as usize;
         let line_at = |at: usize| {
@@ -136,16 +266,19 @@ impl Symbols {
         symbol(line_at(at)).or_else(|| self.text.split(|&b| b == b'\n').find_map(symbol))
     }
 
-    /// A function symbol (text, local or global), where kprobes can attach.
+    /// A function symbol (text, local or global), where kprobes can attach;
+    /// a symbol looked up by name (type `?`) counts.
     pub fn function(&self, name: &str) -> Option<Symbol> {
-        self.get(name).filter(|s| matches!(s.kind, 't' | 'T'))
+        self.get(name).filter(|s| matches!(s.kind, 't' | 'T' | '?'))
     }
 
     /// The address of a data symbol of vmlinux (a kernel variable), when
     /// kallsyms shows it.
     pub fn variable(&self, name: &str) -> Option<u64> {
         self.get(name)
-            .filter(|s| matches!(s.kind, 'd' | 'D' | 'b' | 'B' | 'r' | 'R') && s.module.is_none())
+            .filter(|s| {
+                matches!(s.kind, 'd' | 'D' | 'b' | 'B' | 'r' | 'R' | '?') && s.module.is_none()
+            })
             .map(|s| s.addr)
             .filter(|&a| a != 0)
     }
@@ -155,11 +288,9 @@ impl Symbols {
         self.function(&format!("__bpf_trace_{name}")).is_some()
     }
 
-    /// Whether any symbol belongs to `module`.
+    /// Whether any symbol belongs to `module` (never, when looked up).
     pub fn has_module(&self, module: &str) -> bool {
-        self.text
-            .split(|&b| b == b'\n')
-            .any(|l| fields(l).and_then(|f| f.module) == Some(module.as_bytes()))
+        self.modules.iter().any(|m| m == module)
     }
 }
 
@@ -195,10 +326,9 @@ mod tests {
              ffffffff81295ac0 t __bpf_trace_kvm_entry\n\
              ffffffff81000000 D some_data\n\
              ffffffff81000001 D some_data\n\
-             garbage\n"
-                .to_vec(),
+             garbage\n",
         );
-        assert_eq!(s.len(), 4);
+        assert_eq!(s.len(), 5, "symbol lines, a repeated name included");
         assert_eq!(s.function("kvm_mmu_load").unwrap().module, None);
         assert_eq!(
             s.function("kvm_mmu_zap_all_fast")
@@ -215,5 +345,87 @@ mod tests {
         assert!(!s.has_raw_tracepoint("kvm_exit"));
         assert!(s.has_module("kvm"));
         assert!(!s.has_module("kvm_intel"));
+    }
+
+    /// A reader that returns at most `step` bytes per read: lines cut at
+    /// every place a chunk can end.
+    struct Trickle<'a> {
+        text: &'a [u8],
+        step: usize,
+    }
+
+    impl std::io::Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.step.min(buf.len()).min(self.text.len());
+            buf[..n].copy_from_slice(&self.text[..n]);
+            self.text = &self.text[n..];
+            Ok(n)
+        }
+    }
+
+    const WANTED: &[&str] = &["kvm_mmu_load", "vmemmap_base", "__bpf_trace_kvm_entry"];
+
+    /// Streaming keeps only the names asked for, whatever the chunks, and
+    /// still counts every line and sees every module.
+    #[test]
+    fn streaming_keeps_only_the_names_asked_for() {
+        let text = b"ffffffff812e1bf0 T kvm_mmu_load\n\
+                     ffffffff81000000 D vmemmap_base\n\
+                     ffffffff81000010 D not_wanted\n\
+                     0000000000000000 t kvm_mmu_zap_all_fast\t[kvm]\n\
+                     0000000000000000 t __bpf_trace_kvm_entry\t[kvm]\n\
+                     0000000000000000 t vmx_vcpu_run\t[kvm_intel]\n\
+                     0000000000000000 t last_line_without_newline\t[kvm]";
+        for step in [1, 7, 19, 64, text.len()] {
+            let s = Symbols::read_only(Trickle { text, step }, WANTED).unwrap();
+            assert_eq!(s.len(), 7, "step {step}");
+            assert_eq!(s.variable("vmemmap_base"), Some(0xffff_ffff_8100_0000));
+            assert_eq!(
+                s.function("__bpf_trace_kvm_entry")
+                    .unwrap()
+                    .module
+                    .as_deref(),
+                Some("kvm")
+            );
+            assert!(s.function("kvm_mmu_load").is_some());
+            assert!(s.has_module("kvm") && s.has_module("kvm_intel"));
+            assert!(!s.has_module("kvm_amd"));
+            assert!(!s.is_looked_up());
+            assert_eq!(s.by_hash.len(), 3, "the lines kept");
+        }
+    }
+
+    /// A name looked up for but not kept is a bug in the caller's list: a
+    /// debug build says so rather than answer "absent".
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "not kept from kallsyms")]
+    fn a_lookup_outside_the_kept_names_fails_loudly() {
+        let text = b"ffffffff812e1bf0 T kvm_mmu_load\n";
+        let s = Symbols::read_only(&text[..], WANTED).unwrap();
+        let _ = s.function("kvm_mmu_destroy");
+    }
+
+    /// Symbols found by name: no type letter, no module; functions and
+    /// variables both answer, absent names don't, and an error stops.
+    #[test]
+    fn looked_up_symbols_answer_by_name() {
+        let s = Symbols::looked_up(WANTED, |name| {
+            Ok(match name {
+                "kvm_mmu_load" => Some(0xffff_ffff_812e_1bf0),
+                "vmemmap_base" => Some(0xffff_ffff_8100_0000),
+                _ => None,
+            })
+        })
+        .unwrap();
+        assert!(s.is_looked_up());
+        assert_eq!(s.len(), 2);
+        let load = s.function("kvm_mmu_load").unwrap();
+        assert_eq!((load.kind, load.module), ('?', None));
+        assert_eq!(s.variable("vmemmap_base"), Some(0xffff_ffff_8100_0000));
+        assert!(!s.has_raw_tracepoint("kvm_entry"));
+        assert!(!s.has_module("kvm"));
+        let e = Symbols::looked_up(WANTED, |_| Err(std::io::Error::other("EPERM"))).unwrap_err();
+        assert_eq!(e.to_string(), "EPERM");
     }
 }

@@ -14,7 +14,7 @@ use std::{
     collections::HashSet,
     ffi::CString,
     io,
-    os::fd::{AsFd as _, AsRawFd, FromRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd, OwnedFd},
 };
 
 use aya::{
@@ -22,7 +22,10 @@ use aya::{
     maps::{Map, MapData},
 };
 
-use crate::kernel::BtfTracepoint;
+use crate::{
+    kernel::BtfTracepoint,
+    sys_bpf::{BPF_PROG_LOAD, ProgLoadAttr, bpf, owned},
+};
 
 /// The eBPF object's maps as aya created them, by name, each fd our own.
 /// Taken before aya-log takes its map out of the `Ebpf`.
@@ -187,41 +190,12 @@ fn relocated(object: &[u8], maps: &MapFds) -> Result<aya_obj::Object, BtfTpError
     Ok(obj)
 }
 
-const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_RAW_TRACEPOINT_OPEN: libc::c_long = 17;
 const BPF_BTF_GET_FD_BY_ID: libc::c_long = 19;
 const BPF_BTF_GET_NEXT_ID: libc::c_long = 23;
 const BPF_PROG_TYPE_TRACING: u32 = 26;
 const BPF_TRACE_RAW_TP: u32 = 23;
-
-/// `union bpf_attr`'s `prog_load` member, up to `attach_btf_obj_fd`.
-#[repr(C)]
-#[derive(Default)]
-struct ProgLoadAttr {
-    prog_type: u32,
-    insn_cnt: u32,
-    insns: u64,
-    license: u64,
-    log_level: u32,
-    log_size: u32,
-    log_buf: u64,
-    kern_version: u32,
-    prog_flags: u32,
-    prog_name: [u8; 16],
-    prog_ifindex: u32,
-    expected_attach_type: u32,
-    prog_btf_fd: u32,
-    func_info_rec_size: u32,
-    func_info: u64,
-    func_info_cnt: u32,
-    line_info_rec_size: u32,
-    line_info: u64,
-    line_info_cnt: u32,
-    attach_btf_id: u32,
-    attach_btf_obj_fd: u32,
-    _pad: u32,
-}
 
 /// `union bpf_attr`'s `info` member (BPF_OBJ_GET_INFO_BY_FD).
 #[repr(C)]
@@ -259,29 +233,6 @@ struct BtfInfo {
     name: u64,
     name_len: u32,
     kernel_btf: u32,
-}
-
-/// The bpf(2) system call with one of the attribute structs above.
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
-    // SAFETY: `attr` is a `#[repr(C)]` prefix of `union bpf_attr` for `cmd`,
-    // its size passed along, with every pointer inside it pointing to memory
-    // that outlives the call; the kernel reads it and writes only inside it
-    // and the buffers it points to, within the sizes given.
-    let ret =
-        unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<T>()) };
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
-
-/// Takes ownership of an fd a bpf(2) call returned.
-fn owned(fd: libc::c_long) -> OwnedFd {
-    let fd = i32::try_from(fd).expect("bpf(2) returns fds that fit an int");
-    // SAFETY: the kernel just returned this fd to us, and nothing else owns
-    // it.
-    unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
 /// An fd of the kernel's BTF object named `module` (a module's split BTF).

@@ -176,15 +176,12 @@ static PREPARED: std::sync::Mutex<Option<std::thread::JoinHandle<EbpfLoader<'sta
     std::sync::Mutex::new(None);
 
 /// Starts making the eBPF loader on a thread of its own, while the caller
-/// inspects the kernel: aya's `EbpfLoader::new` parses all of vmlinux's BTF
-/// (tens of ms) though the tool gives it none (`btf(None)`: no CO-RE
-/// relocations, the offsets come from the tool's own BTF pass), and probes
-/// the kernel's BPF features on first use.
+/// inspects the kernel, and probes the kernel's BPF features there (aya
+/// does that on first use).
 pub fn prepare() {
     let handle = std::thread::spawn(|| {
-        let loader = new_loader();
         let _ = aya::features();
-        loader
+        new_loader()
     });
     *PREPARED
         .lock()
@@ -203,12 +200,107 @@ fn loader() -> EbpfLoader<'static> {
 }
 
 /// A loader without the kernel's BTF: no CO-RE relocations, every offset
-/// comes from the tool's own BTF pass (`EbpfLoader::new` parsed it anyway;
-/// this drops it).
+/// comes from the tool's own BTF pass.
+///
+/// aya 0.14's `EbpfLoader::new` parses all of vmlinux's BTF whatever the
+/// caller wants (aya-rs/aya#1172): about 40 ms of CPU and a 9 MiB peak of
+/// parsed types, only to be dropped by `btf(None)`. So the loader is made on
+/// a thread of its own that may not open files ([`deny_opens`]): aya's read
+/// of `/sys/kernel/btf/vmlinux` fails at once, as on a kernel without BTF,
+/// and the loader starts without it. The filter ends with that thread.
+/// Where the filter can't be set, the loader is made the usual way.
 fn new_loader() -> EbpfLoader<'static> {
-    let mut loader = EbpfLoader::new();
-    loader.btf(None);
-    loader
+    let made = std::thread::spawn(|| {
+        if let Err(e) = deny_opens() {
+            log::debug!("the eBPF loader parses vmlinux BTF (no seccomp filter: {e})");
+        }
+        let mut loader = EbpfLoader::new();
+        loader.btf(None);
+        loader
+    })
+    .join();
+    made.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
+/// Makes `open`/`openat` fail with ENOENT on the calling thread, for the
+/// rest of its life (a seccomp filter set without `SECCOMP_FILTER_FLAG_TSYNC`
+/// binds only the thread that sets it, and the threads it starts).
+fn deny_opens() -> std::io::Result<()> {
+    use libc::{BPF_ABS, BPF_JEQ, BPF_JMP, BPF_K, BPF_LD, BPF_RET, BPF_W, sock_filter};
+    // AUDIT_ARCH_* of <linux/audit.h>: the filter allows everything on
+    // another ABI (its syscall numbers differ).
+    #[cfg(target_arch = "x86_64")]
+    const ARCH: u32 = 0xc000_003e;
+    #[cfg(target_arch = "aarch64")]
+    const ARCH: u32 = 0xc000_00b7;
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    return Err(std::io::Error::other(
+        "no seccomp filter for this architecture",
+    ));
+    #[cfg(target_arch = "x86_64")]
+    const OPEN: u32 = libc::SYS_open as u32;
+    #[cfg(not(target_arch = "x86_64"))]
+    const OPEN: u32 = libc::SYS_openat as u32;
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    {
+        const fn stmt(code: u32, k: u32) -> sock_filter {
+            sock_filter {
+                code: code as u16,
+                jt: 0,
+                jf: 0,
+                k,
+            }
+        }
+        const fn jeq(k: u32, jt: u8, jf: u8) -> sock_filter {
+            sock_filter {
+                code: (BPF_JMP | BPF_JEQ | BPF_K) as u16,
+                jt,
+                jf,
+                k,
+            }
+        }
+        // struct seccomp_data: int nr; __u32 arch; ...
+        let (nr_at, arch_at) = (0, 4);
+        let allow = stmt(BPF_RET | BPF_K, libc::SECCOMP_RET_ALLOW);
+        let enoent = stmt(
+            BPF_RET | BPF_K,
+            libc::SECCOMP_RET_ERRNO | libc::ENOENT as u32,
+        );
+        let filter = [
+            stmt(BPF_LD | BPF_W | BPF_ABS, arch_at),
+            jeq(ARCH, 1, 0),
+            allow,
+            stmt(BPF_LD | BPF_W | BPF_ABS, nr_at),
+            jeq(libc::SYS_openat as u32, 2, 0),
+            jeq(OPEN, 1, 0),
+            allow,
+            enoent,
+        ];
+        let prog = libc::sock_fprog {
+            len: filter.len() as u16,
+            filter: filter.as_ptr().cast_mut(),
+        };
+        // SAFETY: PR_SET_NO_NEW_PRIVS takes integer arguments only; it
+        // binds the calling thread (and threads it starts), which only
+        // makes the loader, so the rest of the process keeps its privileges.
+        if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `prog` points to `filter`, a valid classic BPF program of
+        // `len` instructions, and both live across the call; the kernel
+        // copies the program.
+        if unsafe {
+            libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                &raw const prog,
+            )
+        } != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
 }
 
 /// Creates the maps and sets the plan's globals; loads no program yet.
@@ -655,4 +747,27 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
 /// `kernel.bpf_stats_enabled` is 1.
 fn bpf_stats_sysctl() -> bool {
     std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|s| s.trim() == "1")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::deny_opens;
+
+    /// The filter binds the thread that sets it, not the process: the
+    /// thread can't open a file, the test's own thread still can.
+    #[test]
+    fn opens_are_denied_on_the_loader_thread_only() {
+        let denied = std::thread::spawn(|| {
+            deny_opens().expect("seccomp filters are available here");
+            std::fs::File::open("/proc/self/status").map(|_| ())
+        })
+        .join()
+        .unwrap();
+        assert_eq!(
+            denied.unwrap_err().kind(),
+            std::io::ErrorKind::NotFound,
+            "the loader thread opened a file"
+        );
+        std::fs::File::open("/proc/self/status").expect("this thread still opens files");
+    }
 }
