@@ -38,6 +38,28 @@ pub(crate) struct ProgLoadAttr {
     pub(crate) _pad: u32,
 }
 
+/// `union bpf_attr`'s `test` member (BPF_PROG_TEST_RUN).
+#[repr(C)]
+#[derive(Default)]
+pub(crate) struct TestRunAttr {
+    pub(crate) prog_fd: u32,
+    pub(crate) retval: u32,
+    pub(crate) data_size_in: u32,
+    pub(crate) data_size_out: u32,
+    pub(crate) data_in: u64,
+    pub(crate) data_out: u64,
+    pub(crate) repeat: u32,
+    pub(crate) duration: u32,
+    pub(crate) ctx_size_in: u32,
+    pub(crate) ctx_size_out: u32,
+    pub(crate) ctx_in: u64,
+    pub(crate) ctx_out: u64,
+    pub(crate) flags: u32,
+    pub(crate) cpu: u32,
+    pub(crate) batch_size: u32,
+    pub(crate) _pad: u32,
+}
+
 /// The bpf(2) system call with one of the attribute structs above.
 pub(crate) fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a `#[repr(C)]` prefix of `union bpf_attr` for `cmd`,

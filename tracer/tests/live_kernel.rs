@@ -539,6 +539,19 @@ fn watch_record_survives_kill_9() {
 /// real guest's `struct kvm_vcpu *`, as the tracepoint would. The first
 /// entry reports the roots read from kernel memory; the next ones take the
 /// per-CPU fast path and report nothing.
+/// The events in the ring buffer that this process caused, decoded.
+fn our_events(rb: &mut aya::maps::RingBuf<aya::maps::MapData>) -> Vec<tracer::event::Event> {
+    let me = std::process::id();
+    let mut evs = Vec::new();
+    while let Some(item) = rb.next() {
+        let ev = tracer::event::Event::decode(&item).unwrap();
+        if ev.pid == me {
+            evs.push(ev);
+        }
+    }
+    evs
+}
+
 /// A session with the gate as a raw tracepoint: `BPF_PROG_TEST_RUN` runs
 /// raw tracepoints, not tp_btf programs.
 fn raw_gate_session(ringbuf_bytes: u32) -> tracer::loader::Session {
@@ -552,24 +565,14 @@ fn raw_gate_session(ringbuf_bytes: u32) -> tracer::loader::Session {
 
 #[test]
 fn entry_gate_reads_a_real_vcpus_roots_and_then_stays_quiet() {
-    use tracer::event::{Event, Kind};
+    use tracer::event::Kind;
     if !live_or_skip("entry_gate_reads_a_real_vcpus_roots_and_then_stays_quiet") {
         return;
     }
     let mut guest = kvm::Guest::new(1).expect("a KVM guest");
     let mut session = raw_gate_session(1 << 20);
     let mut rb = session.take_events().unwrap();
-    let me = std::process::id();
-    let mut drain = || {
-        let mut evs = Vec::new();
-        while let Some(item) = rb.next() {
-            let ev = Event::decode(&item).unwrap();
-            if ev.pid == me {
-                evs.push(ev);
-            }
-        }
-        evs
-    };
+    let mut drain = || our_events(&mut rb);
     guest.run_to_hlt().unwrap();
     // This process's vCPU, and the root it ran with (sampled at KVM_RUN exit
     // here, at kvm_mmu_load where kprobes exist).
@@ -617,7 +620,7 @@ fn entry_gate_reads_a_real_vcpus_roots_and_then_stays_quiet() {
 /// reported again.
 #[test]
 fn entry_gate_retries_a_report_the_ring_buffer_had_no_room_for() {
-    use tracer::event::{Event, Kind};
+    use tracer::event::Kind;
     if !live_or_skip("entry_gate_retries_a_report_the_ring_buffer_had_no_room_for") {
         return;
     }
@@ -625,16 +628,12 @@ fn entry_gate_retries_a_report_the_ring_buffer_had_no_room_for() {
     // The smallest ring buffer: one page, a couple of dozen events.
     let mut session = raw_gate_session(4096);
     let mut rb = session.take_events().unwrap();
-    let me = std::process::id();
     guest.run_to_hlt().unwrap();
-    let mut vcpu = None;
-    while let Some(item) = rb.next() {
-        let ev = Event::decode(&item).unwrap();
-        if ev.pid == me && ev.vcpu.is_some() {
-            vcpu = ev.vcpu;
-        }
-    }
-    let vcpu = vcpu.expect("an event with this guest's vCPU");
+    let vcpu = our_events(&mut rb)
+        .iter()
+        .rev()
+        .find_map(|ev| ev.vcpu)
+        .expect("an event with this guest's vCPU");
     // Fill the ring buffer: every zap is an event, none is drained.
     let full = |s: &tracer::loader::Session| s.counters().unwrap().reserve_failed();
     let before = full(&session);
@@ -653,22 +652,16 @@ fn entry_gate_retries_a_report_the_ring_buffer_had_no_room_for() {
     while rb.next().is_some() {}
     std::thread::sleep(Duration::from_millis(5));
     session.test_run_raw_tp(gate, &[vcpu]).unwrap();
-    let mut got = Vec::new();
-    while let Some(item) = rb.next() {
-        let ev = Event::decode(&item).unwrap();
-        if ev.kind == Kind::EntryTransition && ev.vcpu == Some(vcpu) {
-            got.push(ev);
-        }
-    }
-    assert_eq!(got.len(), 1, "the report was lost behind the cache");
+    let reports = |rb: &mut aya::maps::RingBuf<aya::maps::MapData>| {
+        our_events(rb)
+            .iter()
+            .filter(|ev| ev.kind == Kind::EntryTransition && ev.vcpu == Some(vcpu))
+            .count()
+    };
+    assert_eq!(reports(&mut rb), 1, "the report was lost behind the cache");
     // Now cached: the same state is not reported again.
     session.test_run_raw_tp(gate, &[vcpu]).unwrap();
-    let mut again = 0;
-    while let Some(item) = rb.next() {
-        let ev = Event::decode(&item).unwrap();
-        again += usize::from(ev.kind == Kind::EntryTransition && ev.vcpu == Some(vcpu));
-    }
-    assert_eq!(again, 0);
+    assert_eq!(reports(&mut rb), 0);
 }
 
 /// The gate attaches as a BTF tracepoint where the kernel allows it (this
@@ -755,7 +748,7 @@ fn entry_gate_attaches_as_tp_btf_or_falls_back_to_raw_saying_why() {
 #[test]
 fn entry_gate_keeps_alternating_vcpus_on_the_fast_path_and_revalidates() {
     use common::ENTRY_REVALIDATE_HITS;
-    use tracer::event::{Event, Kind};
+    use tracer::event::Kind;
     if !live_or_skip("entry_gate_keeps_alternating_vcpus_on_the_fast_path_and_revalidates") {
         return;
     }
@@ -764,10 +757,8 @@ fn entry_gate_keeps_alternating_vcpus_on_the_fast_path_and_revalidates() {
     let mut rb = session.take_events().unwrap();
     guest.run_to_hlt().unwrap();
     let mut vcpus = Vec::new();
-    while let Some(item) = rb.next() {
-        let ev = Event::decode(&item).unwrap();
-        if ev.pid == std::process::id()
-            && matches!(ev.kind, Kind::RunExit | Kind::LoadEnter | Kind::LoadReturn)
+    for ev in our_events(&mut rb) {
+        if matches!(ev.kind, Kind::RunExit | Kind::LoadEnter | Kind::LoadReturn)
             && let Some(v) = ev.vcpu
             && !vcpus.contains(&v)
         {

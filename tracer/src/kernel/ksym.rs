@@ -14,7 +14,7 @@
 
 use std::{io, os::fd::AsRawFd as _, os::fd::OwnedFd};
 
-use crate::sys_bpf::{BPF_PROG_LOAD, BPF_PROG_TEST_RUN, ProgLoadAttr, bpf, owned};
+use crate::sys_bpf::{BPF_PROG_LOAD, BPF_PROG_TEST_RUN, ProgLoadAttr, TestRunAttr, bpf, owned};
 
 const BPF_PROG_TYPE_SYSCALL: u32 = 31;
 const BPF_F_SLEEPABLE: u32 = 1 << 4;
@@ -28,28 +28,6 @@ pub const NAME_MAX: usize = 64;
 struct Ctx {
     addr: u64,
     name: [u8; NAME_MAX],
-}
-
-/// `union bpf_attr`'s `test` member (BPF_PROG_TEST_RUN).
-#[repr(C)]
-#[derive(Default)]
-struct TestRunAttr {
-    prog_fd: u32,
-    retval: u32,
-    data_size_in: u32,
-    data_size_out: u32,
-    data_in: u64,
-    data_out: u64,
-    repeat: u32,
-    duration: u32,
-    ctx_size_in: u32,
-    ctx_size_out: u32,
-    ctx_in: u64,
-    ctx_out: u64,
-    flags: u32,
-    cpu: u32,
-    batch_size: u32,
-    _pad: u32,
 }
 
 /// One eBPF instruction (`struct bpf_insn`).

@@ -19,6 +19,7 @@ use common::{EntryCounters, EntryState, ProbeCounters, ProbeId};
 use crate::{
     Failure,
     kernel::{AttachKind, AttachPlan},
+    sys_bpf::{BPF_PROG_TEST_RUN, TestRunAttr},
 };
 
 /// The eBPF object built by build.rs.
@@ -515,23 +516,8 @@ impl Session {
             ctx_in: args.as_ptr() as u64,
             ..TestRunAttr::default()
         };
-        // SAFETY: BPF_PROG_TEST_RUN reads `attr` (its size given) and the
-        // argument array it points to, which outlive the call; it writes
-        // only `retval` inside `attr`.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_PROG_TEST_RUN,
-                &raw mut attr,
-                size_of::<TestRunAttr>(),
-            )
-        };
-        if ret != 0 {
-            return Err(anyhow!(
-                "BPF_PROG_TEST_RUN of {program}: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
+        crate::sys_bpf::bpf(BPF_PROG_TEST_RUN, &mut attr)
+            .map_err(|e| anyhow!("BPF_PROG_TEST_RUN of {program}: {e}"))?;
         Ok(attr.retval)
     }
 
@@ -625,30 +611,6 @@ fn floor_program_name(id: ProbeId, kind: AttachKind) -> &'static str {
         (ProbeId::KvmEntry, AttachKind::BtfTracepoint) => "floor_kvm_entry_btf",
         _ => id.floor_program_name(),
     }
-}
-
-const BPF_PROG_TEST_RUN: libc::c_long = 10;
-
-/// `union bpf_attr`'s `test` member (BPF_PROG_TEST_RUN).
-#[repr(C)]
-#[derive(Default)]
-struct TestRunAttr {
-    prog_fd: u32,
-    retval: u32,
-    data_size_in: u32,
-    data_size_out: u32,
-    data_in: u64,
-    data_out: u64,
-    repeat: u32,
-    duration: u32,
-    ctx_size_in: u32,
-    ctx_size_out: u32,
-    ctx_in: u64,
-    ctx_out: u64,
-    flags: u32,
-    cpu: u32,
-    batch_size: u32,
-    _pad: u32,
 }
 
 /// One program's measured cost, from the kernel's BPF run-time stats.

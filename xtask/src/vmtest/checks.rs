@@ -148,6 +148,15 @@ pub(super) fn check_plan(
     if feature("kprobes") != Some(true) {
         fail.push("kprobes are not available".into());
     }
+    // Every kernel of the matrix (5.16+) looks the plan's symbols up by
+    // name instead of printing kallsyms; the stale injection then checks
+    // the address found for vmemmap_base.
+    let env = &doctor["environment"];
+    if env["kallsyms"] != "looked-up" || env["kallsyms_symbols"].as_u64().unwrap_or(0) < 5 {
+        fail.push(format!(
+            "the plan's kernel symbols were not looked up by name: {env}"
+        ));
+    }
     if feature("mirror-root-tracking") != Some(has_mirror) {
         fail.push(format!(
             "mirror tracking should be {}",
