@@ -15,6 +15,50 @@ use crate::event::{Comm, Event, Kind};
 /// The line's text after `{"record":"event",`.
 const PREFIX: &str = "{\"record\":\"event\",";
 
+/// The bytes that end the fast read of a string: its closing quote, and
+/// what only serde reads (an escape, a control character).
+const STOPS_STRING: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut c = 0;
+    while c < 0x20 {
+        t[c] = true;
+        c += 1;
+    }
+    t[b'"' as usize] = true;
+    t[b'\\' as usize] = true;
+    t
+};
+
+/// A mask with the high bit set in a byte of `word` that is a
+/// [`STOPS_STRING`] byte, exact for the lowest such byte (bytes above it may
+/// be set too: the borrow of the subtractions), or 0 when there is none.
+fn stops_in(word: u64) -> u64 {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let zero_in = |x: u64| x.wrapping_sub(ONES) & !x;
+    let quote = zero_in(word ^ (ONES * u64::from(b'"')));
+    let escape = zero_in(word ^ (ONES * u64::from(b'\\')));
+    let control = word.wrapping_sub(ONES * 0x20) & !word;
+    (quote | escape | control) & HIGH
+}
+
+/// Hex digit values; 16 and up for anything else.
+const HEX: [u8; 256] = {
+    let mut t = [0xff; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        t[b'A' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    t
+};
+
 struct Scan<'a> {
     text: &'a str,
     b: &'a [u8],
@@ -32,9 +76,25 @@ impl<'a> Scan<'a> {
         let start = self.at;
         // One pass: the closing quote, unless an escape or a control
         // character comes first (then serde reads the line).
-        let len = self.b[start..]
-            .iter()
-            .position(|&c| c == b'"' || c == b'\\' || c < 0x20)?;
+        let rest = &self.b[start..];
+        let mut len = 0;
+        // Eight bytes at a time (the lowest stop's byte from the mask), the
+        // tail byte by byte.
+        loop {
+            if let Some(word) = rest.get(len..len + 8) {
+                let stops = stops_in(u64::from_le_bytes(word.try_into().ok()?));
+                if stops == 0 {
+                    len += 8;
+                    continue;
+                }
+                len += stops.trailing_zeros() as usize / 8;
+            } else {
+                len += rest[len..]
+                    .iter()
+                    .position(|&c| STOPS_STRING[usize::from(c)])?;
+            }
+            break;
+        }
         if self.b[start + len] != b'"' {
             return None;
         }
@@ -48,10 +108,21 @@ impl<'a> Scan<'a> {
     fn integer(&mut self, signed: bool) -> Option<i128> {
         let neg = signed && self.eat(b'-').is_some();
         let start = self.at;
-        let digits = self.b[start..]
-            .iter()
-            .take_while(|c| c.is_ascii_digit())
-            .count();
+        // One pass: 19 digits never overflow a u64; a 20th is checked.
+        let mut v = 0u64;
+        let mut digits = 0;
+        while let Some(&c) = self.b.get(start + digits) {
+            let d = c.wrapping_sub(b'0');
+            if d > 9 {
+                break;
+            }
+            v = if digits < 19 {
+                v * 10 + u64::from(d)
+            } else {
+                v.checked_mul(10)?.checked_add(u64::from(d))?
+            };
+            digits += 1;
+        }
         if digits == 0 || digits > 20 || (digits > 1 && self.b[start] == b'0') {
             return None;
         }
@@ -59,10 +130,6 @@ impl<'a> Scan<'a> {
         if matches!(self.b.get(self.at), Some(b'.' | b'e' | b'E')) {
             return None;
         }
-        // 20 digits can pass u64::MAX: checked, where 19 never overflow.
-        let v = self.b[start..self.at].iter().try_fold(0u64, |v, &c| {
-            v.checked_mul(10)?.checked_add(u64::from(c - b'0'))
-        })?;
         let v = i128::from(v);
         Some(if neg { -v } else { v })
     }
@@ -90,8 +157,21 @@ impl<'a> Scan<'a> {
 
     /// A `"0x…"` string, read as `hexfmt` reads it.
     fn hex(&mut self) -> Option<u64> {
-        let s = self.string()?;
-        u64::from_str_radix(s.strip_prefix("0x")?, 16).ok()
+        let digits = self.string()?.strip_prefix("0x")?;
+        // 1 to 16 hex digits, as the writer writes them, decoded here;
+        // anything else (a sign, more digits) the way hexfmt reads it.
+        if (1..=16).contains(&digits.len()) {
+            let mut v = 0u64;
+            for &c in digits.as_bytes() {
+                let d = HEX[usize::from(c)];
+                if d > 15 {
+                    return u64::from_str_radix(digits, 16).ok();
+                }
+                v = (v << 4) | u64::from(d);
+            }
+            return Some(v);
+        }
+        u64::from_str_radix(digits, 16).ok()
     }
 }
 
@@ -253,4 +333,42 @@ pub fn parse_event(text: &str) -> Option<Event> {
     s.eat(b'}')?;
     // The required fields, and nothing after the object.
     (seen.0 & 0x7f == 0x7f && s.at == s.b.len()).then_some(ev)
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::{STOPS_STRING, stops_in};
+
+    /// The first stop byte of a word, byte by byte.
+    fn first_stop(bytes: [u8; 8]) -> Option<usize> {
+        bytes.iter().position(|&c| STOPS_STRING[usize::from(c)])
+    }
+
+    fn lowest(word: u64) -> Option<usize> {
+        (word != 0).then(|| word.trailing_zeros() as usize / 8)
+    }
+
+    /// Every byte value at every position, among bytes that don't stop.
+    #[test]
+    fn the_word_mask_finds_each_stop_byte_where_it_is() {
+        for pos in 0..8 {
+            for c in 0..=255u8 {
+                let mut bytes = *b"0xffff88";
+                bytes[pos] = c;
+                let want = first_stop(bytes);
+                assert_eq!(lowest(stops_in(u64::from_le_bytes(bytes))), want, "{bytes:?}");
+            }
+        }
+    }
+
+    proptest! {
+        /// Any word: the lowest byte the mask marks is the first stop byte
+        /// (the borrows only mark bytes above it).
+        #[test]
+        fn the_word_mask_agrees_with_the_byte_scan(bytes in any::<[u8; 8]>()) {
+            prop_assert_eq!(lowest(stops_in(u64::from_le_bytes(bytes))), first_stop(bytes));
+        }
+    }
 }

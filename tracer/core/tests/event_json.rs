@@ -158,3 +158,30 @@ fn what_serde_refuses_the_fast_path_leaves_to_serde() {
     // Missing a required field.
     assert!(parse_event(r#"{"record":"event","ts_ns":1,"kind":"run_exit"}"#).is_none());
 }
+
+/// Hex values the writer never writes still read as serde reads them:
+/// the fast decoding covers 1 to 16 plain digits, the rest is
+/// `from_str_radix`'s (a sign, leading zeros past 16 digits, overflow).
+#[test]
+fn hex_values_read_as_serde_reads_them() {
+    let ev = r#"{"record":"event","ts_ns":1,"kind":"run_exit","probe":"model","cpu":0,"pid":1,"tid":1,"comm":"q""#;
+    for kvm in [
+        "0x0",
+        "0xffffffffffffffff",
+        "0xFFFF888100010000",
+        "0xAbCd",
+        "0x+1f",
+        "0x",
+        "0x00000000000000001",
+        "0x10000000000000000",
+        "0x-1",
+        "0xg",
+        "0x12 ",
+        "1f",
+    ] {
+        let line = format!(r#"{ev},"kvm":"{kvm}"}}"#);
+        let fast = parse_event(&line);
+        let slow: Option<Event> = serde_json::from_str(&line).ok();
+        assert_eq!(fast, slow, "{kvm}");
+    }
+}
