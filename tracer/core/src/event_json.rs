@@ -358,7 +358,11 @@ mod tests {
                 let mut bytes = *b"0xffff88";
                 bytes[pos] = c;
                 let want = first_stop(bytes);
-                assert_eq!(lowest(stops_in(u64::from_le_bytes(bytes))), want, "{bytes:?}");
+                assert_eq!(
+                    lowest(stops_in(u64::from_le_bytes(bytes))),
+                    want,
+                    "{bytes:?}"
+                );
             }
         }
     }
