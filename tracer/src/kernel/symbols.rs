@@ -121,12 +121,11 @@ impl Symbols {
         };
         let mut buf = vec![0u8; CHUNK];
         let mut filled = 0;
+        // Inside a line longer than a chunk (no kernel prints one; a file
+        // given with `doctor --root` might): dropped up to its newline, so
+        // the buffer never grows.
+        let mut skipping = false;
         loop {
-            if filled == buf.len() {
-                // One line longer than a chunk: no kernel prints that, but
-                // a line is never cut.
-                buf.resize(buf.len() * 2, 0);
-            }
             let n = match reader.read(&mut buf[filled..]) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -141,7 +140,22 @@ impl Symbols {
                     .rposition(|&b| b == b'\n')
                     .map_or(0, |i| i + 1)
             };
-            s.scan(&buf[..whole]);
+            if whole == 0 && filled == buf.len() {
+                filled = 0;
+                skipping = true;
+                continue;
+            }
+            let mut text = &buf[..whole];
+            if skipping {
+                match text.iter().position(|&b| b == b'\n') {
+                    Some(end) => {
+                        text = &text[end + 1..];
+                        skipping = false;
+                    }
+                    None => text = &[],
+                }
+            }
+            s.scan(text);
             buf.copy_within(whole..filled, 0);
             filled -= whole;
             if n == 0 {
@@ -392,6 +406,21 @@ mod tests {
             assert!(!s.has_module("kvm_amd"));
             assert!(!s.is_looked_up());
             assert_eq!(s.by_hash.len(), 3, "the lines kept");
+        }
+    }
+
+    /// A line longer than a chunk is dropped whole, without the buffer
+    /// growing, and the lines after it still count.
+    #[test]
+    fn a_line_longer_than_a_chunk_is_dropped_not_held() {
+        let mut text = b"ffffffff81000000 D vmemmap_base\n".to_vec();
+        text.extend(std::iter::repeat_n(b'x', 3 * CHUNK + 5));
+        text.extend_from_slice(b" tail of the long line\nffffffff812e1bf0 T kvm_mmu_load\n");
+        for step in [4096, CHUNK, text.len()] {
+            let s = Symbols::read_only(Trickle { text: &text, step }, WANTED).unwrap();
+            assert!(s.function("kvm_mmu_load").is_some(), "step {step}");
+            assert_eq!(s.variable("vmemmap_base"), Some(0xffff_ffff_8100_0000));
+            assert_eq!(s.len(), 2, "step {step}: the long line is no symbol");
         }
     }
 
