@@ -4,7 +4,7 @@
 //! lines), and the plan asks about a dozen names. A `BPF_PROG_TYPE_SYSCALL`
 //! program may call the helper `bpf_kallsyms_lookup_name` (Linux 5.16), and
 //! `BPF_PROG_TEST_RUN` runs it on demand: a few microseconds per name. The
-//! program is 25 instructions, assembled here; it takes a NUL-padded name
+//! program is 28 instructions, assembled here; it takes a NUL-padded name
 //! in its context and writes the address back there.
 //!
 //! The helper answers what `kallsyms_lookup_name()` answers: vmlinux's
