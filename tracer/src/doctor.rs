@@ -24,23 +24,30 @@ struct Environment {
     root: bool,
     dev_kvm: bool,
     kallsyms_symbols: usize,
-    /// How the plan's symbols were found: `read` from kallsyms, or
-    /// `looked-up` by name (then `kallsyms_symbols` counts the names found).
-    kallsyms: &'static str,
+    /// How the plan's symbols were found (with `looked-up`,
+    /// `kallsyms_symbols` counts the names found).
+    kallsyms: SymbolSource,
+}
+
+/// `read` from kallsyms, or `looked-up` by name.
+#[derive(Clone, Copy, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum SymbolSource {
+    Read,
+    LookedUp,
 }
 
 impl Environment {
     /// How many symbols kallsyms gave, or how many of the plan's names a
     /// lookup found.
     fn kallsyms_line(&self) -> String {
-        if self.kallsyms == "read" {
-            format!("kallsyms symbols: {}", self.kallsyms_symbols)
-        } else {
-            format!(
+        match self.kallsyms {
+            SymbolSource::Read => format!("kallsyms symbols: {}", self.kallsyms_symbols),
+            SymbolSource::LookedUp => format!(
                 "kallsyms: {} of {} names found (looked up by name)",
                 self.kallsyms_symbols,
                 kernel::plan::KALLSYMS_NAMES.len()
-            )
+            ),
         }
     }
 }
@@ -68,9 +75,9 @@ pub fn run(root: Option<&Path>, json: bool, verify: bool) -> Result<(), Failure>
         dev_kvm: info.dev_kvm,
         kallsyms_symbols: info.symbols.len(),
         kallsyms: if info.symbols.is_looked_up() {
-            "looked-up"
+            SymbolSource::LookedUp
         } else {
-            "read"
+            SymbolSource::Read
         },
     };
     let verdicts = if verify {

@@ -106,9 +106,6 @@ impl KernelInfo {
             Ok((base, read_config(root), read_maybe_zst(&module_path)))
         })?;
 
-        // KVM's own BTF wins: a kernel with KVM as a module may still carry
-        // copies of KVM's structs in vmlinux BTF, but the module's split BTF
-        // describes the code that runs.
         // A loaded module has an `initstate` in sysfs; a built-in one
         // doesn't. Symbols looked up by name carry no module, so the live
         // kernel is asked that way.
@@ -117,6 +114,9 @@ impl KernelInfo {
         } else {
             symbols.has_module("kvm")
         };
+        // KVM's own BTF wins: a kernel with KVM as a module may still carry
+        // copies of KVM's structs in vmlinux BTF, but the module's split BTF
+        // describes the code that runs.
         let (btf, kvm, btf_sources) = match split {
             Ok(split) => {
                 let btf = Btf::parse_split(split, base).map_err(|source| KernelError::BadBtf {
@@ -273,9 +273,7 @@ fn read_symbols(path: &Path) -> std::io::Result<Symbols> {
     match std::fs::File::open(path) {
         Ok(f) => Symbols::read_only(f, plan::KALLSYMS_NAMES),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let mut zst = path.as_os_str().to_owned();
-            zst.push(".zst");
-            let f = std::fs::File::open(PathBuf::from(zst)).map_err(|_| e)?;
+            let f = std::fs::File::open(zst_beside(path)).map_err(|_| e)?;
             Symbols::read_only(zstd::Decoder::new(f)?, plan::KALLSYMS_NAMES)
         }
         Err(e) => Err(e),
@@ -286,13 +284,18 @@ fn read_symbols(path: &Path) -> std::io::Result<Symbols> {
 fn read_maybe_zst(path: &Path) -> std::io::Result<Vec<u8>> {
     match std::fs::read(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let mut zst = path.as_os_str().to_owned();
-            zst.push(".zst");
-            let raw = std::fs::read(PathBuf::from(zst)).map_err(|_| e)?;
+            let raw = std::fs::read(zst_beside(path)).map_err(|_| e)?;
             zstd::decode_all(raw.as_slice())
         }
         other => other,
     }
+}
+
+/// `path.zst`: where a fixture keeps a file compressed.
+fn zst_beside(path: &Path) -> PathBuf {
+    let mut zst = path.as_os_str().to_owned();
+    zst.push(".zst");
+    PathBuf::from(zst)
 }
 
 fn read_string(path: &Path) -> Option<String> {

@@ -19,7 +19,7 @@ use common::{EntryCounters, EntryState, ProbeCounters, ProbeId};
 use crate::{
     Failure,
     kernel::{AttachKind, AttachPlan},
-    sys_bpf::{BPF_PROG_TEST_RUN, TestRunAttr},
+    sys_bpf::{BPF_PROG_TEST_RUN, TestRunAttr, bpf},
 };
 
 /// The eBPF object built by build.rs.
@@ -182,7 +182,8 @@ static PREPARED: std::sync::Mutex<Option<std::thread::JoinHandle<EbpfLoader<'sta
 pub fn prepare() {
     let handle = std::thread::spawn(|| {
         let _ = aya::features();
-        new_loader()
+        // This thread does nothing else and ends here.
+        loader_without_opens()
     });
     *PREPARED
         .lock()
@@ -211,16 +212,20 @@ fn loader() -> EbpfLoader<'static> {
 /// and the loader starts without it. The filter ends with that thread.
 /// Where the filter can't be set, the loader is made the usual way.
 fn new_loader() -> EbpfLoader<'static> {
-    let made = std::thread::spawn(|| {
-        if let Err(e) = deny_opens() {
-            log::debug!("the eBPF loader parses vmlinux BTF (no seccomp filter: {e})");
-        }
-        let mut loader = EbpfLoader::new();
-        loader.btf(None);
-        loader
-    })
-    .join();
-    made.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    std::thread::spawn(loader_without_opens)
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
+/// The loader, made after [`deny_opens`] on the calling thread: call it
+/// only on a thread of its own that ends once the loader is made.
+fn loader_without_opens() -> EbpfLoader<'static> {
+    if let Err(e) = deny_opens() {
+        log::debug!("the eBPF loader parses vmlinux BTF (no seccomp filter: {e})");
+    }
+    let mut loader = EbpfLoader::new();
+    loader.btf(None);
+    loader
 }
 
 /// Makes `open`/`openat` fail with ENOENT on the calling thread, for the
@@ -516,7 +521,7 @@ impl Session {
             ctx_in: args.as_ptr() as u64,
             ..TestRunAttr::default()
         };
-        crate::sys_bpf::bpf(BPF_PROG_TEST_RUN, &mut attr)
+        bpf(BPF_PROG_TEST_RUN, &mut attr)
             .map_err(|e| anyhow!("BPF_PROG_TEST_RUN of {program}: {e}"))?;
         Ok(attr.retval)
     }
