@@ -98,6 +98,10 @@ fn module_after<'a>(line: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
 /// How much of kallsyms is read per system call when it is streamed.
 const CHUNK: usize = 256 << 10;
 
+/// More than this is no kernel's kallsyms (5-8 MB on distribution kernels):
+/// an endless file (`/dev/zero` given with `doctor --root`) stops here.
+const MAX_BYTES: u64 = 256 << 20;
+
 impl Symbols {
     /// Indexes kallsyms text: `address type name [module]` per line, every
     /// line kept. Lines that don't fit are skipped; a name's first line
@@ -125,12 +129,20 @@ impl Symbols {
         // given with `doctor --root` might): dropped up to its newline, so
         // the buffer never grows.
         let mut skipping = false;
+        let mut total = 0u64;
         loop {
             let n = match reader.read(&mut buf[filled..]) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
+            total += n as u64;
+            if total > MAX_BYTES {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("over {} MiB: not a kernel's kallsyms", MAX_BYTES >> 20),
+                ));
+            }
             filled += n;
             let whole = if n == 0 {
                 filled
@@ -422,6 +434,16 @@ mod tests {
             assert_eq!(s.variable("vmemmap_base"), Some(0xffff_ffff_8100_0000));
             assert_eq!(s.len(), 2, "step {step}: the long line is no symbol");
         }
+    }
+
+    /// An endless input ends with an error, not a hang.
+    #[test]
+    fn an_endless_input_is_refused() {
+        let e = Symbols::read_only(std::io::repeat(b'x'), WANTED).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+        assert!(e.to_string().contains("not a kernel's kallsyms"), "{e}");
+        let e = Symbols::read_only(std::io::repeat(b'\n'), WANTED).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
     }
 
     /// A name looked up for but not kept is a bug in the caller's list: a
